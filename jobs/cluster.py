@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python -m jobs.cluster [flags]`: the same as `sdsg cluster [flags]`."""
+
+import sys
+
+from sdsg_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["cluster", *sys.argv[1:]]))

@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python -m jobs.evaluate [flags]`: the same as `sdsg evaluate [flags]`."""
+
+import sys
+
+from sdsg_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python -m jobs.score [flags]`: the same as `sdsg score [flags]`."""
+
+import sys
+
+from sdsg_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["score", *sys.argv[1:]]))

@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python -m jobs.select [flags]`: the same as `sdsg select [flags]`."""
+
+import sys
+
+from sdsg_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["select", *sys.argv[1:]]))

@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python -m jobs.serve [flags]`: the same as `sdsg serve [flags]`."""
+
+import sys
+
+from sdsg_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,1 @@
+"""The Ray Serve sampling application (see serve_app.app)."""
