@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MetricName = Literal["auto", "lpips-vgg", "lpips-alex", "stlpips-alex", "stlpips-vgg"]
 FeatureName = Literal["auto", "inception", "stlpips-alex-pool"]
@@ -45,12 +45,12 @@ class ModelConfig(Section):
     channel_max: int = Field(64, gt=0)
     encoder_w_plus: bool = Field(False, description="Encoder predicts one w per layer (W+) instead of one w.")
 
-    @model_validator(mode="after")
-    def _power_of_two(self) -> "ModelConfig":
-        r = self.resolution
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, r: int) -> int:
         if r < 16 or r > 1024 or r & (r - 1):
-            raise ValueError(f"resolution must be a power of two in 16..1024, got {r}")
-        return self
+            raise ValueError("must be a power of two in 16..1024")
+        return r
 
 
 class DatasetConfig(Section):
@@ -106,9 +106,15 @@ class ScoreConfig(Section):
     fid_features: FeatureName = "auto"
     batch_size: int = Field(32, gt=0)
     actors: int = Field(1, ge=1, description="Scoring actors (each holds G, E and the metric).")
+    min_actors: int = Field(1, ge=1, description="The actor pool autoscales between min_actors and actors.")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="Fractional GPUs allowed.")
     cpus_per_actor: float = Field(1.0, gt=0.0)
-    manifest_shard_size: int = Field(100_000, gt=0, description="Keys per manifest parquet shard.")
+    manifest_shard_size: int = Field(
+        10_000,
+        gt=0,
+        description="Keys per manifest shard = rows per score shard, the unit of resume; the driver buffers "
+        "the scores (with both FID feature vectors) of the shards in flight.",
+    )
 
 
 class SelectConfig(Section):
@@ -120,6 +126,10 @@ class SelectConfig(Section):
     start_threshold: float | None = Field(None, gt=0, description="Default: the largest score (keep all).")
     threshold_step: float = Field(0.005, gt=0, description="Grid spacing of theta.")
     min_size: int = Field(70_000, ge=1, description="|Y| must stay at or above this (FFHQ's size).")
+    checkpoint: str | None = Field(
+        None, description="For best_worst.png only; default: the checkpoint recorded in the scores' summary.json."
+    )
+    examples: int = Field(8, ge=1, description="Best and worst reconstructions shown in best_worst.png.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "SelectConfig":
@@ -161,8 +171,14 @@ class ServeConfig(Section):
     target_ongoing_requests: float = Field(8.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the autoscaler averages load over.")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas report load to the autoscaler.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per sampler replica (0 on CPU).")
     num_cpus: float = Field(1.0, ge=0)
+    ingress_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved by each HTTP ingress replica.")
+    assign_by: Literal["lpips", "w"] = Field(
+        "lpips", description="Nearest center by LPIPS between G(w) and G(c) (paper) or by distance in W."
+    )
     max_samples_per_request: int = Field(64, ge=1)
     default_psi: float = Field(0.7, ge=0, le=1)
 
@@ -175,14 +191,35 @@ class ServeConfig(Section):
         return self
 
 
+class EvalModel(Section):
+    """One row of the paper's Tables 1/3: a generator and the set it was trained on."""
+
+    name: str = Field(..., description="Row label, e.g. 'filtered', 'random', 'raw'.")
+    checkpoint: str = Field(..., description="Training --out directory or an inference.pt.")
+    train_data: str = Field(..., description="Its training set: image prefix or manifest URI.")
+
+
 class EvaluateConfig(Section):
     """FID/KID and the paper's comparisons."""
 
     out: str = "runs/eval"
     fid_features: FeatureName = "auto"
-    num_samples: int = Field(1000, gt=0)
+    num_samples: int = Field(1000, gt=0, description="Generated images per FID/KID estimate.")
+    max_real: int | None = Field(None, gt=0, description="Cap on real images per reference set (None: all).")
     psis: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9, 1.0])
     seed: int = 0
+    data: str = Field("data/raw", description="The raw set X: every model's FID is also measured against it.")
+    checkpoint: str = Field("runs/stage2", description="Model for FID-vs-psi (Fig. 7) and the sample grids (Fig. 4).")
+    clusters: str = Field("runs/clusters", description="clustering --out of that model (multi-modal truncation).")
+    models: list[EvalModel] = Field(
+        default_factory=list, description="Tables 1/3 rows; empty: `checkpoint` trained on `data`."
+    )
+    grid_seeds: int = Field(8, ge=1, description="Seeds per row of the truncation sample grids.")
+    grid_psi: float = Field(0.5, ge=0, le=1, description="psi of the mean/multimodal sample grids.")
+    batch_size: int = Field(32, gt=0, description="Generation and feature-extraction batch.")
+    scores: str | None = Field(None, description="scoring --out; with `labels`, outlier precision/recall/AUROC.")
+    selection: str | None = Field(None, description="selection --out (kept.parquet, report.json).")
+    labels: str | None = Field(None, description="labels.csv of a synthetic dataset (planted outliers).")
 
 
 class PipelineConfig(Section):
@@ -191,6 +228,8 @@ class PipelineConfig(Section):
     root: str = "runs/pipeline"
     baselines: bool = Field(True, description="Also train stage 2 on a random subset and on the raw set.")
     stage2_kimg: float | None = Field(None, gt=0, description="Default: train.kimg.")
+    make_dataset: bool = Field(False, description="First write the synthetic dataset to dataset.out (demo, tests).")
+    evaluate: bool = Field(True, description="Finish with the evaluation stage (FID tables, figures).")
 
 
 class SDSGConfig(Section):
