@@ -94,6 +94,11 @@ class TrainConfig(Section):
     mixed_precision: bool = Field(True, description="bf16 autocast and channels_last on CUDA; ignored on CPU.")
     threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads per worker.")
     seed: int = 0
+    cache_max_mb: float = Field(1024.0, ge=0, description="Decode the whole set into memory when it fits in this many MB.")
+    data_workers: int = Field(2, ge=0, description="DataLoader processes per worker when images are read lazily.")
+    fail_at_step: int | None = Field(
+        None, ge=1, description="Testing: the last rank raises once after this many steps (a marker under --out)."
+    )
 
 
 class ScoreConfig(Section):

@@ -1,0 +1,150 @@
+"""The single-file inference bundle: G_ema (+ E) and the model config, loadable anywhere.
+
+Scoring, clustering, evaluation and Serve all start from ``inference.pt``; training exports it at every
+checkpoint. The file is plain ``torch.save`` of tensors, dicts and JSON-like values, so it loads with
+``torch.load(weights_only=True)`` (no pickled code runs). Its identity is the sha256 of its bytes, so
+downstream artefacts (scores, clusters) can record exactly which weights produced them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor, nn
+
+from sdsg_ray.config import ModelConfig
+from sdsg_ray.models.networks import Encoder, Generator, build_generator
+from sdsg_ray.storage import Storage, get_storage, join
+
+log = logging.getLogger(__name__)
+
+INFERENCE_FILE = "inference.pt"
+INFERENCE_FORMAT = "sdsg-inference/1"
+IDENTITY_HEX_CHARS = 16
+_REQUIRED_KEYS = ("format", "model", "G_ema", "E", "w_avg", "meta")
+
+
+class CheckpointError(ValueError):
+    """An inference file is missing pieces, corrupt, or of another format; the message names the URI."""
+
+
+@dataclass
+class InferenceBundle:
+    G_ema: Generator
+    E: Encoder | None
+    w_avg: Tensor  # [w_dim], G_ema's tracked mean latent (global-mean truncation centre)
+    model: ModelConfig
+    identity: str  # sha256 of the file's bytes, first 16 hex chars
+    meta: dict = field(default_factory=dict)  # stage, step, kimg, metric, created_at
+
+
+def inference_uri(uri: str) -> str:
+    """``uri`` itself if it names a ``.pt`` file, else ``<uri>/inference.pt`` (a training --out dir)."""
+    return uri if uri.endswith(".pt") else join(uri, INFERENCE_FILE)
+
+
+def identity_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:IDENTITY_HEX_CHARS]
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _unwrap(module).state_dict().items()}
+
+
+def export_inference(
+    G_ema: Generator, E: Encoder | None, model: ModelConfig, meta: dict, uri: str, storage: Storage
+) -> str:
+    """Write the bundle atomically to ``uri`` (a .pt file or a directory); returns its identity.
+
+    ``meta`` must hold JSON-like values only (they are stored as plain data so weights_only loading works);
+    ``created_at`` (UTC, ISO 8601) is added when absent.
+    """
+    try:
+        meta = json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{uri}: meta must be JSON-like (str/int/float/bool/None/list/dict): {err}") from None
+    meta.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    G_plain = _unwrap(G_ema)
+    payload = {
+        "format": INFERENCE_FORMAT,
+        "model": model.model_dump(mode="json"),
+        "G_ema": _cpu_state(G_plain),
+        "E": _cpu_state(E) if E is not None else None,
+        "w_avg": G_plain.mapping.w_avg.detach().to("cpu", copy=True),
+        "meta": meta,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    target = inference_uri(uri)
+    storage.write_bytes(target, data)
+    identity = identity_of(data)
+    log.info("exported inference bundle %s (%d bytes, identity %s)", target, len(data), identity)
+    return identity
+
+
+def _frozen(module: nn.Module, device: str | torch.device) -> nn.Module:
+    module = module.to(device).eval()
+    module.requires_grad_(False)
+    return module
+
+
+def load_inference(uri: str, storage: Storage | None = None, device: str | torch.device = "cpu") -> InferenceBundle:
+    """Load a bundle written by :func:`export_inference`; networks in eval() with requires_grad False.
+
+    Raises ObjectNotFound (a FileNotFoundError) when the file is missing and CheckpointError when it is not
+    a readable sdsg inference bundle; both name the URI.
+    """
+    storage = storage or get_storage()
+    target = inference_uri(uri)
+    data = storage.read_bytes(target)
+    try:
+        payload = torch.load(io.BytesIO(data), weights_only=True, map_location=device)
+    except Exception as err:  # truncated zip, pickle garbage, disallowed globals: all mean "not our file"
+        raise CheckpointError(f"{target}: not a readable torch file ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != INFERENCE_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{target}: not an sdsg inference bundle (format {found!r}, expected {INFERENCE_FORMAT!r})")
+    missing = [k for k in _REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{target}: inference bundle lacks {missing}")
+    try:
+        model = ModelConfig.model_validate(payload["model"])
+    except ValidationError as err:
+        raise CheckpointError(f"{target}: stored model config is invalid: {err}") from None
+
+    G_ema = build_generator(model)
+    E = None
+    if payload["E"] is not None:
+        E = Encoder(model.resolution, model.channel_base, model.channel_max, model.w_dim, G_ema.num_ws, model.encoder_w_plus)
+    try:
+        G_ema.load_state_dict(payload["G_ema"])
+        if E is not None:
+            E.load_state_dict(payload["E"])
+    except RuntimeError as err:  # shape or key mismatch between weights and config
+        raise CheckpointError(f"{target}: weights do not match the stored model config: {err}") from None
+    return InferenceBundle(
+        G_ema=_frozen(G_ema, device),
+        E=_frozen(E, device) if E is not None else None,
+        w_avg=payload["w_avg"].to(device),
+        model=model,
+        identity=identity_of(data),
+        meta=dict(payload["meta"]),
+    )
+

@@ -1,0 +1,443 @@
+"""An Internet-like image set for one keyword ("bird"): several inlier modes plus rare planted outliers.
+
+Inliers are stylised birds drawn from smooth parametric shapes in four modes (``perched``, ``flying``,
+``front``, ``wader``), varying pose, colour, scale, position, mirroring and background (sky gradient,
+optional rolling ground). They are simple and consistent on purpose: a tiny StyleGAN learns them in
+minutes on a CPU.
+
+Outliers are what a keyword scrape also returns, drawn ON THE SAME backgrounds WITH THE SAME palettes
+and at a similar size, so colour statistics cannot tell them apart, while their structure is off the
+inlier manifold (sharp, high-frequency, unrelated geometry):
+- ``text``: rendered characters (a caption or a sign);
+- ``noise``: a blob of pixel noise, stripes or a checkerboard (texture);
+- ``object``: an unrelated object (a house or a car);
+- ``cartoon``: flat colours with thick outlines (a cartoon cat face) on a flat backdrop;
+- ``clutter``: many small unrelated shapes and no dominant subject.
+
+Every image is a pure function of ``(seed, index)``: the same seed gives the same bytes. Images are
+written as a mix of .jpg and .png under ``<out>/images/``; ``<out>/labels.csv`` has
+``key,is_outlier,kind,mode`` with ``key`` the full URI (what :meth:`Storage.list` yields), and
+``<out>/preview.png`` shows inliers by mode and outliers by kind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from sdsg_ray.config import SDSGConfig
+from sdsg_ray.imaging import encode_png, image_grid
+from sdsg_ray.storage import Storage, join, normalize
+
+log = logging.getLogger(__name__)
+
+MODES = ("perched", "flying", "front", "wader")
+OUTLIER_KINDS = ("text", "noise", "object", "cartoon", "clutter")
+INLIER_KIND = "inlier"
+LABEL_COLUMNS = ("key", "is_outlier", "kind", "mode")
+
+# (sky top, sky bottom, ground): shared by inliers and outliers.
+BACKGROUNDS = (
+    ((90, 150, 230), (190, 220, 250), (80, 140, 60)),  # day over grass
+    ((250, 140, 80), (250, 210, 150), (110, 80, 50)),  # sunset over earth
+    ((150, 160, 170), (210, 215, 220), (100, 120, 90)),  # overcast
+    ((40, 50, 100), (120, 100, 150), (50, 60, 50)),  # dusk
+    ((120, 180, 230), (230, 220, 190), (210, 180, 120)),  # desert
+)
+# (body, accent, detail): bird plumage, reused for every outlier's colours.
+PALETTES = (
+    ((200, 40, 40), (240, 200, 60), (30, 30, 30)),
+    ((40, 80, 200), (235, 235, 240), (25, 25, 40)),
+    ((60, 160, 70), (240, 220, 80), (30, 40, 30)),
+    ((140, 90, 50), (225, 200, 160), (40, 30, 20)),
+    ((45, 45, 50), (240, 140, 40), (230, 230, 230)),
+    ((240, 210, 40), (240, 130, 40), (40, 40, 40)),
+)
+BRANCH = (95, 65, 40)
+
+
+@dataclass(frozen=True)
+class Item:
+    """What one image is: its index, label, kind and (inliers) mode, and file format."""
+
+    index: int
+    is_outlier: bool
+    kind: str
+    mode: str
+    suffix: str
+
+
+def _jitter(rng: np.random.Generator, colour: tuple[int, int, int], amount: int = 18) -> tuple[int, int, int]:
+    shift = rng.integers(-amount, amount + 1, size=3)
+    return tuple(int(v) for v in np.clip(np.asarray(colour) + shift, 0, 255))
+
+
+class Canvas:
+    """A supersampled drawing surface in unit coordinates ((0,0) top-left, (1,1) bottom-right)."""
+
+    def __init__(self, background: Image.Image):
+        self.size = background.size[0]
+        self.image = background
+        self.draw = ImageDraw.Draw(self.image)
+
+    def px(self, points) -> list[tuple[float, float]]:
+        return [(x * self.size, y * self.size) for x, y in points]
+
+    def polygon(self, points, fill, outline=None, width: float = 0.0) -> None:
+        self.draw.polygon(self.px(points), fill=fill, outline=outline, width=max(0, round(width * self.size)))
+
+    def ellipse(self, cx, cy, rx, ry, fill, angle: float = 0.0, outline=None, width: float = 0.0) -> None:
+        self.polygon(_ellipse_points(cx, cy, rx, ry, angle), fill, outline, width)
+
+    def line(self, points, fill, width: float) -> None:
+        self.draw.line(self.px(points), fill=fill, width=max(1, round(width * self.size)), joint="curve")
+
+
+def _ellipse_points(cx, cy, rx, ry, angle=0.0, n=40) -> list[tuple[float, float]]:
+    t = np.linspace(0, 2 * math.pi, n, endpoint=False)
+    x, y = rx * np.cos(t), ry * np.sin(t)
+    ca, sa = math.cos(angle), math.sin(angle)
+    return list(zip(cx + ca * x - sa * y, cy + sa * x + ca * y))
+
+
+def _column(top: np.ndarray, bottom: np.ndarray, size: int) -> Image.Image:
+    """A size x size vertical gradient, built as one column and stretched (C speed, no HxW maths)."""
+    t = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
+    column = (top + (bottom - top) * t).clip(0, 255).astype(np.uint8)  # [size, 1, 3]
+    return Image.fromarray(column).resize((size, size), Image.Resampling.NEAREST)
+
+
+def _background(rng: np.random.Generator, size: int, flat: bool = False) -> tuple[Image.Image, float]:
+    """Sky gradient plus, most of the time, rolling ground; returns (RGB image, horizon height)."""
+    top, bottom, ground = (np.array(_jitter(rng, c), np.float32) for c in BACKGROUNDS[rng.integers(len(BACKGROUNDS))])
+    if flat:  # posterised: each gradient becomes its mean colour (cartoon backdrop)
+        top = bottom = (top + bottom) / 2
+    sky = _column(top, bottom, size)
+    horizon = 1.0
+    if rng.random() < 0.75:
+        horizon = float(rng.uniform(0.62, 0.85))
+        amp, freq, phase = rng.uniform(0, 0.05), rng.uniform(1, 3), rng.uniform(0, 2 * math.pi)
+        x = np.linspace(0, 1, 33)
+        ridge = horizon + amp * np.sin(2 * math.pi * freq * x + phase)
+        mask = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(mask).polygon(
+            [(xi * size, yi * size) for xi, yi in zip(x, ridge)] + [(size, size), (0, size)], fill=255
+        )
+        far = ground if flat else ground * np.float32(0.75)  # ground darkens toward the viewer
+        sky.paste(_column(ground, far, size), (0, 0), mask)
+    return sky, horizon
+
+
+# ----- inliers: one bird, four modes ------------------------------------------------------------
+
+
+def _bird(c: Canvas, rng: np.random.Generator, mode: str, palette, horizon: float) -> None:
+    body, accent, detail = (_jitter(rng, col, 12) for col in palette)
+    s = float(rng.uniform(0.55, 0.85))  # overall size, fraction of the frame
+    cx = 0.5 + float(rng.uniform(-0.1, 0.1))
+    flip = -1.0 if rng.random() < 0.5 else 1.0  # facing right (+1) or left (-1)
+
+    def fx(dx: float) -> float:
+        return cx + flip * dx * s
+
+    if mode == "perched":
+        cy = 0.5 + float(rng.uniform(-0.08, 0.08))
+        tilt = float(rng.uniform(-0.35, 0.1)) * flip
+        c.line([(0.0, cy + 0.3 * s), (1.0, cy + 0.26 * s + rng.uniform(-0.05, 0.05))], _jitter(rng, BRANCH), 0.05 * s)
+        c.polygon([(fx(-0.2), cy), (fx(-0.5), cy + 0.12 * s), (fx(-0.45), cy + 0.2 * s)], body)  # tail
+        c.line([(fx(-0.02), cy + 0.15 * s), (fx(-0.04), cy + 0.3 * s)], detail, 0.02 * s)  # legs
+        c.line([(fx(0.06), cy + 0.15 * s), (fx(0.06), cy + 0.3 * s)], detail, 0.02 * s)
+        c.ellipse(cx, cy, 0.26 * s, 0.17 * s, body, tilt)
+        c.ellipse(fx(0.02), cy + 0.04 * s, 0.15 * s, 0.09 * s, accent, tilt)  # belly/wing patch
+        hx, hy = fx(0.22), cy - 0.15 * s
+        c.ellipse(hx, hy, 0.12 * s, 0.12 * s, body)
+        c.polygon([(fx(0.31), hy - 0.03 * s), (fx(0.44), hy + 0.02 * s), (fx(0.31), hy + 0.05 * s)], accent)  # beak
+        c.ellipse(fx(0.25), hy - 0.03 * s, 0.025 * s, 0.025 * s, detail)
+    elif mode == "flying":
+        cy = min(horizon - 0.2, 0.42) + float(rng.uniform(-0.08, 0.08))
+        wing = float(rng.uniform(0.35, 1.0)) * (1.0 if rng.random() < 0.7 else -0.6)  # up (+) or down (-) stroke
+        for side in (-1.0, 1.0):  # far wing (darker) then near wing
+            span = 0.5 * s * (0.8 if side < 0 else 1.0)
+            tip = (fx(-0.05 + 0.05 * side), cy - math.sin(wing) * span)
+            c.polygon([(fx(-0.12), cy), (fx(0.12), cy), tip], accent if side < 0 else body)
+        c.polygon([(fx(-0.25), cy), (fx(-0.45), cy - 0.08 * s), (fx(-0.45), cy + 0.08 * s)], body)  # tail
+        c.ellipse(cx, cy, 0.27 * s, 0.12 * s, body)
+        c.ellipse(fx(0.28), cy - 0.04 * s, 0.09 * s, 0.08 * s, body)
+        c.polygon([(fx(0.35), cy - 0.06 * s), (fx(0.46), cy - 0.03 * s), (fx(0.35), cy)], accent)
+        c.ellipse(fx(0.3), cy - 0.06 * s, 0.02 * s, 0.02 * s, detail)
+    elif mode == "front":
+        cy = 0.52 + float(rng.uniform(-0.06, 0.06))
+        lean = float(rng.uniform(-0.15, 0.15))
+        c.line([(cx - 0.08 * s, cy + 0.3 * s), (cx - 0.1 * s, cy + 0.4 * s)], detail, 0.025 * s)  # feet
+        c.line([(cx + 0.08 * s, cy + 0.3 * s), (cx + 0.1 * s, cy + 0.4 * s)], detail, 0.025 * s)
+        c.ellipse(cx, cy + 0.05 * s, 0.25 * s, 0.3 * s, body, lean)
+        c.ellipse(cx, cy + 0.12 * s, 0.15 * s, 0.2 * s, accent, lean)  # belly
+        hx, hy = cx + lean * 0.3 * s, cy - 0.25 * s
+        c.ellipse(hx, hy, 0.2 * s, 0.17 * s, body)
+        for side in (-1.0, 1.0):
+            c.ellipse(hx + side * 0.08 * s, hy - 0.02 * s, 0.06 * s, 0.06 * s, (240, 240, 235))
+            c.ellipse(hx + side * 0.08 * s, hy - 0.02 * s, 0.03 * s, 0.03 * s, detail)
+        c.polygon([(hx - 0.035 * s, hy + 0.05 * s), (hx + 0.035 * s, hy + 0.05 * s), (hx, hy + 0.12 * s)], accent)
+    else:  # wader: long legs, long neck
+        ground_y = min(horizon + 0.05, 0.92)
+        cy = ground_y - 0.5 * s
+        neck = float(rng.uniform(0.2, 0.9))  # neck angle from horizontal
+        c.line([(fx(-0.03), cy + 0.05 * s), (fx(-0.06), ground_y)], detail, 0.018 * s)
+        c.line([(fx(0.05), cy + 0.05 * s), (fx(0.1), ground_y)], detail, 0.018 * s)
+        c.polygon([(fx(-0.18), cy - 0.02 * s), (fx(-0.36), cy + 0.06 * s), (fx(-0.2), cy + 0.08 * s)], body)
+        c.ellipse(cx, cy, 0.21 * s, 0.1 * s, body, -0.2 * flip)
+        hx, hy = fx(0.15 + 0.28 * math.cos(neck)), cy - 0.3 * s * math.sin(neck) - 0.05 * s
+        c.line([(fx(0.14), cy - 0.03 * s), (hx, hy)], body, 0.05 * s)
+        c.ellipse(hx, hy, 0.07 * s, 0.06 * s, body)
+        c.polygon([(hx + flip * 0.05 * s, hy - 0.02 * s), (hx + flip * 0.25 * s, hy + 0.02 * s),
+                   (hx + flip * 0.05 * s, hy + 0.03 * s)], accent)
+        c.ellipse(hx + flip * 0.02 * s, hy - 0.015 * s, 0.015 * s, 0.015 * s, detail)
+
+
+# ----- outliers ----------------------------------------------------------------------------------
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled font: same glyphs on every machine
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    body, accent, detail = (_jitter(rng, col, 12) for col in palette)
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!?"
+    lines = [
+        "".join(letters[i] for i in rng.integers(len(letters), size=int(rng.integers(2, 5))))
+        for _ in range(int(rng.integers(1, 3)))
+    ]
+    size = c.size
+    if rng.random() < 0.5:  # on a sign board
+        x0, y0 = rng.uniform(0.1, 0.25), rng.uniform(0.15, 0.35)
+        c.polygon([(x0, y0), (1 - x0, y0), (1 - x0, y0 + 0.45), (x0, y0 + 0.45)], accent)
+    font = _font(int(size * rng.uniform(0.22, 0.32)))  # strokes of 1-2 output pixels: sharp, not learnable
+    y = rng.uniform(0.15, 0.3) * size
+    for line in lines:
+        x = rng.uniform(0.05, 0.2) * size
+        c.draw.text((x, y), line, fill=body if rng.random() < 0.7 else detail, font=font)
+        y += font.size * 1.15 if hasattr(font, "size") else 12
+
+
+def _noise(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    colours = np.array([_jitter(rng, col, 12) for col in palette], np.uint8)
+    size = c.size
+    cells = int(rng.integers(12, 24))  # texture period: a few output pixels
+    pattern = rng.integers(3)
+    if pattern == 0:  # pixel noise
+        idx = rng.integers(len(colours), size=(cells, cells))
+    elif pattern == 1:  # stripes
+        idx = (np.arange(cells)[:, None] + np.arange(cells)[None, :] * int(rng.integers(0, 2))) % 2 + np.zeros((cells, cells), int)
+    else:  # checkerboard
+        idx = (np.arange(cells)[:, None] + np.arange(cells)[None, :]) % 2
+    texture = Image.fromarray(colours[idx]).resize((size, size), Image.Resampling.NEAREST)
+    mask = Image.new("L", (size, size), 0)
+    s = float(rng.uniform(0.55, 0.85))
+    blob = _ellipse_points(0.5 + rng.uniform(-0.1, 0.1), 0.5 + rng.uniform(-0.08, 0.08), 0.3 * s, 0.25 * s,
+                           float(rng.uniform(-0.5, 0.5)))
+    ImageDraw.Draw(mask).polygon(c.px(blob), fill=255)
+    c.image.paste(texture, (0, 0), mask)
+
+
+def _object(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    body, accent, detail = (_jitter(rng, col, 12) for col in palette)
+    s = float(rng.uniform(0.55, 0.85))
+    cx, base = 0.5 + float(rng.uniform(-0.1, 0.1)), min(horizon + 0.05, 0.9)
+    if rng.random() < 0.5:  # a house: box, roof, door, windows
+        w, h = 0.6 * s, 0.42 * s
+        c.polygon([(cx - w / 2, base - h), (cx + w / 2, base - h), (cx + w / 2, base), (cx - w / 2, base)], body)
+        c.polygon([(cx - w / 2 - 0.04, base - h), (cx + w / 2 + 0.04, base - h), (cx, base - h - 0.25 * s)], accent)
+        c.polygon([(cx - 0.04 * s, base - 0.18 * s), (cx + 0.04 * s, base - 0.18 * s), (cx + 0.04 * s, base),
+                   (cx - 0.04 * s, base)], detail)
+        for side in (-1, 1):
+            x = cx + side * 0.15 * s
+            c.polygon([(x - 0.05 * s, base - 0.28 * s), (x + 0.05 * s, base - 0.28 * s), (x + 0.05 * s, base - 0.2 * s),
+                       (x - 0.05 * s, base - 0.2 * s)], accent)
+    else:  # a car: body, cabin, wheels
+        w = 0.85 * s
+        y = base - 0.1 * s
+        c.polygon([(cx - w / 2, y - 0.15 * s), (cx + w / 2, y - 0.15 * s), (cx + w / 2, y), (cx - w / 2, y)], body)
+        c.polygon([(cx - w / 4, y - 0.15 * s), (cx - w / 6, y - 0.28 * s), (cx + w / 6, y - 0.28 * s),
+                   (cx + w / 4, y - 0.15 * s)], accent)
+        for side in (-1, 1):
+            c.ellipse(cx + side * w / 3, y, 0.07 * s, 0.07 * s, detail)
+
+
+def _cartoon(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    body, accent, detail = (_jitter(rng, col, 12) for col in palette)
+    s = float(rng.uniform(0.55, 0.85))
+    cx, cy = 0.5 + float(rng.uniform(-0.08, 0.08)), 0.5 + float(rng.uniform(-0.08, 0.08))
+    width = 0.035 * s  # thick ink outlines
+    for side in (-1, 1):  # ears
+        c.polygon([(cx + side * 0.3 * s, cy - 0.05 * s), (cx + side * 0.32 * s, cy - 0.42 * s),
+                   (cx + side * 0.08 * s, cy - 0.25 * s)], body, outline=detail, width=width)
+    c.ellipse(cx, cy, 0.34 * s, 0.29 * s, body, outline=detail, width=width)
+    for side in (-1, 1):
+        c.ellipse(cx + side * 0.12 * s, cy - 0.06 * s, 0.06 * s, 0.08 * s, accent, outline=detail, width=width)
+        for k in (-1, 0, 1):  # whiskers
+            c.line([(cx + side * 0.12 * s, cy + 0.1 * s), (cx + side * 0.42 * s, cy + (0.06 + 0.06 * k) * s)], detail,
+                   0.012 * s)
+    c.polygon([(cx - 0.04 * s, cy + 0.05 * s), (cx + 0.04 * s, cy + 0.05 * s), (cx, cy + 0.1 * s)], accent,
+              outline=detail, width=width / 2)
+
+
+def _clutter(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    colours = [_jitter(rng, col, 12) for col in palette] + [_jitter(rng, BRANCH)]
+    for _ in range(int(rng.integers(10, 20))):
+        x, y, r = rng.uniform(0.05, 0.95), rng.uniform(0.1, 0.95), rng.uniform(0.03, 0.09)
+        colour = colours[rng.integers(len(colours))]
+        shape = rng.integers(4)
+        if shape == 0:
+            c.ellipse(x, y, r, r * rng.uniform(0.5, 1.5), colour, float(rng.uniform(0, math.pi)))
+        elif shape == 1:
+            c.polygon([(x - r, y - r), (x + r, y - r), (x + r, y + r), (x - r, y + r)], colour)
+        elif shape == 2:
+            c.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], colour)
+        else:
+            c.line([(x - r, y - r * rng.uniform(-1, 1)), (x + r, y + r * rng.uniform(-1, 1))], colour, 0.02)
+
+
+OUTLIER_DRAW: dict[str, Callable] = {
+    "text": _text, "noise": _noise, "object": _object, "cartoon": _cartoon, "clutter": _clutter,
+}
+
+
+# ----- one image, the whole set ------------------------------------------------------------------
+
+
+def plan(n: int, outlier_fraction: float, seed: int) -> list[Item]:
+    """Which index is what: exactly round(n * fraction) outliers at random positions, kinds in turn (so
+    every kind appears once n * fraction >= 5), inlier modes uniformly at random, jpg/png 50/50."""
+    rng = np.random.default_rng([seed, 0x5D56])
+    n_out = int(round(n * outlier_fraction))
+    outliers = {int(i): k for k, i in enumerate(sorted(rng.permutation(n)[:n_out]))}
+    items = []
+    for index in range(n):
+        suffix = ".jpg" if rng.random() < 0.5 else ".png"
+        if index in outliers:
+            items.append(Item(index, True, OUTLIER_KINDS[outliers[index] % len(OUTLIER_KINDS)], "", suffix))
+        else:
+            items.append(Item(index, False, INLIER_KIND, MODES[int(rng.integers(len(MODES)))], suffix))
+    return items
+
+
+def render(item: Item, resolution: int, seed: int) -> np.ndarray:
+    """The image for one item: RxRx3 uint8, a pure function of (item, resolution, seed)."""
+    rng = np.random.default_rng([seed, item.index])
+    factor = 4 if resolution <= 64 else 2
+    size = resolution * factor  # supersample, then box-downsample: antialiased edges
+    # Cartoons sit on a flat (posterised) backdrop half the time, the shared sky otherwise.
+    background, horizon = _background(rng, size, flat=item.kind == "cartoon" and rng.random() < 0.5)
+    canvas = Canvas(background)
+    palette = PALETTES[rng.integers(len(PALETTES))]
+    if item.is_outlier:
+        OUTLIER_DRAW[item.kind](canvas, rng, palette, horizon)
+    else:
+        _bird(canvas, rng, item.mode, palette, horizon)
+    return np.asarray(canvas.image.reduce(factor), dtype=np.uint8)
+
+
+def encode(image: np.ndarray, suffix: str, quality: int = 92) -> bytes:
+    if suffix == ".png":
+        return encode_png(image)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _preview(items: list[Item], images: dict[int, np.ndarray], per_row: int = 8) -> np.ndarray:
+    """Rows of inliers (one per mode) then outliers (one row per kind), upscaled to >= 64 px tiles."""
+    rows = []
+    for mode in MODES:
+        rows.append([i.index for i in items if i.mode == mode][:per_row])
+    for kind in OUTLIER_KINDS:
+        rows.append([i.index for i in items if i.kind == kind][:per_row])
+    some = next(iter(images.values()))
+    blank = np.full_like(some, 255)
+    tiles = [images[row[k]] if k < len(row) else blank for row in rows for k in range(per_row)]
+    grid = image_grid(np.stack(tiles), per_row, pad=2)
+    scale = max(1, 64 // some.shape[0])
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def make_dataset(
+    out: str, n: int, resolution: int, outlier_fraction: float, seed: int, storage: Storage
+) -> dict:
+    """Render and write the dataset under ``out``; returns a summary (counts per kind/mode, URIs, time)."""
+    if n <= 0 or resolution < 8 or not 0.0 <= outlier_fraction <= 1.0:
+        raise ValueError(f"make_dataset: need n > 0, resolution >= 8, 0 <= outlier_fraction <= 1; got "
+                         f"n={n}, resolution={resolution}, outlier_fraction={outlier_fraction}")
+    start = time.perf_counter()
+    out = normalize(out)
+    items = plan(n, outlier_fraction, seed)
+    keys = {item.index: join(out, "images", f"{item.index:06d}{item.suffix}") for item in items}
+    preview_indices = set()
+    for group in [[i for i in items if i.mode == m] for m in MODES] + [[i for i in items if i.kind == k] for k in OUTLIER_KINDS]:
+        preview_indices.update(i.index for i in group[:8])
+    kept: dict[int, np.ndarray] = {}
+    with ThreadPoolExecutor(max_workers=8) as writers:  # uploads overlap rendering (S3 latency)
+        pending = []
+        for item in tqdm(items, desc="make-dataset", unit="img", mininterval=1.0):
+            image = render(item, resolution, seed)
+            if item.index in preview_indices:
+                kept[item.index] = image
+            pending.append(writers.submit(storage.write_bytes, keys[item.index], encode(image, item.suffix)))
+        for future in pending:
+            future.result()  # re-raise the first storage error, if any
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(LABEL_COLUMNS)
+    for item in items:
+        writer.writerow([keys[item.index], int(item.is_outlier), item.kind, item.mode])
+    labels_uri, preview_uri = join(out, "labels.csv"), join(out, "preview.png")
+    storage.write_text(labels_uri, text.getvalue())
+    storage.write_bytes(preview_uri, encode_png(_preview(items, kept)))
+
+    summary = {
+        "out": out,
+        "n": n,
+        "resolution": resolution,
+        "seed": seed,
+        "outliers": sum(i.is_outlier for i in items),
+        "kinds": {k: sum(i.kind == k for i in items) for k in (INLIER_KIND,) + OUTLIER_KINDS},
+        "modes": {m: sum(i.mode == m for i in items) for m in MODES},
+        "labels": labels_uri,
+        "preview": preview_uri,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    log.info("wrote %d images (%d outliers) to %s in %.1fs", n, summary["outliers"], out, summary["seconds"])
+    return summary
+
+
+def read_labels(uri: str, storage: Storage) -> list[dict]:
+    """Rows of a ``labels.csv`` (a dataset directory or the file itself) with typed ``is_outlier``."""
+    if not uri.endswith(".csv"):
+        uri = join(uri, "labels.csv")
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(uri))))
+    for row in rows:
+        row["is_outlier"] = row["is_outlier"] == "1"
+    return rows
+
+
+def run_make_dataset(config: SDSGConfig, args=None) -> int:
+    """``sdsg make-dataset``: reads ``config.dataset`` and ``config.storage``."""
+    ds = config.dataset
+    summary = make_dataset(ds.out, ds.n, ds.resolution, ds.outlier_fraction, ds.seed, Storage(config.storage))
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,125 @@
+"""Ray Train wiring for ``sdsg train`` (thin: the training itself is ``sdsg_ray.training.loop``).
+
+One TorchTrainer worker per ``train.workers``; each wraps G.mapping, G.synthesis, D and E with
+``prepare_model`` (DDP when there are several workers), reports every ``log_every`` steps and attaches
+the training state at every checkpoint (rank 0 only; ``report`` is a barrier on every rank). Ray Train
+keeps the run state under ``<out>/ray``: a failed worker group restarts from the latest checkpoint
+(``FailureConfig.max_failures``), and calling ``run_training`` again with the same ``--out`` resumes
+the same run (same ``RunConfig`` name and storage path).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sdsg_ray.config import SDSGConfig
+from sdsg_ray.ray_utils import ensure_ray, worker_env
+from sdsg_ray.storage import get_storage, is_s3, join, normalize
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "ray"  # Ray Train's run directory under --out
+STATE_FILE = "state.pt"
+
+
+def _absolute_uris(config: SDSGConfig) -> SDSGConfig:
+    """Local paths made absolute on the driver: Ray workers run in other working directories
+    (``normalize`` leaves s3:// URIs as they are)."""
+    train = config.train.model_copy(update={"data": normalize(config.train.data), "out": normalize(config.train.out)})
+    return config.model_copy(update={"train": train})
+
+
+def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """The per-worker function: resume from Ray's latest checkpoint, then the library loop."""
+    import ray.train
+    import ray.train.torch
+
+    from sdsg_ray.training.loop import run_loop
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = SDSGConfig.model_validate(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        # broadcast_buffers=False as in NVIDIA's loop: buffers (w_avg, noise) are not per-step state
+        # to copy from rank 0; w_avg is averaged explicitly by the loop.
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
+
+    def report(metrics: dict[str, Any], make_state: Callable[[], dict[str, Any]] | None) -> None:
+        if make_state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                torch.save(make_state(), Path(directory) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{metrics['step']:09d}")
+
+    return run_loop(config, device=device, wrap=wrap, resume=resume, report=report)
+
+
+def build_trainer(config: SDSGConfig):
+    """The TorchTrainer for ``config`` (exposed so tests and tools can inspect it)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tc = config.train
+    use_gpu = tc.gpus_per_worker > 0
+    resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = tc.gpus_per_worker
+    filesystem, storage_path = get_storage(config.storage).arrow_filesystem(tc.out)
+    env = worker_env(config.storage)
+    if tc.threads_per_worker:
+        env["OMP_NUM_THREADS"] = str(tc.threads_per_worker)
+    return TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": config.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=storage_path,
+            storage_filesystem=filesystem if is_s3(tc.out) else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+
+
+def run_training(config: SDSGConfig, args=None) -> dict[str, Any]:
+    """``sdsg train``: fit (or resume) the run under ``train.out``; returns its summary."""
+    ensure_ray(config.storage)
+    config = _absolute_uris(config)
+    tc = config.train
+    log.info(
+        "training stage=%s on %s -> %s: %d worker(s), %.1f kimg, batch %d",
+        tc.stage, tc.data, tc.out, tc.workers, tc.kimg, tc.batch_size,
+    )
+    result = build_trainer(config).fit()
+    if result.error is not None:
+        raise result.error
+    summary = dict(result.return_value or {})
+    summary.setdefault("out", tc.out)
+    summary.setdefault("inference", join(tc.out, "inference.pt"))
+    summary["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+    print(f"training finished at step {summary.get('step')} (kimg {summary.get('kimg', 0):.3f}); "
+          f"inference bundle: {summary['inference']}", flush=True)
+    return summary
+
+

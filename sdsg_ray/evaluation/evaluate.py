@@ -1,0 +1,349 @@
+"""FID/KID and the paper's comparisons, at whatever scale the machine allows.
+
+- Tables 1/3: each stage-2 generator (trained on the filtered set Y, on a random subset of |Y| images, on
+  the raw set X) against its own training set (the paper's protocol) and against X (a common yardstick).
+- Fig. 7: distance against psi for global-mean and multi-modal truncation.
+- Fig. 4: the same seeds untruncated, mean-truncated and multimodal-truncated.
+- Outlier detection of the selection against planted labels (synthetic data only).
+
+Distances come from clean-fid's functions on in-memory features. With Inception features they are FID and
+KID; with any other network they are reported as "FD (<network>)" / "KD (<network>)", never as FID.
+Sampling goes through the truncation Sampler, the same code path as the HTTP service.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sdsg_ray.config import EvalModel, EvaluateConfig, SDSGConfig
+from sdsg_ray.storage import Storage, get_storage, join
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+FIG7_FILE = "fid_vs_psi.png"
+FIG4_FILE = "truncation_grid.png"
+TRUNCATION_MODES = ("mean", "multimodal")
+KID_SUBSETS = 100
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distances on features
+
+
+@dataclass(frozen=True)
+class Distances:
+    fd: float  # Frechet distance (FID with Inception features)
+    kd: float  # kernel distance (KID), unbiased MMD^2 with the cubic polynomial kernel
+
+
+def distances(feats_a: np.ndarray, feats_b: np.ndarray) -> Distances:
+    """FD and KD between two feature sets [N, D] through clean-fid's own functions."""
+    from cleanfid.fid import fid_from_feats, kernel_distance
+
+    assert feats_a.ndim == 2 and feats_b.ndim == 2 and feats_a.shape[1] == feats_b.shape[1], (
+        feats_a.shape, feats_b.shape)
+    if min(len(feats_a), len(feats_b)) < 2:
+        raise ValueError(f"need at least 2 samples per set, got {len(feats_a)} and {len(feats_b)}")
+    fd = float(fid_from_feats(feats_a.astype(np.float64), feats_b.astype(np.float64)))
+    # kernel_distance draws its subsets from numpy's global RNG: seed it so a rerun gives the same KID.
+    np.random.seed(0)
+    subset = min(len(feats_a), len(feats_b), 1000)
+    kd = float(kernel_distance(feats_a, feats_b, num_subsets=KID_SUBSETS, max_subset_size=subset))
+    return Distances(fd, kd)
+
+
+def distance_labels(feature_name: str, is_inception: bool) -> tuple[str, str]:
+    """('FID', 'KID') for Inception features, else ('FD (<net>)', 'KD (<net>)')."""
+    if is_inception:
+        return "FID", "KID"
+    return f"FD ({feature_name})", f"KD ({feature_name})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features of real sets and of samples
+
+
+class FeatureBank:
+    """Features of real image sets, computed once per set URI (X is the reference of every model)."""
+
+    def __init__(self, extractor, storage: Storage, resolution: int, max_real: int | None, seed: int,
+                 batch_size: int) -> None:
+        self.extractor = extractor
+        self.storage = storage
+        self.resolution = resolution
+        self.max_real = max_real
+        self.seed = seed
+        self.batch_size = batch_size
+        self.sizes: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self._cache: dict[str, np.ndarray] = {}
+
+    def real(self, uri: str) -> np.ndarray:
+        if uri not in self._cache:
+            self._cache[uri] = self._compute(uri)
+        return self._cache[uri]
+
+    def _compute(self, uri: str) -> np.ndarray:
+        from sdsg_ray.imaging import load_batch, to_tensor
+        from sdsg_ray.manifest import resolve_images
+
+        keys = resolve_images(uri, self.storage)
+        if not keys:
+            raise ValueError(f"no images found at {uri}")
+        self.sizes[uri] = len(keys)
+        if self.max_real is not None and len(keys) > self.max_real:
+            keys = sorted(random.Random(self.seed).sample(keys, self.max_real))
+        chunks, failed = [], 0
+        for start in tqdm(range(0, len(keys), self.batch_size), desc=f"features {uri}", unit="batch"):
+            batch = load_batch(keys[start:start + self.batch_size], self.storage, self.resolution)
+            ok = batch["status"] == "ok"
+            failed += int((~ok).sum())
+            if ok.any():
+                chunks.append(self.extractor(to_tensor(batch["image"][ok])))
+        self.failed[uri] = failed
+        if failed:
+            log.warning("%s: %d images could not be read and are left out of its features", uri, failed)
+        return np.concatenate(chunks)
+
+    def images(self, images: np.ndarray) -> np.ndarray:
+        """Features of generated uint8 NHWC images."""
+        from sdsg_ray.imaging import to_tensor
+
+        return np.concatenate([self.extractor(to_tensor(images[i:i + self.batch_size]))
+                               for i in range(0, len(images), self.batch_size)])
+
+
+def sample_features(sampler, bank: FeatureBank, seeds: Sequence[int], psi: float, mode: str,
+                    clusters: Sequence[int] | None = None, desc: str = "") -> np.ndarray:
+    """Features of the sampler's images for the seeds; ``clusters`` pins each seed's multimodal center."""
+    from sdsg_ray.truncation import SampleSpec
+
+    feats = []
+    step = sampler.batch_size
+    for start in tqdm(range(0, len(seeds), step), desc=desc or f"{mode} psi={psi}", unit="batch", leave=False):
+        chunk = seeds[start:start + step]
+        pinned = clusters[start:start + step] if clusters is not None else [None] * len(chunk)
+        specs = [SampleSpec(int(s), float(psi), mode, None if c is None else int(c)) for s, c in zip(chunk, pinned)]
+        feats.append(bank.images(sampler.render_specs(specs)))
+    return np.concatenate(feats)
+
+
+def nearest_centers(sampler, seeds: Sequence[int]) -> list[int]:
+    """Each seed's multimodal center, computed once and reused at every psi (it does not depend on psi)."""
+    out: list[int] = []
+    for start in range(0, len(seeds), sampler.batch_size):
+        w = sampler.latents(seeds[start:start + sampler.batch_size])
+        out += [int(k) for k in sampler.assigner.assign(w)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The comparisons
+
+
+def evaluate_models(models: Sequence[EvalModel], raw: str, bank: FeatureBank, seeds: Sequence[int],
+                    storage: Storage, device: str, batch_size: int) -> list[dict]:
+    """Tables 1/3: every model against its own training set and against the raw set X."""
+    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.truncation import Sampler
+
+    rows = []
+    for model in models:
+        bundle = load_inference(model.checkpoint, storage, device=device)
+        sampler = Sampler(bundle, batch_size=batch_size)
+        fake = sample_features(sampler, bank, seeds, 1.0, "none", desc=f"samples {model.name}")
+        own = distances(fake, bank.real(model.train_data))
+        vs_raw = distances(fake, bank.real(raw))
+        rows.append({
+            "model": model.name, "checkpoint": model.checkpoint, "identity": bundle.identity,
+            "kimg": bundle.meta.get("kimg"), "train_data": model.train_data,
+            "train_size": bank.sizes[model.train_data],
+            "fd_vs_train": own.fd, "kd_vs_train": own.kd, "fd_vs_raw": vs_raw.fd, "kd_vs_raw": vs_raw.kd,
+        })
+        log.info("%s: vs train %.4g / vs raw %.4g", model.name, own.fd, vs_raw.fd)
+    return rows
+
+
+def truncation_curve(sampler, bank: FeatureBank, reference: np.ndarray, seeds: Sequence[int],
+                     psis: Sequence[float]) -> dict:
+    """Fig. 7: FD/KD against psi for each truncation mode, the same seeds at every point."""
+    centers = nearest_centers(sampler, seeds) if sampler.assigner is not None else None
+    curve: dict = {"psis": list(psis)}
+    for mode in TRUNCATION_MODES:
+        if mode == "multimodal" and centers is None:
+            continue
+        points = [distances(sample_features(sampler, bank, seeds, psi, mode,
+                                            centers if mode == "multimodal" else None), reference)
+                  for psi in psis]
+        curve[mode] = {"fd": [p.fd for p in points], "kd": [p.kd for p in points]}
+    return curve
+
+
+def truncation_grid(sampler, seeds: Sequence[int], psi: float) -> tuple[np.ndarray, list[str]]:
+    """Fig. 4: rows none / mean / multimodal of the same seeds; returns the grid and its row labels."""
+    from sdsg_ray.imaging import image_grid
+
+    modes = ["none", "mean"] + (["multimodal"] if sampler.assigner is not None else [])
+    rows = [sampler.sample(seeds, psi=psi, mode=mode) for mode in modes]
+    grid = image_grid(np.concatenate(rows), ncols=len(seeds), pad=2)
+    return grid, [f"{m}" if m == "none" else f"{m}, ψ={psi}" for m in modes]
+
+
+def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: Storage) -> dict:
+    """The selection as an outlier detector against planted labels: removed images are its positives."""
+    from sklearn.metrics import roc_auc_score
+
+    from sdsg_ray.dataset.synthetic import read_labels
+    from sdsg_ray.filtering.writer import iter_score_batches
+    from sdsg_ray.manifest import read_manifest
+
+    outlier_by_key = {row["key"]: row["is_outlier"] for row in read_labels(labels_uri, storage)}
+    kept = set(read_manifest(kept_uri, storage))
+    y_true, y_score, removed = [], [], []
+    unlabelled = 0
+    rows = ((str(k), s, float(d)) for batch in iter_score_batches(scores_uri, storage, ["key", "status", "d_lpips"])
+            for k, s, d in zip(batch["key"], batch["status"], batch["d_lpips"]))
+    for key, status, d in rows:
+        if status != "ok":
+            continue
+        if key not in outlier_by_key:
+            unlabelled += 1
+            continue
+        y_true.append(outlier_by_key[key])
+        y_score.append(d)
+        removed.append(key not in kept)
+    y_true_a, removed_a = np.array(y_true, bool), np.array(removed, bool)
+    tp = int((y_true_a & removed_a).sum())
+    return {
+        "images": len(y_true), "outliers": int(y_true_a.sum()), "removed": int(removed_a.sum()),
+        "true_positives": tp,
+        "precision": tp / max(1, int(removed_a.sum())),
+        "recall": tp / max(1, int(y_true_a.sum())),
+        "auroc": float(roc_auc_score(y_true_a, y_score)) if 0 < y_true_a.sum() < len(y_true_a) else None,
+        "outlier_fraction_raw": float(y_true_a.mean()) if len(y_true_a) else None,
+        "outlier_fraction_kept": float(y_true_a[~removed_a].mean()) if (~removed_a).any() else None,
+        "unlabelled": unlabelled,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_fid_vs_psi(curve: dict, label: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for mode, style in (("mean", "o--"), ("multimodal", "s-")):
+        if mode in curve:
+            ax.plot(curve["psis"], curve[mode]["fd"], style, label=f"{mode} truncation")
+    ax.set_xlabel("ψ")
+    ax.set_ylabel(f"{label} (vs training set)")
+    ax.set_title("Distance against ψ (paper Fig. 7)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_grid(grid: np.ndarray, row_labels: Sequence[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height = grid.shape[0] / grid.shape[1] * 8
+    fig, ax = plt.subplots(figsize=(8, max(2.0, height)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([(i + 0.5) * grid.shape[0] / len(row_labels) for i in range(len(row_labels))])
+    ax.set_yticklabels(row_labels)
+    ax.set_title("Same seeds: no truncation / mean / multi-modal (paper Fig. 4)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run_evaluation(config: SDSGConfig, args=None) -> dict:
+    """``sdsg evaluate``: write ``<out>/results.json``, fid_vs_psi.png and truncation_grid.png."""
+    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.pretrained import build_fid_features, build_metric
+    from sdsg_ray.truncation import Sampler, load_clusters
+    from sdsg_ray.truncation.clusters import clusters_uri
+
+    cfg: EvaluateConfig = config.evaluate
+    storage = get_storage(config.storage)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    extractor = build_fid_features(cfg.fid_features, device=device)
+    fd_label, kd_label = distance_labels(extractor.name, extractor.is_inception)
+    log.info("evaluation features: %s (%s)", extractor.name, fd_label)
+
+    bundle = load_inference(cfg.checkpoint, storage, device=device)
+    bank = FeatureBank(extractor, storage, bundle.G_ema.resolution, cfg.max_real, cfg.seed, cfg.batch_size)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
+    models = cfg.models or [EvalModel(name="model", checkpoint=cfg.checkpoint, train_data=cfg.data)]
+
+    clusters = load_clusters(cfg.clusters, storage) if storage.exists(clusters_uri(cfg.clusters)) else None
+    if clusters is None:
+        log.warning("no clusters at %s: multi-modal truncation is left out", cfg.clusters)
+    metric = build_metric(clusters.metric, device=device) if clusters is not None else None
+    sampler = Sampler(bundle, clusters, metric=metric, batch_size=cfg.batch_size)
+
+    results: dict = {
+        "features": {"name": extractor.name, "dim": extractor.dim, "is_inception": extractor.is_inception},
+        "labels": {"fd": fd_label, "kd": kd_label},
+        "num_samples": cfg.num_samples,
+        "raw_data": cfg.data,
+        "checkpoint": cfg.checkpoint,
+    }
+    results["models"] = evaluate_models(models, cfg.data, bank, seeds, storage, device, cfg.batch_size)
+    reference = bank.real(models[0].train_data)  # the paper measures FID against the training set
+    results["truncation"] = truncation_curve(sampler, bank, reference, seeds, cfg.psis)
+    results["truncation"]["reference"] = models[0].train_data
+    storage.write_bytes(join(cfg.out, FIG7_FILE), plot_fid_vs_psi(results["truncation"], fd_label))
+    grid, row_labels = truncation_grid(sampler, list(range(cfg.seed, cfg.seed + cfg.grid_seeds)), cfg.grid_psi)
+    storage.write_bytes(join(cfg.out, FIG4_FILE), plot_grid(grid, row_labels))
+    results["figures"] = {"fid_vs_psi": FIG7_FILE, "truncation_grid": FIG4_FILE}
+    results["real_sets"] = {uri: {"size": n, "unreadable": bank.failed.get(uri, 0)} for uri, n in bank.sizes.items()}
+
+    if cfg.labels and cfg.scores and cfg.selection and storage.exists(cfg.labels):
+        results["outliers"] = outlier_detection(cfg.scores, join(cfg.selection, "kept.parquet"), cfg.labels, storage)
+    if cfg.selection and storage.exists(join(cfg.selection, "report.json")):
+        results["selection"] = {k: v for k, v in json.loads(storage.read_text(join(cfg.selection, "report.json"))).items()
+                                if k not in ("curve", "best", "worst")}
+
+    storage.write_text(join(cfg.out, RESULTS_FILE), json.dumps(results, indent=2))
+    _print_summary(results)
+    return results
+
+
+def _print_summary(results: dict) -> None:
+    fd = results["labels"]["fd"]
+    print(f"{'model':<10} {fd + ' vs train':>22} {fd + ' vs raw':>22}")
+    for row in results["models"]:
+        print(f"{row['model']:<10} {row['fd_vs_train']:>22.4g} {row['fd_vs_raw']:>22.4g}")
+    curve = results["truncation"]
+    for mode in TRUNCATION_MODES:
+        if mode in curve:
+            print(f"{mode:<10} " + " ".join(f"ψ={p}:{v:.4g}" for p, v in zip(curve["psis"], curve[mode]["fd"])))
+

@@ -1,0 +1,183 @@
+"""One self-contained HTML page (figures inlined) summarising a pipeline run: the numbers, the paper's
+figures at this scale, and how long each stage took. Written through storage, so the root may be s3://."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from typing import Any, Sequence
+
+from sdsg_ray.storage import Storage, get_storage, join
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "index.html"
+
+
+def _load_json(storage: Storage, uri: str) -> dict | None:
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(storage: Storage, uri: str, caption: str) -> str:
+    if not storage.exists(uri):
+        return f"<p class='missing'>{html.escape(caption)}: not produced ({html.escape(uri)})</p>"
+    data = base64.b64encode(storage.read_bytes(uri)).decode()
+    return (f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _latest_grid(storage: Storage, training_out: str, kind: str) -> str | None:
+    """The last ``<training --out>/<kind>/kimg-*.png`` (names sort by kimg)."""
+    grids = list(storage.list(join(training_out, kind), suffixes=(".png",)))
+    return grids[-1] if grids else None
+
+
+def _timings(pipeline: dict | None, extra: Sequence[tuple[str, float]]) -> str:
+    rows = [(s["name"], s["status"], s["seconds"]) for s in (pipeline or {}).get("stages", [])]
+    rows += [(name, "ran", seconds) for name, seconds in extra]
+    total = sum(r[2] for r in rows)
+    return _table(["stage", "status", "seconds"], rows + [("total", "", total)])
+
+
+def _models_section(results: dict) -> str:
+    fd, kd = results["labels"]["fd"], results["labels"]["kd"]
+    rows = [(m["model"], m["train_size"], m["kimg"], m["fd_vs_train"], m["fd_vs_raw"], m["kd_vs_train"], m["kd_vs_raw"])
+            for m in results["models"]]
+    note = ("" if results["features"]["is_inception"] else
+            f"<p class='note'>Clean-fid's Inception weights are not available here, so distances use "
+            f"{html.escape(results['features']['name'])} features: {html.escape(fd)} is a Fréchet distance "
+            f"on those features, not FID; compare rows with each other, not with the paper's numbers.</p>")
+    return ("<h2>Stage-2 generators (paper Tables 1 and 3)</h2>"
+            "<p>Each generator is measured against the set it was trained on (the paper's protocol) and "
+            "against the raw set X. Lower is better.</p>" + note
+            + _table(["trained on", "|train set|", "kimg", f"{fd} vs train", f"{fd} vs raw X",
+                      f"{kd} vs train", f"{kd} vs raw X"], rows))
+
+
+def _claims_section(results: dict) -> str:
+    """The paper's claims checked against this run's numbers (not asserted: at toy scale they may fail)."""
+    fd = results["labels"]["fd"]
+    rows = []
+    models = {m["model"]: m for m in results["models"]}
+    if "filtered" in models:
+        for other, claim in (("raw", "Table 1: training on the filtered set beats the raw set"),
+                             ("random", "Table 3: ... and beats a random subset of the same size")):
+            if other in models:
+                a, b = models["filtered"]["fd_vs_train"], models[other]["fd_vs_train"]
+                rows.append((claim, f"{fd} vs train: {a:.4g} (filtered) vs {b:.4g} ({other})", a < b))
+    curve = results["truncation"]
+    if "mean" in curve and "multimodal" in curve:
+        below = [p for p, m, g in zip(curve["psis"], curve["multimodal"]["fd"], curve["mean"]["fd"]) if p < 1 and m < g]
+        points = [p for p in curve["psis"] if p < 1]
+        rows.append(("Fig. 7: multi-modal truncation beats mean truncation at every ψ < 1",
+                     f"better at ψ in {below} of {points}", len(below) == len(points) and bool(points)))
+    out = results.get("outliers")
+    if out and out["outlier_fraction_kept"] is not None:
+        rows.append(("Self-filtering removes outliers: fewer of them in Y than in X",
+                     f"{out['outlier_fraction_raw']:.3f} in X -> {out['outlier_fraction_kept']:.3f} in Y",
+                     out["outlier_fraction_kept"] < out["outlier_fraction_raw"]))
+    if not rows:
+        return ""
+    return ("<h2>The paper's claims at this scale</h2>"
+            + _table(["claim", "numbers", "holds here"], [(c, n, "yes" if ok else "no") for c, n, ok in rows]))
+
+
+def _truncation_section(results: dict, storage: Storage, eval_uri: str) -> str:
+    curve = results["truncation"]
+    fd = results["labels"]["fd"]
+    modes = [m for m in ("mean", "multimodal") if m in curve]
+    rows = [[psi] + [curve[m]["fd"][i] for m in modes] for i, psi in enumerate(curve["psis"])]
+    return ("<h2>Truncation (paper Fig. 7 and Fig. 4)</h2>"
+            f"<p>{html.escape(fd)} against the training set {html.escape(curve['reference'])}.</p>"
+            + _table(["ψ"] + [f"{fd}, {m}" for m in modes], rows)
+            + _figure(storage, join(eval_uri, results["figures"]["fid_vs_psi"]), f"{fd} against ψ")
+            + _figure(storage, join(eval_uri, results["figures"]["truncation_grid"]),
+                      "The same seeds: no truncation, global mean, multi-modal"))
+
+
+def _selection_section(results: dict, storage: Storage, selection_uri: str | None) -> str:
+    parts = ["<h2>Self-filtering</h2>"]
+    sel = results.get("selection")
+    if sel:
+        parts.append(_table(
+            ["θ", "stopped by", "|Y|", "|X| (readable)", "unreadable", f"{sel['distance_name']}(Y, X)",
+             f"{sel['distance_name']}(G(E(X)), X) (bound)", "metric"],
+            [(sel["theta"], sel["bound"], sel["size_kept"], sel["size_raw"], sel["failed"],
+              sel["distance_kept_vs_raw"], sel["distance_recon_vs_raw"], sel["metric"])]))
+    out = results.get("outliers")
+    if out:
+        parts.append("<h3>Outlier detection against the planted labels</h3>")
+        parts.append(_table(
+            ["images", "planted outliers", "removed", "precision", "recall", "AUROC of d(x)",
+             "outlier share in X", "outlier share in Y"],
+            [(out["images"], out["outliers"], out["removed"], out["precision"], out["recall"], out["auroc"],
+              out["outlier_fraction_raw"], out["outlier_fraction_kept"])]))
+    if selection_uri:
+        for name, caption in (("histogram.png", "d(x) histogram and the chosen θ"),
+                              ("fid_vs_threshold.png", "Distance of Y to X against θ with both bounds (Fig. 8)"),
+                              ("best_worst.png", "Best and worst reconstructions")):
+            parts.append(_figure(storage, join(selection_uri, name), caption))
+    return "".join(parts)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; }
+td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0; } img { max-width: 100%; image-rendering: pixelated; }
+figcaption, .note, .missing { color: #666; font-size: 0.9em; }
+"""
+
+
+def write_report(root: str, out: str | None = None, storage: Storage | None = None,
+                 extra_timings: Sequence[tuple[str, float]] = (), title: str = "sdsg-ray pipeline report") -> str:
+    """Write ``<out>/index.html`` (default ``<root>/report``) from a pipeline root; returns its URI."""
+    from sdsg_ray.pipeline import SUMMARY_FILE
+
+    storage = storage or get_storage()
+    out = out or join(root, "report")
+    pipeline = _load_json(storage, join(root, SUMMARY_FILE))
+    layout = (pipeline or {}).get("layout", {})
+    eval_uri = layout.get("eval", join(root, "eval"))
+    results = _load_json(storage, join(eval_uri, "results.json"))
+    sections = [f"<h1>{html.escape(title)}</h1><p>Pipeline root: <code>{html.escape(root)}</code></p>"]
+    if results is None:
+        sections.append(f"<p class='missing'>No evaluation results at {html.escape(eval_uri)}.</p>")
+    else:
+        sections.append(_claims_section(results))
+        sections.append(_models_section(results))
+        sections.append(_truncation_section(results, storage, eval_uri))
+        sections.append(_selection_section(results, storage, layout.get("selection")))
+    samples = [(caption, _latest_grid(storage, layout[key], kind)) for caption, key, kind in (
+        ("Stage 1 (joint G+E): samples", "stage1", "samples"),
+        ("Stage 1: reconstructions G(E(x))", "stage1", "recon"),
+        ("Stage 2 (trained on the filtered set): samples", "stage2", "samples"),
+    ) if key in layout]
+    if any(uri for _, uri in samples):
+        sections.append("<h2>Training samples</h2>")
+        sections += [_figure(storage, uri, name) for name, uri in samples if uri]
+    sections.append("<h2>Stage timings</h2>" + _timings(pipeline, extra_timings))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    target = join(out, REPORT_FILE)
+    storage.write_text(target, page)
+    log.info("report: %s", target)
+    return target

@@ -1,0 +1,167 @@
+"""`sdsg score`: the Ray Data scoring pipeline, resumable and exactly-once.
+
+    manifest shards (listed once) --read_parquet--> keys --CPU tasks: read + decode--> uint8 images
+        --actor pool (GPU if any): G(E(x)), LPIPS, L1, FID features--> driver --> score shard i, atomically
+
+Score shard i holds exactly the keys of manifest shard i and is written in one atomic put when its last
+row reaches the driver. A re-run (after a crash, a kill, a lost node) reads only the manifest shards
+whose score shard does not exist yet, so every key ends up in the output exactly once. (Ray Data's own
+checkpointing is not used: its filter actors deadlocked a resumed run on a 2-CPU cluster.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from sdsg_ray.config import SDSGConfig
+from sdsg_ray.ray_utils import ensure_ray
+from sdsg_ray.storage import Storage, get_storage, join, normalize
+
+from .listing import ManifestShard, ensure_manifest
+from .reader import read_and_decode
+from .scorer import ScoreActor
+from .writer import SCORES_DIR, SUMMARY_FILE, ShardAssembler, iter_score_batches, written_shards
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "_RUN.json"  # what the scores in <out> were computed with; a resume must match it
+
+
+def build_dataset(pending: list[ManifestShard], storage: Storage, config: SDSGConfig, resolution: int) -> "ray.data.Dataset":
+    """The lazy Ray Data plan over the pending manifest shards (nothing runs until iterated)."""
+    cfg = config.score
+    fs, _ = storage.arrow_filesystem(pending[0].uri)
+    paths = [storage.arrow_filesystem(s.uri)[1] for s in pending]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["key"], include_paths=True)
+    # Decode tasks reserve the memory of a batch of decoded images plus encoded bytes (~64 KiB each). The
+    # distinct resource request also keeps Ray Data from fusing decoding into the scoring actors: decoding
+    # stays a CPU task pool that runs alongside the (GPU) actors instead of in series with them.
+    decode_memory = cfg.batch_size * (resolution * resolution * 3 + 64 * 1024)
+    ds = ds.map_batches(
+        read_and_decode,
+        fn_kwargs={"storage": storage, "resolution": resolution},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_cpus=1,
+        memory=decode_memory,
+    )
+    return ds.map_batches(
+        ScoreActor,
+        fn_constructor_kwargs={
+            "checkpoint": cfg.checkpoint,
+            "metric": cfg.metric,
+            "fid_features": cfg.fid_features,
+            "storage": config.storage,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, cfg.actors), max_size=cfg.actors),
+        num_gpus=cfg.gpus_per_actor,
+        num_cpus=cfg.cpus_per_actor,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+    )
+
+
+def _check_run(out: str, storage: Storage, run: dict) -> None:
+    """Refuse to mix scores of different checkpoints, metrics or feature networks in one --out."""
+    uri = join(out, RUN_FILE)
+    if storage.exists(uri):
+        previous = json.loads(storage.read_text(uri))
+        changed = {k: (previous.get(k), v) for k, v in run.items() if previous.get(k) != v}
+        if changed:
+            raise ValueError(f"{out} holds scores computed with different settings {changed}; use another --out")
+    else:
+        storage.write_text(uri, json.dumps(run, indent=2))
+
+
+def count_status(out: str, storage: Storage) -> Counter:
+    counts: Counter = Counter()
+    for batch in iter_score_batches(out, storage, ["status"]):
+        counts.update(batch["status"].tolist())
+    return counts
+
+
+def run_scoring(config: SDSGConfig, args=None) -> dict:
+    """Score every image of score.data with the stage-1 checkpoint; write score shards and summary.json."""
+    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.pretrained import build_fid_features, resolve_metric
+
+    # Ray workers run in other working directories: local paths are made absolute here on the driver.
+    cfg = config.score.model_copy(update={"checkpoint": normalize(config.score.checkpoint)})
+    storage = get_storage(config.storage)
+    ensure_ray(config.storage)
+
+    bundle = load_inference(cfg.checkpoint, storage, device="cpu")  # identity and resolution; the actors load their own
+    resolution = bundle.model.resolution
+    features = build_fid_features(cfg.fid_features, device="cpu")  # resolves "auto" to the network actually used
+    metric = resolve_metric(cfg.metric)
+    run = {
+        "checkpoint": cfg.checkpoint,
+        "checkpoint_identity": bundle.identity,
+        "metric": metric,
+        "features": features.name,
+        "features_is_inception": features.is_inception,
+        "resolution": resolution,
+    }
+    _check_run(cfg.out, storage, run)
+
+    shards = ensure_manifest(cfg.data, cfg.out, storage, cfg.manifest_shard_size)
+    done = written_shards(cfg.out, storage)
+    pending = [s for s in shards if s.shard_id not in done]
+    total = sum(s.rows for s in shards)
+    todo = sum(s.rows for s in pending)
+    log.info("%d images in %d shards; %d shards already scored, %d images to score", total, len(shards), len(done), todo)
+
+    placements: Counter = Counter()
+    first_batch_at, rows_after_first = None, 0
+    started = time.perf_counter()
+    if pending:
+        scored_config = config.model_copy(update={"score": cfg.model_copy(update={"metric": metric, "fid_features": features.name})})
+        ds = build_dataset(pending, storage, scored_config, resolution)
+        assembler = ShardAssembler(cfg.out, storage, {s.shard_id: s.rows for s in pending})
+        with tqdm(total=todo, desc="scoring", unit=" img", mininterval=2) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                assembler.add(batch)
+                placements.update(batch["scorer"].tolist())
+                bar.update(len(batch["key"]))
+                if first_batch_at is None:
+                    first_batch_at = time.perf_counter()
+                else:
+                    rows_after_first += len(batch["key"])
+        if assembler.incomplete:
+            raise RuntimeError(f"scoring stream ended with incomplete shards (shard: rows received) {assembler.incomplete}")
+    finished = time.perf_counter()
+    elapsed = finished - started
+    # Steady state: from the first scored batch on, i.e. without listing, plan and actor start-up.
+    steady = rows_after_first / (finished - first_batch_at) if first_batch_at and finished > first_batch_at else None
+
+    counts = count_status(cfg.out, storage)
+    summary = {
+        **run,
+        "data": cfg.data,
+        "images": total,
+        "scored": counts.get("ok", 0),
+        "failed": sum(v for k, v in counts.items() if k != "ok"),
+        "scored_this_run": todo,
+        "seconds_this_run": round(elapsed, 3),
+        "images_per_s": round(todo / elapsed, 2) if todo and elapsed > 0 else None,
+        "images_per_s_steady": round(steady, 2) if steady else None,
+        "shards": len(shards),
+        "shards_resumed": len(done),
+        "actors": cfg.actors,
+        "gpus_per_actor": cfg.gpus_per_actor,
+        "batch_size": cfg.batch_size,
+        "scorers": [{**json.loads(p), "rows": n} for p, n in sorted(placements.items())],
+        "scores": join(cfg.out, SCORES_DIR),
+    }
+    assert summary["scored"] + summary["failed"] == total, (counts, total)
+    storage.write_text(join(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2))
+    rate = f"{summary['images_per_s']} images/s" if summary["images_per_s"] else "nothing left to score"
+    print(f"scored {summary['scored']} images, {summary['failed']} failed ({rate}); summary in {join(cfg.out, SUMMARY_FILE)}")
+    return summary

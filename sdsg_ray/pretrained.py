@@ -1,0 +1,316 @@
+"""The ONE place pretrained networks are built: perceptual metrics (LPIPS family) and FID features.
+
+Nothing here ever falls back to random weights: a missing file raises :class:`PretrainedMissing` naming
+the file, the directory to put it in, and the offline alternative.
+
+Metrics (all take NCHW float images in [-1, 1]):
+- ``lpips-vgg``, ``lpips-alex``: the ``lpips`` package. Its linear heads ship in the wheel; the trunk is
+  torchvision's ImageNet network from ``$TORCH_HOME/hub/checkpoints`` (``torch.hub.get_dir()``).
+- ``stlpips-vgg``, ``stlpips-alex``: shift-tolerant LPIPS (``stlpips-pytorch``), trunk and heads ship in
+  the wheel, so they work offline. ``stlpips-alex`` is the offline default for CPU work.
+
+LPIPS, written out (this is exactly what ``lpips.LPIPS.forward`` computes, ``spatial=False``):
+    f_l(x)    = unit-normalise over channels(trunk_l(scale(x)))            per layer l, [B, C_l, H_l, W_l]
+    d(x, y)   = sum_l mean_{h,w} sum_c w_{l,c} (f_l(x) - f_l(y))_{c,h,w}^2  with w_l the 1x1 "lin" weights
+so the per-layer features can be cached (:meth:`PerceptualMetric.features`) and distances computed later
+(:meth:`PerceptualMetric.distance_from_features`, :meth:`PerceptualMetric.pairwise_distance_from_features`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from cleanfid.fid import frechet_distance  # re-exported: the one FID formula the project uses
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("lpips-vgg", "lpips-alex", "stlpips-vgg", "stlpips-alex")
+FEATURE_NAMES = ("inception", "stlpips-alex-pool")
+OFFLINE_METRIC = "stlpips-alex"
+OFFLINE_FEATURES = "stlpips-alex-pool"
+# torchvision's ImageNet checkpoints that lpips' trunks load (file names fixed by torchvision's URLs).
+LPIPS_BACKBONE_FILES = {"lpips-alex": "alexnet-owt-7be5be79.pth", "lpips-vgg": "vgg16-397923af.pth"}
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_ENV = "SDSG_INCEPTION_PATH"
+# The AlexNet trunks cannot run on fewer pixels (their pooling windows outgrow the feature maps), so
+# smaller inputs are upsampled to this side first. Every metric does the same for comparability.
+MIN_METRIC_SIDE = 32
+# Side the stlpips-alex-pool features are computed at, whatever the input resolution, so the feature
+# (and every FD built on it) means the same thing for 32 px samples and 256 px photos.
+POOL_FEATURE_SIDE = 64
+
+
+class PretrainedMissing(FileNotFoundError):
+    """A pretrained weight file is absent; the message says which, where it goes, and the alternative."""
+
+
+def _checkpoint_dir() -> Path:
+    # torch.hub.get_dir() reads $TORCH_HOME at call time: <TORCH_HOME>/hub/checkpoints.
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _check_lpips_backbone(name: str) -> Path:
+    path = _checkpoint_dir() / LPIPS_BACKBONE_FILES[name]
+    if not path.is_file():
+        raise PretrainedMissing(
+            f"{name} needs torchvision's ImageNet weights {path.name}, not found in {path.parent} "
+            f"(= $TORCH_HOME/hub/checkpoints). Download https://download.pytorch.org/models/{path.name} "
+            f"into that directory (or set TORCH_HOME), or use the offline metric '{OFFLINE_METRIC}', "
+            "whose weights ship with stlpips-pytorch."
+        )
+    return path
+
+
+def _stlpips_weights(net: str) -> Path:
+    import stlpips_pytorch
+
+    return Path(stlpips_pytorch.__file__).parent / "weights" / "vST0.0" / f"{net}_shift_tolerant.pth"
+
+
+def _is_available(name: str) -> tuple[bool, str]:
+    """(available, why) for one metric name, without building it."""
+    if name in LPIPS_BACKBONE_FILES:
+        path = _checkpoint_dir() / LPIPS_BACKBONE_FILES[name]
+        return path.is_file(), f"{path} {'found' if path.is_file() else 'missing'}"
+    try:
+        path = _stlpips_weights(name.split("-")[1])
+    except ImportError as err:
+        return False, f"stlpips-pytorch not importable ({err})"
+    return path.is_file(), f"{path} {'found' if path.is_file() else 'missing'}"
+
+
+def resolve_metric(name: str = "auto") -> str:
+    """A concrete metric name. "auto" = the best available, in order lpips-vgg, lpips-alex, stlpips-vgg,
+    stlpips-alex (the paper used LPIPS-VGG); the choice and the reason are logged."""
+    if name != "auto":
+        if name not in METRIC_NAMES:
+            raise ValueError(f"unknown perceptual metric {name!r}; choose one of {METRIC_NAMES} or 'auto'")
+        return name
+    reasons = []
+    for candidate in METRIC_NAMES:
+        ok, why = _is_available(candidate)
+        if ok:
+            log.info("metric auto -> %s (%s; skipped: %s)", candidate, why, "; ".join(reasons) or "none")
+            return candidate
+        reasons.append(f"{candidate}: {why}")
+    raise PretrainedMissing("no perceptual metric available: " + "; ".join(reasons))
+
+
+def _build_upstream(name: str) -> nn.Module:
+    """The upstream LPIPS module with verified pretrained weights (trunk and heads)."""
+    family, net = name.split("-")
+    if family == "lpips":
+        _check_lpips_backbone(name)
+        import lpips
+
+        # Trunk from the torchvision cache checked above, heads from the lpips wheel.
+        return lpips.LPIPS(net=net, pretrained=True, verbose=False)
+    from stlpips_pytorch import stlpips
+
+    weights = _stlpips_weights(net)
+    if not weights.is_file():
+        raise PretrainedMissing(f"{name}: {weights} missing; reinstall stlpips-pytorch")
+    # Built on the meta device (no random init: the VGG variant builds a 100M-parameter classifier it then
+    # drops, 7 s on a CPU), then every tensor is loaded from the file. Upstream loads with strict=False,
+    # which would hide a missing trunk layer, so the check here is ours: every parameter and buffer must
+    # come from the file ("lins.*" are aliases of "lin0..4", the same modules).
+    with torch.device("meta"):
+        module = stlpips.LPIPS(net=net, variant="shift_tolerant", pretrained=False, verbose=False)
+    module = module.to_empty(device="cpu")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    tensors = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
+    uncovered = sorted(k for k in tensors - set(state) if not k.startswith("lins."))
+    unexpected = sorted(set(state) - set(module.state_dict()))
+    if uncovered or unexpected:
+        raise RuntimeError(f"{name}: {weights} does not match the network (missing {uncovered}, unexpected {unexpected})")
+    module.load_state_dict(state, strict=False)
+    return module
+
+
+class PerceptualMetric(nn.Module):
+    """LPIPS-family distance with cacheable features. Frozen, eval mode; differentiable in its inputs."""
+
+    def __init__(self, name: str, upstream: nn.Module):
+        super().__init__()
+        self.name = name
+        self.scaling_layer = upstream.scaling_layer  # (x - shift) / scale, ImageNet-style
+        self.net = upstream.net  # trunk: returns a namedtuple of per-layer activations
+        self.lins = upstream.lins  # per-layer 1x1 convs, no bias, one output channel
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """Unit-normalised (over channels) activations of each trunk layer, [B, C_l, H_l, W_l]."""
+        assert x.ndim == 4 and x.shape[1] == 3, f"expected NCHW RGB, got {tuple(x.shape)}"
+        if min(x.shape[-2:]) < MIN_METRIC_SIDE:
+            x = F.interpolate(x, size=(MIN_METRIC_SIDE, MIN_METRIC_SIDE), mode="bilinear", align_corners=False)
+        # Same eps as lpips.normalize_tensor, so forward() matches the upstream module to float precision.
+        return [f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10) for f in self.net(self.scaling_layer(x))]
+
+    def distance_from_features(self, fx: list[Tensor], fy: list[Tensor]) -> Tensor:
+        """Equals ``forward(x, y)`` given ``fx = features(x)``, ``fy = features(y)``; returns [B].
+
+        Batch dimensions broadcast like ``fx[l] - fy[l]``: fy with batch 1 is compared with every row of
+        fx. For every pair of B rows and K rows use :meth:`pairwise_distance_from_features`.
+        """
+        total = 0.0
+        for lin, a, b in zip(self.lins, fx, fy):
+            total = total + lin((a - b).pow(2)).mean(dim=(2, 3))  # [B, 1]
+        return total[:, 0]
+
+    def pairwise_distance_from_features(self, fx: list[Tensor], fc: list[Tensor]) -> Tensor:
+        """All B x K distances between rows of fx (batch B) and fc (batch K): [B, K].
+
+        Expands sum_c w_c (a_c - c_c)^2 = sum_c w_c a_c^2 + sum_c w_c c_c^2 - 2 sum_c w_c a_c c_c, so memory
+        is O((B + K) x features) and the cross term is one matmul per layer (no [B, K, C, H, W] tensor).
+        """
+        total = 0.0
+        for lin, a, c in zip(self.lins, fx, fc):
+            w = lin.model[-1].weight.view(1, -1, 1, 1)  # [1, C, 1, 1]
+            hw = a.shape[2] * a.shape[3]
+            aw = a * w
+            self_a = (aw * a).flatten(1).sum(1) / hw  # [B]
+            self_c = (c * w * c).flatten(1).sum(1) / hw  # [K]
+            cross = aw.flatten(1) @ c.flatten(1).T / hw  # [B, K]
+            total = total + self_a[:, None] + self_c[None, :] - 2.0 * cross
+        return total.clamp_min(0.0)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """LPIPS distance per pair, [B]; x, y NCHW in [-1, 1]."""
+        return self.distance_from_features(self.features(x), self.features(y))
+
+
+def build_metric(name: str = "auto", device: str | torch.device = "cpu") -> PerceptualMetric:
+    """A frozen perceptual metric on ``device`` (eval mode, no parameter requires grad)."""
+    name = resolve_metric(name)
+    metric = PerceptualMetric(name, _build_upstream(name)).eval().to(device)
+    for p in metric.parameters():
+        p.requires_grad_(False)
+    return metric
+
+
+# ----- FID features ---------------------------------------------------------------------------
+
+
+class FeatureExtractor:
+    """Images NCHW float in [-1, 1] (any resolution) -> features [B, dim] as float64 numpy."""
+
+    def __init__(self, name: str, dim: int, is_inception: bool, module: nn.Module, device: torch.device):
+        self.name = name
+        self.dim = dim
+        self.is_inception = is_inception
+        self.module = module
+        self.device = device
+
+    @property
+    def distance_label(self) -> str:
+        """How to report Frechet distances on these features: "FID" only for real Inception."""
+        return "FID" if self.is_inception else f"FD ({self.name})"
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> np.ndarray:
+        assert images.ndim == 4 and images.shape[1] == 3, f"expected NCHW RGB, got {tuple(images.shape)}"
+        feats = self.module(images.to(self.device, torch.float32))
+        assert feats.shape == (images.shape[0], self.dim), f"{self.name}: got {tuple(feats.shape)}"
+        return feats.double().cpu().numpy()
+
+
+class _CleanFIDInception(nn.Module):
+    """clean-fid's "clean" mode: uint8 images, PIL bicubic resize to 299 on float, 0..255 into
+    clean-fid's InceptionV3W wrapper of NVIDIA's TorchScript Inception (2048-d pool features)."""
+
+    def __init__(self, directory: str):
+        super().__init__()
+        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.resize import build_resizer
+
+        self.model = InceptionV3W(directory, download=False, resize_inside=False).eval()
+        self.resize: Callable[[np.ndarray], np.ndarray] = build_resizer("clean")
+
+    def forward(self, images: Tensor) -> Tensor:
+        # clean-fid measures files on disk, i.e. uint8: quantise first, exactly as a saved PNG would be.
+        uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        resized = np.stack([self.resize(img) for img in uint8])  # [B, 299, 299, 3] float32 in 0..255
+        x = torch.from_numpy(resized).permute(0, 3, 1, 2).to(images.device)
+        return self.model(x)
+
+
+class _PooledTrunk(nn.Module):
+    """Global-average-pooled activations of the stlpips AlexNet's five layers, concatenated:
+    64 + 192 + 384 + 256 + 256 = 1152 dims, computed at POOL_FEATURE_SIDE pixels."""
+
+    def __init__(self, metric: PerceptualMetric):
+        super().__init__()
+        self.scaling_layer = metric.scaling_layer
+        self.net = metric.net
+
+    def forward(self, images: Tensor) -> Tensor:
+        side = POOL_FEATURE_SIDE
+        x = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        return torch.cat([f.mean(dim=(2, 3)) for f in self.net(self.scaling_layer(x))], dim=1)
+
+
+def _cleanfid_cache_dir() -> str:
+    # Where clean-fid's feature_extractor() looks before downloading (cleanfid/features.py).
+    import platform
+
+    return "./" if platform.system() == "Windows" else "/tmp"
+
+
+def find_inception(path: str | None = None) -> Path:
+    """The Inception file: explicit ``path`` (file or directory) > $SDSG_INCEPTION_PATH > clean-fid's cache."""
+    candidates = [(p, src) for p, src in ((path, "path"), (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")) if p]
+    candidates.append((_cleanfid_cache_dir(), "clean-fid's cache"))
+    tried = []
+    for candidate, source in candidates:
+        file = Path(candidate)
+        if file.is_file() and file.name != INCEPTION_FILE:
+            raise PretrainedMissing(f"{file} ({source}): clean-fid loads the Inception file by its name; rename it to {INCEPTION_FILE}")
+        if file.is_dir() or file.name != INCEPTION_FILE:
+            file = file / INCEPTION_FILE
+        if file.is_file():
+            return file
+        tried.append(f"{file} ({source})")
+        if source != "clean-fid's cache":
+            break  # an explicit location that is wrong is an error, not a reason to look elsewhere
+    raise PretrainedMissing(
+        f"Inception weights {INCEPTION_FILE} not found at {', '.join(tried)}. Download {INCEPTION_URL} "
+        f"and put it in {_cleanfid_cache_dir()} (clean-fid's cache) or point ${INCEPTION_ENV} at it; or use the "
+        f"offline features '{OFFLINE_FEATURES}' (reported as FD, not FID)."
+    )
+
+
+def build_fid_features(
+    name: str = "auto", device: str | torch.device = "cpu", path: str | None = None
+) -> FeatureExtractor:
+    """Features for Frechet distances. "auto" = Inception if its file is present, else stlpips-alex-pool."""
+    device = torch.device(device)
+    if name == "auto":
+        try:
+            find_inception(path)
+            name = "inception"
+        except PretrainedMissing as err:
+            log.info("fid features auto -> %s (%s)", OFFLINE_FEATURES, err)
+            name = OFFLINE_FEATURES
+        else:
+            log.info("fid features auto -> inception")
+    if name == "inception":
+        file = find_inception(path)
+        module = _CleanFIDInception(str(file.parent)).to(device)
+        return FeatureExtractor("inception", 2048, True, module, device)
+    if name == "stlpips-alex-pool":
+        module = _PooledTrunk(build_metric("stlpips-alex", device)).eval()
+        return FeatureExtractor(name, 1152, False, module, device)
+    raise ValueError(f"unknown FID features {name!r}; choose 'inception', 'stlpips-alex-pool' or 'auto'")
+
+
+__all__ = [
+    "METRIC_NAMES", "PretrainedMissing", "PerceptualMetric", "resolve_metric", "build_metric",
+    "FeatureExtractor", "build_fid_features", "find_inception", "frechet_distance",
+]

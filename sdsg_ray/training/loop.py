@@ -1,0 +1,491 @@
+"""The per-step training logic and the loop around it (NVIDIA's ``training_loop.py``, without Ray).
+
+``TrainingRun`` owns G, G_ema, D, E, their optimizers and the loss; ``step()`` runs the phases of one
+iteration. ``run_loop`` feeds it batches, logs, and at every checkpoint writes the sample grid, the
+reconstruction grid, ``metrics.jsonl`` and ``inference.pt`` (rank 0) and hands the training state to a
+``report`` callback (Ray Train's ``report`` in ``sdsg_ray.distributed.train``; nothing outside tests
+otherwise).
+
+Reproducibility: the global torch RNG is re-seeded from (seed, step, rank) before every step and data
+order is a function of (seed, step, rank), so step k is a pure function of (seed, k, state) and a
+resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sdsg_ray.checkpoint import export_inference
+from sdsg_ray.config import SDSGConfig
+from sdsg_ray.imaging import encode_png, image_grid, to_uint8
+from sdsg_ray.models.networks import build_networks
+from sdsg_ray.storage import Storage, get_storage, join
+from sdsg_ray.training.data import ImageDataset, StepBatchSampler, seed_for, cache_fits, make_loader
+from sdsg_ray.training.losses import SDSGLoss, Wrapped, broadcast_ws, ema_beta, lazy_regularization_adam
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "sdsg-train/1"
+ADAM_BETAS = (0.0, 0.99)
+SAMPLE_GRID = (4, 8)  # rows, columns of the G_ema sample grid
+RECON_GRID_COLUMNS = 8  # images in the real | reconstruction grid (one row each)
+RECON_EVAL_IMAGES = 64  # fixed real images behind the logged eval/recon_lpips
+
+Wrap = Callable[[nn.Module], nn.Module]
+Report = Callable[[dict[str, Any], Callable[[], dict[str, Any]] | None], None]
+
+
+def _identity(module: nn.Module) -> nn.Module:
+    return module
+
+
+def _dist_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# --- RNG state as plain tensors (weights_only loading accepts no numpy objects) -----------------
+
+
+def _rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+
+
+@dataclass
+class Phase:
+    name: str
+    modules: list[nn.Module]  # plain modules whose parameters this phase trains
+    optimizers: list[torch.optim.Optimizer]
+    interval: int  # runs on steps where step % interval == 0; gain = interval
+
+
+class TrainingRun:
+    """Networks, optimizers and loss of one run; ``step(real)`` performs one training iteration.
+
+    ``wrap`` turns each trained module into its distributed version (Ray's ``prepare_model``); the
+    plain modules stay reachable here for EMA, checkpoints and export.
+    """
+
+    def __init__(
+        self,
+        config: SDSGConfig,
+        device: torch.device | str = "cpu",
+        wrap: Wrap = _identity,
+        world_size: int = 1,
+        metric: nn.Module | None = None,
+    ):
+        tc, model = config.train, config.model
+        self.config = config
+        self.device = torch.device(device)
+        self.joint = tc.stage == "joint"
+        self.world_size = world_size
+        if tc.batch_size % world_size:
+            raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.workers={world_size}")
+        self.local_batch = tc.batch_size // world_size
+        cuda = self.device.type == "cuda"
+        self.amp = cuda and tc.mixed_precision
+
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+        G, D, E = build_networks(model)
+        self.G, self.D = G.to(self.device), D.to(self.device)
+        self.E = E.to(self.device) if self.joint else None
+        if self.amp:
+            for module in (self.G.synthesis, self.D, self.E):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+
+        wrapped = Wrapped(
+            mapping=wrap(self.G.mapping),
+            synthesis=wrap(self.G.synthesis),
+            D=wrap(self.D),
+            E=wrap(self.E) if self.E is not None else None,
+        )
+        for module in (self.G, self.D, self.E):
+            if module is not None:
+                module.requires_grad_(False)  # each phase enables only what it trains
+
+        g_interval = tc.pl_interval if tc.pl_weight > 0 else None
+        d_interval = tc.r1_interval if tc.r1_gamma > 0 else None
+        lr_g, betas_g = lazy_regularization_adam(tc.lr_g, ADAM_BETAS, g_interval)
+        lr_d, betas_d = lazy_regularization_adam(tc.lr_d, ADAM_BETAS, d_interval)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas_g, eps=1e-8)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas_d, eps=1e-8)
+        self.opt_E = torch.optim.Adam(self.E.parameters(), lr=tc.lr_e, betas=ADAM_BETAS, eps=1e-8) if self.E is not None else None
+
+        self.phases = [Phase("Gmain", [self.G] + ([self.E] if self.E is not None else []), [self.opt_G] + ([self.opt_E] if self.opt_E else []), 1)]
+        if g_interval:
+            self.phases.append(Phase("Greg", [self.G], [self.opt_G], g_interval))
+        self.phases.append(Phase("Dmain", [self.D], [self.opt_D], 1))
+        if d_interval:
+            self.phases.append(Phase("Dreg", [self.D], [self.opt_D], d_interval))
+
+        autocast: Callable[[], ContextManager] = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.amp else nullcontext
+        )
+        self.metric = metric
+        self.loss = SDSGLoss(
+            wrapped,
+            self.G.num_ws,
+            metric=metric if self.joint else None,
+            r1_gamma=tc.r1_gamma,
+            pl_weight=tc.pl_weight,
+            style_mixing_prob=tc.style_mixing_prob,
+            lambda_w=tc.lambda_w,
+            lambda_l1=tc.lambda_l1,
+            lambda_lpips=tc.lambda_lpips,
+            autocast=autocast,
+        )
+        self.loss.pl_mean.to(self.device)
+        self.ema_beta = ema_beta(tc.batch_size, tc.ema_kimg)
+        self.step_count = 0
+        self.nimg = 0
+
+    @property
+    def kimg(self) -> float:
+        return self.nimg / 1000.0
+
+    # --- one iteration ----------------------------------------------------------------------
+
+    def to_images(self, batch_uint8: Tensor) -> Tensor:
+        """uint8 NHWC from the loader -> float NCHW in [-1, 1] on the device (converted after transfer)."""
+        x = batch_uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return x.contiguous(memory_format=torch.channels_last) if self.amp else x.contiguous()
+
+    def step(self, real_uint8: Tensor) -> dict[str, Tensor]:
+        """One iteration: every phase due at this step, then the EMA. Returns detached loss terms."""
+        rank, _ = _dist_world()
+        torch.manual_seed(seed_for(self.config.train.seed, self.step_count, rank))
+        real = self.to_images(real_uint8)
+        assert real.shape[0] == self.local_batch, f"batch of {real.shape[0]}, expected {self.local_batch}"
+        logs: dict[str, Tensor] = {}
+        for phase in self.phases:
+            if self.step_count % phase.interval:
+                continue
+            gen_z = torch.randn(self.local_batch, self.G.z_dim, device=self.device)
+            for module in phase.modules:
+                module.requires_grad_(True)
+            for opt in phase.optimizers:
+                opt.zero_grad(set_to_none=True)
+            logs.update(self.loss.accumulate_gradients(phase.name, real, gen_z, gain=phase.interval))
+            for module in phase.modules:
+                module.requires_grad_(False)
+                for param in module.parameters():
+                    if param.grad is not None:  # NVIDIA's guard: one bad batch must not poison the weights
+                        torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+            for opt in phase.optimizers:
+                opt.step()
+            if phase.name == "Gmain":
+                self._sync_w_avg()
+        self._update_ema()
+        self.step_count += 1
+        self.nimg += self.config.train.batch_size
+        return logs
+
+    @torch.no_grad()
+    def _sync_w_avg(self) -> None:
+        """Average the tracked mean latent over ranks (= the global batch's update) and hand it to E,
+        whose output is w_avg + offset (see ``Encoder``)."""
+        w_avg = self.G.mapping.w_avg
+        _, world = _dist_world()
+        if world > 1:
+            torch.distributed.all_reduce(w_avg)
+            w_avg /= world
+        if self.E is not None:
+            self.E.w_avg.copy_(w_avg)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            p_ema.copy_(p.detach().lerp(p_ema, self.ema_beta))
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b.detach())
+
+    # --- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-exactly; loadable with torch.load(weights_only=True)."""
+        cpu = lambda module: {k: v.detach().cpu() for k, v in module.state_dict().items()}  # noqa: E731
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config.model_dump(mode="json"),
+            "step": self.step_count,
+            "nimg": self.nimg,
+            "G": cpu(self.G),
+            "G_ema": cpu(self.G_ema),
+            "D": cpu(self.D),
+            "E": cpu(self.E) if self.E is not None else None,
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "opt_E": self.opt_E.state_dict() if self.opt_E is not None else None,
+            "pl_mean": self.loss.pl_mean.value.detach().cpu(),
+            "rng": _rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a training state of format {STATE_FORMAT}: {state.get('format')!r}")
+        saved = state["config"]
+        mine = self.config.model_dump(mode="json")
+        if saved["model"] != mine["model"] or saved["train"]["stage"] != mine["train"]["stage"]:
+            raise ValueError(
+                "the checkpoint under train.out was trained with another model or stage: "
+                f"saved model={saved['model']} stage={saved['train']['stage']}, "
+                f"now model={mine['model']} stage={mine['train']['stage']}; use a fresh --out"
+            )
+        self.G.load_state_dict(state["G"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.D.load_state_dict(state["D"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        if self.E is not None:
+            self.E.load_state_dict(state["E"])
+            self.opt_E.load_state_dict(state["opt_E"])
+        self.loss.pl_mean.value.copy_(state["pl_mean"])
+        self.step_count, self.nimg = int(state["step"]), int(state["nimg"])
+        # Steps re-seed torch themselves; restoring the rest keeps any other consumer of these RNGs
+        # (user hooks, libraries) on the same sequence as an uninterrupted run.
+        _set_rng_state(state["rng"])
+
+    # --- evaluation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reconstruct(self, real: Tensor) -> Tensor:
+        """G_ema(E(x)) with constant noise: what scoring and the inference bundle compute."""
+        assert self.E is not None, "stage 'generator' has no encoder"
+        return self.G_ema.synthesis(broadcast_ws(self.E(real), self.G_ema.num_ws), noise_mode="const")
+
+    @torch.no_grad()
+    def recon_lpips(self, real: Tensor, batch: int = 32) -> float:
+        assert self.metric is not None
+        total = 0.0
+        for start in range(0, real.shape[0], batch):
+            x = real[start : start + batch]
+            total += float(self.metric(x, self.reconstruct(x)).sum())
+        return total / real.shape[0]
+
+    @torch.no_grad()
+    def samples(self, z: Tensor) -> Tensor:
+        return self.G_ema(z, noise_mode="const")
+
+    def param_checksum(self) -> float:
+        """Sum over every trained parameter (float64): identical on all DDP replicas after a step."""
+        return float(sum(p.detach().double().sum() for m in (self.G, self.D, self.E) if m is not None for p in m.parameters()))
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """Losses and throughput since the last report."""
+
+    terms: dict[str, list[Tensor]] = field(default_factory=dict)
+    steps: int = 0
+    skipped: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, logs: dict[str, Tensor], skipped: int) -> None:
+        for k, v in logs.items():
+            self.terms.setdefault(k, []).append(v)
+        self.steps += 1
+        self.skipped += skipped
+
+    def means(self) -> dict[str, float]:
+        return {k: float(torch.stack(v).float().mean()) for k, v in self.terms.items()}
+
+
+def _step_schedule(config: SDSGConfig) -> tuple[int, int]:
+    """(total steps, steps between checkpoints) from the kimg budgets."""
+    tc = config.train
+    total = max(1, math.ceil(tc.kimg * 1000 / tc.batch_size))
+    every = max(1, round(tc.checkpoint_every_kimg * 1000 / tc.batch_size))
+    return total, every
+
+
+def artifact_name(kimg: float) -> str:
+    """``kimg-000000.500.png``: zero-padded so names sort by training time (fractional kimg at tiny scale)."""
+    return f"kimg-{kimg:010.3f}.png"
+
+
+def load_dataset(config: SDSGConfig, storage: Storage, progress: bool) -> ImageDataset:
+    from sdsg_ray.manifest import resolve_images
+
+    tc = config.train
+    uris = resolve_images(tc.data, storage)
+    if not uris:
+        raise ValueError(f"train.data={tc.data!r} holds no images")
+    cache = cache_fits(len(uris), config.model.resolution, tc.cache_max_mb)
+    return ImageDataset(uris, config.model.resolution, storage, cache=cache, progress=progress)
+
+
+class _Artifacts:
+    """Rank 0's outputs under ``train.out``: grids, metrics.jsonl, inference.pt."""
+
+    def __init__(self, run: TrainingRun, dataset: ImageDataset, storage: Storage, out: str, metric_name: str | None):
+        self.run, self.storage, self.out, self.metric_name = run, storage, out, metric_name
+        rows, cols = SAMPLE_GRID
+        gen = torch.Generator().manual_seed(run.config.train.seed)
+        self.z = torch.randn(rows * cols, run.G.z_dim, generator=gen).to(run.device)
+        n_eval = min(RECON_EVAL_IMAGES, len(dataset))
+        self.real = torch.stack([dataset[i][0] for i in range(n_eval)]) if run.joint else None
+        self.pending: list[dict[str, Any]] = []
+
+    def eval_metrics(self) -> dict[str, float]:
+        if not self.run.joint:
+            return {}
+        return {"eval/recon_lpips": self.run.recon_lpips(self.run.to_images(self.real))}
+
+    def write(self, metrics: dict[str, Any]) -> str:
+        run, storage, out = self.run, self.storage, self.out
+        name = artifact_name(run.kimg)
+        grid = image_grid(to_uint8(run.samples(self.z)), ncols=SAMPLE_GRID[1])
+        storage.write_bytes(join(out, "samples", name), encode_png(grid))
+        if run.joint:
+            real = run.to_images(self.real[:RECON_GRID_COLUMNS])
+            pair = torch.cat([real, run.reconstruct(real)])
+            storage.write_bytes(join(out, "recon", name), encode_png(image_grid(to_uint8(pair), ncols=real.shape[0])))
+        self._flush_metrics()
+        meta = {"stage": run.config.train.stage, "step": run.step_count, "kimg": run.kimg, "metric": self.metric_name}
+        uri = join(out, "inference.pt")
+        export_inference(run.G_ema, run.E, run.config.model, meta, uri, storage)
+        return uri
+
+    def _flush_metrics(self) -> None:
+        """Append the pending lines. Lines at or after the first pending step are dropped first: they
+        come from an attempt that died after an unregistered checkpoint and are being replayed."""
+        if not self.pending:
+            return
+        uri = join(self.out, "metrics.jsonl")
+        first = self.pending[0]["step"]
+        lines = []
+        if self.storage.exists(uri):
+            lines = [l for l in self.storage.read_text(uri).splitlines() if l.strip() and json.loads(l)["step"] < first]
+        lines += [json.dumps(m) for m in self.pending]
+        self.storage.write_text(uri, "\n".join(lines) + "\n")
+        self.pending = []
+
+
+def _format_log(metrics: dict[str, Any]) -> str:
+    losses = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
+    extra = f" eval_recon_lpips={metrics['eval/recon_lpips']:.4f}" if "eval/recon_lpips" in metrics else ""
+    return (
+        f"step {metrics['step']} kimg {metrics['kimg']:.3f} | {losses}{extra} | "
+        f"{metrics.get('images_per_s_per_worker', 0.0):.1f} img/s/worker"
+    )
+
+
+def _maybe_fail(config: SDSGConfig, storage: Storage, step: int, rank: int, world_size: int) -> None:
+    """Testing hook (train.fail_at_step): the last rank raises once, remembered by a marker file."""
+    target = config.train.fail_at_step
+    if target is None or step != target or rank != world_size - 1:
+        return
+    marker = join(config.train.out, f".injected-failure-step-{target}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, "failure injected once by train.fail_at_step\n")
+    raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+
+
+def run_loop(
+    config: SDSGConfig,
+    *,
+    device: torch.device | str = "cpu",
+    wrap: Wrap = _identity,
+    resume: dict[str, Any] | None = None,
+    report: Report | None = None,
+) -> dict[str, Any]:
+    """Train until ``train.kimg``; returns a summary (step, kimg, out, inference URI, last metrics).
+
+    ``report(metrics, make_state)`` is called on every rank at every log point (``make_state`` is
+    None except at checkpoints, where calling it returns ``TrainingRun.state_dict()``).
+    """
+    from sdsg_ray.pretrained import build_metric
+
+    tc = config.train
+    rank, world_size = _dist_world()
+    if tc.threads_per_worker:
+        torch.set_num_threads(tc.threads_per_worker)
+    storage = get_storage(config.storage)
+    dataset = load_dataset(config, storage, progress=rank == 0)
+    metric = build_metric(tc.metric, device=device) if tc.stage == "joint" else None
+    run = TrainingRun(config, device, wrap, world_size, metric=metric)
+    if resume is not None:
+        run.load_state_dict(resume)
+        log.info("resumed at step %d (kimg %.3f)", run.step_count, run.kimg)
+    artifacts = _Artifacts(run, dataset, storage, tc.out, getattr(metric, "name", None)) if rank == 0 else None
+    report = report or (lambda metrics, make_state: None)
+
+    total_steps, checkpoint_every = _step_schedule(config)
+    inference_uri = join(tc.out, "inference.pt")
+    last: dict[str, Any] = {}
+    if run.step_count == 0:  # the starting point, for before/after comparisons
+        last = {"step": 0, "kimg": 0.0, **(artifacts.eval_metrics() if artifacts else {})}
+        if artifacts:
+            artifacts.pending.append(last)
+            log.info(_format_log(last))
+        report(last, None)
+    if run.step_count >= total_steps:
+        return {"step": run.step_count, "kimg": run.kimg, "out": tc.out, "inference": inference_uri, "metrics": last}
+
+    sampler = StepBatchSampler(len(dataset), tc.batch_size, rank, world_size, tc.seed, run.step_count, total_steps - run.step_count)
+    loader = make_loader(dataset, sampler, tc.data_workers, pin_memory=run.device.type == "cuda")
+    window = _Window()
+    for real, skipped in loader:
+        _maybe_fail(config, storage, run.step_count, rank, world_size)
+        window.add(run.step(real), int(skipped.sum()))
+        done = run.step_count
+        checkpoint = done % checkpoint_every == 0 or done == total_steps
+        if not (checkpoint or done % tc.log_every == 0):
+            continue
+        elapsed = max(time.perf_counter() - window.started, 1e-9)
+        metrics: dict[str, Any] = {
+            "step": done,
+            "kimg": run.kimg,
+            "kimg_per_s": window.steps * tc.batch_size / 1000.0 / elapsed,
+            "images_per_s_per_worker": window.steps * run.local_batch / elapsed,
+            "data/skipped_images": window.skipped,
+            **{f"{k}": v for k, v in window.means().items()},
+        }
+        if world_size > 1:
+            checksums = [None] * world_size
+            torch.distributed.all_gather_object(checksums, run.param_checksum())
+            metrics["replica_checksums"] = checksums
+        if checkpoint and artifacts:
+            metrics.update(artifacts.eval_metrics())
+        if artifacts:
+            artifacts.pending.append(metrics)
+            log.info(_format_log(metrics))
+            if checkpoint:
+                artifacts.write(metrics)
+        report(metrics, run.state_dict if checkpoint else None)
+        last, window = metrics, _Window()
+    log.info("finished at step %d (kimg %.3f); inference bundle: %s", run.step_count, run.kimg, inference_uri)
+    return {"step": run.step_count, "kimg": run.kimg, "out": tc.out, "inference": inference_uri, "metrics": last}

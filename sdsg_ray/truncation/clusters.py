@@ -1,0 +1,145 @@
+"""Multi-modal truncation centers: KMeans on w = mapping(z) for many random z (Mokady et al. 2022, Sec. 4).
+
+The paper maps 60,000 z, clusters the w with scikit-learn KMeans (64 clusters, defaults except
+init='random') and truncates each new w toward its nearest center instead of toward the one global
+mean, so that low psi keeps the modes (breeds, poses, colours) instead of collapsing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from tqdm import tqdm
+
+from sdsg_ray.config import SDSGConfig
+from sdsg_ray.storage import Storage, get_storage, join
+
+log = logging.getLogger(__name__)
+
+CLUSTERS_FILE = "clusters.pt"
+FORMAT = "sdsg-clusters/1"
+
+
+@dataclass
+class ClusterSet:
+    """The fitted centers and where they came from (enough to refuse a mismatched generator)."""
+
+    centers: torch.Tensor  # [K, w_dim] float32
+    sizes: torch.Tensor  # [K] int64: how many of the n_latents mapped w fell in each cluster
+    seed: int
+    metric: str  # perceptual metric the Sampler assigns with (resolved name, never "auto")
+    checkpoint: str  # InferenceBundle.identity of the generator the w came from
+    config: dict = field(default_factory=dict)  # the ClusterConfig used
+    identity: str = ""  # sha256 of the file's bytes, first 16 hex chars (set on save/load)
+
+    def __post_init__(self) -> None:
+        assert self.centers.ndim == 2, f"centers must be [K, w_dim], got {tuple(self.centers.shape)}"
+        assert self.sizes.shape == (self.centers.shape[0],), "sizes must be [K]"
+
+    @property
+    def count(self) -> int:
+        return int(self.centers.shape[0])
+
+    def to_bytes(self) -> bytes:
+        payload = {
+            "format": FORMAT,
+            "centers": self.centers.detach().cpu().float().contiguous(),
+            "sizes": self.sizes.detach().cpu().long(),
+            "seed": int(self.seed),
+            "metric": self.metric,
+            "checkpoint": self.checkpoint,
+            "config": dict(self.config),
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        return buf.getvalue()
+
+
+def _identity(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def clusters_uri(uri: str) -> str:
+    """Accept either the clustering --out prefix or the clusters.pt itself."""
+    return uri if uri.endswith(".pt") else join(uri, CLUSTERS_FILE)
+
+
+def save_clusters(clusters: ClusterSet, uri: str, storage: Storage | None = None) -> str:
+    """Write ``<uri>/clusters.pt`` (or ``uri`` if it names a .pt); returns the file's URI."""
+    target = clusters_uri(uri)
+    data = clusters.to_bytes()
+    (storage or get_storage()).write_bytes(target, data)
+    clusters.identity = _identity(data)
+    return target
+
+
+def load_clusters(uri: str, storage: Storage | None = None) -> ClusterSet:
+    """Load a clusters.pt written by ``save_clusters`` (weights_only: no code runs on load)."""
+    target = clusters_uri(uri)
+    data = (storage or get_storage()).read_bytes(target)
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{target}: not a clusters file (expected format {FORMAT!r})")
+    return ClusterSet(
+        centers=payload["centers"].float(),
+        sizes=payload["sizes"].long(),
+        seed=int(payload["seed"]),
+        metric=str(payload["metric"]),
+        checkpoint=str(payload["checkpoint"]),
+        config=dict(payload["config"]),
+        identity=_identity(data),
+    )
+
+
+@torch.no_grad()
+def map_latents(mapping: torch.nn.Module, z_dim: int, n: int, seed: int, batch_size: int = 1024) -> torch.Tensor:
+    """w = mapping(z) for n z drawn from one generator seeded with ``seed``; returns [n, w_dim] on CPU."""
+    device = next(mapping.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    chunks = []
+    for start in tqdm(range(0, n, batch_size), desc="mapping z -> w", unit="batch"):
+        z = torch.randn(min(batch_size, n - start), z_dim, generator=gen)
+        chunks.append(mapping(z.to(device)).float().cpu())
+    w = torch.cat(chunks)
+    assert w.shape[0] == n, (w.shape, n)
+    return w
+
+
+def fit_centers(w: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's KMeans: init='random', scikit-learn defaults otherwise. Returns (centers [K, D], sizes [K])."""
+    kmeans = KMeans(n_clusters=clusters, init="random", random_state=seed)
+    labels = kmeans.fit_predict(w.numpy().astype(np.float64))
+    centers = torch.from_numpy(kmeans.cluster_centers_).float()
+    sizes = torch.from_numpy(np.bincount(labels, minlength=clusters)).long()
+    return centers, sizes
+
+
+def run_clustering(config: SDSGConfig, args=None) -> str:
+    """``sdsg cluster``: fit the centers for a checkpoint's G_ema and write ``<out>/clusters.pt``."""
+    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.pretrained import resolve_metric
+
+    cfg = config.cluster
+    storage = get_storage(config.storage)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bundle = load_inference(cfg.checkpoint, storage, device=device)
+    metric = resolve_metric(cfg.metric)
+    log.info("mapping %d latents of checkpoint %s (%s)", cfg.n_latents, cfg.checkpoint, bundle.identity)
+    w = map_latents(bundle.G_ema.mapping, bundle.G_ema.z_dim, cfg.n_latents, cfg.seed)
+    log.info("KMeans: %d clusters on %s", cfg.clusters, tuple(w.shape))
+    centers, sizes = fit_centers(w, cfg.clusters, cfg.seed)
+    result = ClusterSet(
+        centers=centers, sizes=sizes, seed=cfg.seed, metric=metric, checkpoint=bundle.identity,
+        config=cfg.model_dump(mode="json"),
+    )
+    target = save_clusters(result, cfg.out, storage)
+    log.info("wrote %s (identity %s); cluster sizes min %d max %d", target, result.identity,
+             int(sizes.min()), int(sizes.max()))
+    print(target)
+    return target

@@ -1,0 +1,182 @@
+"""The pipeline as a cluster job: stage URIs derived from one root, finished stages skipped, a failed run
+continued, and a real tiny pipeline submitted through the Ray Jobs API to a real head node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sdsg_ray.config import load_config
+from sdsg_ray.pipeline import Layout, Stage, plan, run_pipeline, run_stages
+from sdsg_ray.storage import get_storage, join
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import free_port, wait_for_port  # noqa: E402
+
+CALLS: list[str] = []
+
+
+def toy_stage(config, args=None) -> None:
+    """A stage that writes its output file, or fails when the config says so (pipeline.root names it)."""
+    out = config.evaluate.out
+    CALLS.append(out)
+    if out.endswith("fail"):
+        raise RuntimeError("boom")
+    get_storage().write_text(join(out, "done.txt"), "ok")
+
+
+def toy_stages(root: str, failing: str | None = None) -> list[Stage]:
+    stages = []
+    for name in ("a", "b", "c"):
+        out = join(root, name + ("-fail" if name == failing else ""))
+        config = load_config(None, {"evaluate.out": out})
+        stages.append(Stage(name, f"{__name__}:toy_stage", config, (join(out, "done.txt"),), "evaluate"))
+    return stages
+
+
+def test_stage_uris_derive_from_the_root_unless_set(tmp_path):
+    config = load_config(None, {"pipeline.root": "s3://bucket/run", "train.data": "s3://bucket/raw/",
+                                "score.out": "s3://other/scores"})
+    stages = {s.name: s for s in plan(config)}
+    assert list(stages) == ["stage1", "score", "select", "stage2", "random_subset", "stage2_random", "stage2_raw",
+                            "cluster", "evaluate"]
+    assert stages["stage1"].config.train.stage == "joint"
+    assert stages["stage1"].config.train.out == "s3://bucket/run/stage1"
+    assert stages["score"].config.score.out == "s3://other/scores"  # explicit: kept
+    assert stages["score"].config.score.checkpoint == "s3://bucket/run/stage1"
+    assert stages["select"].config.select.scores == "s3://other/scores"
+    stage2 = stages["stage2"].config.train
+    assert (stage2.stage, stage2.data) == ("generator", "s3://bucket/run/selection/kept.parquet")
+    assert stages["stage2_raw"].config.train.data == "s3://bucket/raw/"
+    assert stages["stage2_random"].config.train.data == "s3://bucket/run/baselines/random-subset.parquet"
+    ev = stages["evaluate"].config.evaluate
+    assert [m.name for m in ev.models] == ["filtered", "random", "raw"]
+    assert ev.clusters == stages["cluster"].config.cluster.out == "s3://bucket/run/clusters"
+    assert ev.labels is None  # real data has no planted labels
+
+    tiny = load_config(None, {"pipeline.root": str(tmp_path), "pipeline.baselines": False,
+                              "pipeline.make_dataset": True, "pipeline.stage2_kimg": 0.5})
+    names = [s.name for s in plan(tiny)]
+    assert names == ["dataset", "stage1", "score", "select", "stage2", "cluster", "evaluate"]
+    lay = Layout.from_config(tiny)
+    data = join(str(tmp_path), "data")
+    assert (lay.raw, lay.labels) == (join(data, "images"), join(data, "labels.csv"))
+    assert {s.name: s for s in plan(tiny)}["stage2"].config.train.kimg == 0.5
+
+
+def test_a_failed_pipeline_continues_where_it_stopped(tmp_path):
+    storage = get_storage()
+    root = str(tmp_path)
+    CALLS.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        run_stages(toy_stages(root, failing="b"), root, storage)
+    assert [Path(c).name for c in CALLS] == ["a", "b-fail"]  # c never ran
+    CALLS.clear()
+    results = run_stages(toy_stages(root), root, storage)
+    assert [(r.name, r.status) for r in results] == [("a", "skipped"), ("b", "ran"), ("c", "ran")]
+    assert [Path(c).name for c in CALLS] == ["b", "c"]
+    # A stage whose output disappeared runs again even though its marker exists.
+    storage.delete(join(root, "c", "done.txt"))
+    CALLS.clear()
+    results = run_stages(toy_stages(root), root, storage)
+    assert [r.status for r in results] == ["skipped", "skipped", "ran"] and len(CALLS) == 1
+
+
+TINY = {
+    "model": {"resolution": 16, "z_dim": 16, "w_dim": 16, "mapping_layers": 1, "channel_base": 256,
+              "channel_max": 16},
+    "dataset": {"n": 48, "resolution": 16, "outlier_fraction": 0.25},
+    "train": {"batch_size": 8, "kimg": 0.032, "checkpoint_every_kimg": 0.032, "log_every": 2,
+              "cpus_per_worker": 1},
+    "score": {"batch_size": 16, "actors": 1, "manifest_shard_size": 32},
+    "select": {"min_size": 16, "target_threshold": 0.05, "threshold_step": 0.1},
+    "cluster": {"n_latents": 64, "clusters": 4},
+    "evaluate": {"num_samples": 24, "psis": [0.5, 1.0], "grid_seeds": 4, "batch_size": 24},
+    "pipeline": {"baselines": False, "make_dataset": True, "stage2_kimg": 0.032},
+}
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real head node in its own process tree (`ray start --block`), stopped by terminating that tree
+    (never `ray stop`, which would also stop the session cluster and other users' clusters)."""
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "ray-head.log", "w")
+    proc = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=0",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for_port(dashboard_port, timeout_s=90)
+        yield f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def wait_for_job(client, job_id: str, timeout_s: float) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            return status
+        time.sleep(2)
+    client.stop_job(job_id)
+    return "TIMEOUT"
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_as_a_ray_job(ray_head, tmp_path):
+    import yaml
+    from ray.job_submission import JobSubmissionClient
+
+    root = tmp_path / "run"
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump({**TINY, "pipeline": {**TINY["pipeline"], "root": str(root)}}))
+    client = JobSubmissionClient(ray_head)
+    job_id = client.submit_job(
+        entrypoint=f"{sys.executable} -m jobs.pipeline --config {config_path}",
+        runtime_env={
+            "working_dir": str(REPO),
+            "excludes": [".git", "runs", "sdsg-demo", "*.pt", "*.parquet", "__pycache__", ".pytest_cache"],
+            "env_vars": {"OMP_NUM_THREADS": "1"},
+        },
+    )
+    status = wait_for_job(client, job_id, timeout_s=420)  # ~2 min on an idle 2-core machine
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+
+    summary = json.loads((root / "pipeline.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["dataset", "stage1", "score", "select", "stage2", "cluster",
+                                                      "evaluate"]
+    assert all(s["status"] == "ran" for s in summary["stages"])
+    for rel in ("data/labels.csv", "stage1/inference.pt", "scores/summary.json", "selection/kept.parquet",
+                "stage2/inference.pt", "clusters/clusters.pt", "eval/results.json", "eval/fid_vs_psi.png",
+                "eval/truncation_grid.png"):
+        assert (root / rel).is_file(), rel
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert [m["model"] for m in results["models"]] == ["filtered"]
+    assert set(results["truncation"]) >= {"mean", "multimodal", "psis"}
+    assert "outliers" in results
+
+    # Submitting the same pipeline again finds every stage finished (no Ray work at all: in-process).
+    again = run_pipeline(load_config(config_path))
+    assert all(r.status == "skipped" for r in again)

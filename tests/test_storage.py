@@ -1,0 +1,189 @@
+"""Storage against a real local directory and a real S3 server (moto, its own process), same cases."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.fs
+import pytest
+from conftest import free_port, wait_for_port
+
+from sdsg_ray.config import StorageConfig
+from sdsg_ray.storage import ObjectNotFound, Storage, StorageError, join, normalize
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    """A fresh empty prefix: a temp directory, or a fresh bucket on the moto server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return join(request.getfixturevalue("s3_bucket"), "store")
+
+
+@pytest.fixture
+def storage() -> Storage:
+    return Storage()
+
+
+def test_roundtrip_exists_delete(root, storage):
+    uri = join(root, "a", "b.bin")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"\x00payload")
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == b"\x00payload"
+    storage.write_text(join(root, "t.txt"), "héllo")
+    assert storage.read_text(join(root, "t.txt")) == "héllo"
+    storage.delete(uri)
+    assert not storage.exists(uri)
+    storage.delete(uri)  # deleting a missing object is fine
+
+
+def test_missing_key_is_object_not_found(root, storage):
+    uri = join(root, "nope.jpg")
+    with pytest.raises(ObjectNotFound, match="nope.jpg"):
+        storage.read_bytes(uri)
+    with pytest.raises(FileNotFoundError):  # callers may catch the builtin too
+        storage.read_bytes(uri)
+
+
+def test_listing_paginates_sorted_and_filters(root, storage):
+    """1203 keys: more than one S3 page (1000), mixed suffixes and nesting; sorted full URIs."""
+    names = [f"img/{i // 100:02d}/{i:05d}.{'jpg' if i % 3 else 'PNG'}" for i in range(1200)]
+    names += ["img/readme.txt", "img.jpg", "img/00.jpg"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: storage.write_bytes(join(root, n), b"x"), names))
+    listed = list(storage.list(join(root, "img")))
+    expected = sorted(normalize(join(root, n)) for n in names if n.startswith("img/"))
+    assert listed == expected
+    assert len(listed) == 1202
+    images = list(storage.list(root, suffixes=(".jpg", ".png")))
+    assert len(images) == 1202  # case-insensitive suffix; readme.txt dropped; img.jpg included
+    assert normalize(join(root, "img.jpg")) in images
+    assert list(storage.list(join(root, "does-not-exist"))) == []
+
+
+def test_failed_write_leaves_nothing_and_keeps_old(root, storage, tmp_path):
+    uri = join(root, "dir", "obj.bin")
+    with pytest.raises(RuntimeError, match="writer died"):
+        with storage.open_write(uri) as f:
+            f.write(b"half of it")
+            raise RuntimeError("writer died")
+    assert not storage.exists(uri)
+    assert list(storage.list(root)) == []
+    storage.write_bytes(uri, b"old")
+    with pytest.raises(RuntimeError):
+        with storage.open_write(uri) as f:
+            f.write(b"new but unfinished")
+            raise RuntimeError("writer died")
+    assert storage.read_bytes(uri) == b"old"
+    if not root.startswith("s3://"):
+        assert os.listdir(os.path.dirname(normalize(uri))) == ["obj.bin"]  # no temp file left
+
+
+def test_arrow_filesystem_lists_same_keys(root, storage):
+    for name in ("x/1.png", "x/2.jpg", "x/sub/3.png"):
+        storage.write_bytes(join(root, name), name.encode())
+    fs, path = storage.arrow_filesystem(join(root, "x"))
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    arrow_files = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.File)
+    ours = list(storage.list(join(root, "x")))
+    prefix = "s3://" if root.startswith("s3://") else ""
+    assert [prefix + p for p in arrow_files] == ours
+    with fs.open_input_stream(f"{path}/sub/3.png") as f:
+        assert f.read() == b"x/sub/3.png"
+
+
+def test_storage_pickles_and_works_after(root, storage):
+    storage.write_bytes(join(root, "p.bin"), b"1")
+    _ = storage.client  # build the client, then make sure pickling drops it
+    clone = pickle.loads(pickle.dumps(storage))
+    assert clone._client is None
+    assert clone.read_bytes(join(root, "p.bin")) == b"1"
+
+
+def test_missing_bucket_is_storage_error(s3_endpoint, storage):
+    uri = "s3://no-such-bucket-sdsg/x.jpg"
+    with pytest.raises(StorageError, match="no-such-bucket-sdsg") as info:
+        storage.read_bytes(uri)
+    assert not isinstance(info.value, ObjectNotFound)
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.exists(uri)
+    with pytest.raises(StorageError, match="no-such-bucket-sdsg"):
+        list(storage.list("s3://no-such-bucket-sdsg/prefix"))
+
+
+def test_wrong_credentials_is_storage_error_without_secret(monkeypatch):
+    """moto with IAM auth enforced: an unknown access key is rejected as on AWS (InvalidAccessKeyId)."""
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+        storage = Storage(StorageConfig(endpoint_url=f"http://127.0.0.1:{port}"))
+        for call in (lambda: storage.read_bytes("s3://bkt/k.jpg"), lambda: storage.write_bytes("s3://bkt/k", b"1")):
+            with pytest.raises(StorageError, match=r"s3://bkt/k.*access denied") as info:
+                call()
+            assert "very-secret-value" not in str(info.value)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_endpoint_precedence(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:9000")
+    assert Storage().endpoint_url == "http://env:9000"
+    assert Storage(StorageConfig(endpoint_url="http://cfg:9000")).endpoint_url == "http://cfg:9000"
+    fs, path = Storage(StorageConfig(endpoint_url="http://cfg:9000")).arrow_filesystem("s3://b/k/")
+    assert isinstance(fs, pyarrow.fs.S3FileSystem) and path == "b/k"
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert Storage().endpoint_url is None
+
+
+def test_uri_helpers(tmp_path):
+    assert join("s3://b", "x/", "/y.jpg") == "s3://b/x/y.jpg"
+    assert join("s3://b/p/", "q") == "s3://b/p/q"
+    assert normalize(f"file://{tmp_path}/a") == f"{tmp_path}/a"
+    assert normalize("s3://b/k") == "s3://b/k"
+    with pytest.raises(StorageError, match="gs://"):
+        normalize("gs://b/k")
+
+
+# ----- manifests (same local/S3 parametrisation) -------------------------------------------------
+def test_manifest_roundtrip_and_resolve(root, storage):
+    from sdsg_ray.manifest import (
+        is_manifest, read_manifest, read_manifest_table, resolve_images, write_manifest, write_manifest_shards,
+    )
+
+    images = [join(root, "imgs", f"{i:03d}.{'jpg' if i % 2 else 'png'}") for i in range(25)]
+    for uri in images:
+        storage.write_bytes(uri, b"x")
+    storage.write_bytes(join(root, "imgs", "notes.txt"), b"x")
+    expected = [normalize(u) for u in images]
+    assert resolve_images(join(root, "imgs"), storage) == sorted(expected)  # listing: images only
+
+    single = join(root, "m.parquet")
+    write_manifest(images, single, storage, score=[float(i) for i in range(25)])
+    assert is_manifest(single, storage) and read_manifest(single, storage) == expected
+    assert read_manifest_table(single, storage).column("score").to_pylist()[3] == 3.0
+
+    shards = write_manifest_shards(iter(images), join(root, "man"), storage, shard_size=10)
+    assert [s.rsplit("/", 1)[1] for s in shards] == [f"manifest-0000{i}.parquet" for i in range(3)]
+    assert is_manifest(join(root, "man"), storage) and not is_manifest(join(root, "imgs"), storage)
+    assert resolve_images(join(root, "man"), storage) == expected  # manifest order kept
+
+    with pytest.raises(ObjectNotFound, match="no images"):
+        resolve_images(join(root, "empty"), storage)
+    storage.write_bytes(join(root, "bad.parquet"), b"not parquet")
+    with pytest.raises(StorageError, match="bad.parquet"):
+        read_manifest(join(root, "bad.parquet"), storage)
+    with pytest.raises(ValueError, match="score"):
+        write_manifest(images, single, storage, score=[1.0])
