@@ -45,8 +45,8 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_step(G, D, z_dim: int, batch: int, device: str, call_G: Callable, call_D: Callable, memory_format) -> Callable[[torch.Tensor], None]:
-    reals = torch.randn(batch, 3, G.img_res, G.img_res, device=device).contiguous(memory_format=memory_format)
+def make_step(G, D, batch: int, resolution: int, device: str, call_G: Callable, call_D: Callable, memory_format) -> Callable[[torch.Tensor], None]:
+    reals = torch.randn(batch, 3, resolution, resolution, device=device).contiguous(memory_format=memory_format)
 
     def step(z: torch.Tensor) -> None:
         G.zero_grad(set_to_none=True)
@@ -74,12 +74,10 @@ def main() -> None:
     D = Discriminator(res, args.channel_base, args.channel_max).to(device).train()
     G, D = G.to(memory_format=memory_format), D.to(memory_format=memory_format)
     G_call, D_call = (torch.compile(G), torch.compile(D)) if args.compile else (G, D)
-    G.img_res = res
 
     common = dict(channel_base=args.channel_base, channel_max=args.channel_max, num_fp16_res=0, conv_clamp=None)
     G_ref = ref_networks.Generator(args.z_dim, 0, args.w_dim, res, 3, mapping_kwargs=dict(num_layers=args.mapping_layers), synthesis_kwargs=common).to(device).train()
     D_ref = ref_networks.Discriminator(0, res, 3, architecture="resnet", **common).to(device).train()
-    G_ref.img_res = res
     empty_c = torch.zeros(args.batch, 0, device=device)
 
     n_ours = sum(p.numel() for m in (G, D) for p in m.parameters())
@@ -87,8 +85,8 @@ def main() -> None:
     print(f"parameters: ours {n_ours:,}  reference {n_ref:,}")
 
     steps = {
-        "ours": make_step(G, D, args.z_dim, args.batch, device, G_call, D_call, memory_format),
-        "reference": make_step(G_ref, D_ref, args.z_dim, args.batch, device, lambda z: G_ref(z, empty_c), lambda x: D_ref(x, empty_c), torch.contiguous_format),
+        "ours": make_step(G, D, args.batch, res, device, G_call, D_call, memory_format),
+        "reference": make_step(G_ref, D_ref, args.batch, res, device, lambda z: G_ref(z, empty_c), lambda x: D_ref(x, empty_c), torch.contiguous_format),
     }
     times: dict[str, list[float]] = {name: [] for name in steps}
     cpu_times: dict[str, list[float]] = {name: [] for name in steps}  # process CPU s: less sensitive to a shared host

@@ -5,7 +5,9 @@
 One step = G main + D main + the amortised lazy regularisers (path length every 4, R1 every 16) + E's terms
 (stage joint). Images/s is the median over report windows (``log_every`` steps, the first window dropped
 as warm-up), summed over workers. Scaling efficiency = 2-worker throughput / 1-worker throughput (same 2
-cores). Also prints the per-step time of each config so the demo can budget its kimg.
+cores). Also prints the per-step time of each config so the demo can budget its kimg, and the CPU
+seconds per step of the in-process loop on one thread (``time.process_time``), which shared or
+oversubscribed machines distort much less than wall time.
 """
 
 from __future__ import annotations
@@ -49,6 +51,29 @@ def measure(data: str, out: str, args: argparse.Namespace, stage: str, workers: 
     }
 
 
+def cpu_seconds_per_step(args: argparse.Namespace, stage: str, steps: int = 16) -> float:
+    """Median CPU time of one TrainingRun.step on one thread (no Ray, no data loading)."""
+    import torch
+
+    from sdsg_ray.pretrained import build_metric
+    from sdsg_ray.training.loop import TrainingRun
+
+    torch.set_num_threads(1)
+    config = load_config(None, {
+        "model.resolution": args.resolution, "model.channel_max": args.channel_max, "train.stage": stage,
+        "train.metric": args.metric, "train.batch_size": args.batch,
+    })
+    run = TrainingRun(config, metric=build_metric(args.metric) if stage == "joint" else None)
+    real = torch.randint(0, 256, (args.batch, args.resolution, args.resolution, 3), dtype=torch.uint8)
+    run.step(real)  # warm-up (allocations, first regularisation step)
+    times = []
+    for _ in range(steps):  # steps 1..16: four path-length and one R1 step, amortised as in training
+        start = time.process_time()
+        run.step(real)
+        times.append(time.process_time() - start)
+    return statistics.mean(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -59,6 +84,7 @@ def main() -> None:
     parser.add_argument("--metric", default="stlpips-alex")
     args = parser.parse_args()
 
+    cpu = {stage: cpu_seconds_per_step(args, stage) for stage in ("joint", "generator")}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         make_dataset(join(tmp, "data"), args.images, args.resolution, 0.1, 0, get_storage())
@@ -78,6 +104,8 @@ def main() -> None:
         print(f"{r['stage']:10s} {r['workers']:>9d} x {r['threads']:<6d} {r['images_per_s']:9.1f} {r['step_s']:7.3f} {r['wall_s']:7.1f}")
     one, two = results[0]["images_per_s"], results[1]["images_per_s"]
     print(f"scaling efficiency (2 workers x 1 thread / 1 worker x 2 threads, joint): {two / one:.2f}")
+    for stage, seconds in cpu.items():
+        print(f"in-process {stage}, 1 thread: {seconds:.3f} CPU-s/step ({args.batch / seconds:.1f} images per CPU-second)")
     ray.shutdown()
 
 

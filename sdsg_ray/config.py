@@ -67,7 +67,7 @@ class TrainConfig(Section):
     """Stage-1 (joint G+E) and stage-2 (generator only) training."""
 
     stage: Literal["joint", "generator"] = "joint"
-    data: str = Field("data/raw", description="Image prefix URI or a manifest (.parquet) of image URIs.")
+    data: str = Field("data/raw/images", description="Image prefix URI or a manifest (.parquet) of image URIs.")
     out: str = Field("runs/stage1", description="Checkpoints, sample grids and inference.pt go here.")
     workers: int = Field(1, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0.0, description="0 trains on CPU with gloo.")
@@ -104,7 +104,7 @@ class TrainConfig(Section):
 class ScoreConfig(Section):
     """Self-filtering step 1: d(x) = LPIPS(x, G(E(x))) for every image, with Ray Data."""
 
-    data: str = Field("data/raw", description="Image prefix URI or a manifest (.parquet).")
+    data: str = Field("data/raw/images", description="Image prefix URI or a manifest (.parquet).")
     checkpoint: str = Field("runs/stage1", description="Training --out directory or an inference.pt.")
     out: str = "runs/scores"
     metric: MetricName = "auto"
@@ -213,7 +213,7 @@ class EvaluateConfig(Section):
     max_real: int | None = Field(None, gt=0, description="Cap on real images per reference set (None: all).")
     psis: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9, 1.0])
     seed: int = 0
-    data: str = Field("data/raw", description="The raw set X: every model's FID is also measured against it.")
+    data: str = Field("data/raw/images", description="The raw set X: every model's FID is also measured against it.")
     checkpoint: str = Field("runs/stage2", description="Model for FID-vs-psi (Fig. 7) and the sample grids (Fig. 4).")
     clusters: str = Field("runs/clusters", description="clustering --out of that model (multi-modal truncation).")
     models: list[EvalModel] = Field(

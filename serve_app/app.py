@@ -318,13 +318,16 @@ def autoscaling_config(s: ServeConfig) -> dict[str, Any]:
     return config
 
 
-def build_app(config: SDSGConfig) -> Application:
-    """The application graph for a config; constructing it touches no storage (that happens in replicas)."""
+def build_app(config: SDSGConfig, forward_env: bool = False) -> Application:
+    """The application graph for a config; constructing it touches no storage (that happens in replicas).
+
+    ``forward_env`` passes this process's storage endpoint/credentials to the replicas (local runs only:
+    a deploy config must never carry credentials; clusters provide their own)."""
     from sdsg_ray.ray_utils import worker_env
 
     s = config.serve
     actor_options: dict[str, Any] = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
-    env = worker_env(config.storage)
+    env = worker_env(config.storage) if forward_env else {}
     if env:
         actor_options["runtime_env"] = {"env_vars": env}
     sampler = SamplerDeployment.options(
@@ -395,7 +398,7 @@ def start_app(config: SDSGConfig) -> str:
     ensure_ray(config.storage)
     s = config.serve
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_app(config), name=APP_NAME, route_prefix=s.route_prefix)
+    serve.run(build_app(config, forward_env=True), name=APP_NAME, route_prefix=s.route_prefix)
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     return f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}"
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,40 +97,70 @@ TINY = {
               "channel_max": 16},
     "dataset": {"n": 48, "resolution": 16, "outlier_fraction": 0.25},
     "train": {"batch_size": 8, "kimg": 0.032, "checkpoint_every_kimg": 0.032, "log_every": 2,
-              "cpus_per_worker": 1},
-    "score": {"batch_size": 16, "actors": 1, "manifest_shard_size": 32},
+              "cpus_per_worker": 1, "metric": "stlpips-alex"},
+    "score": {"batch_size": 16, "actors": 1, "manifest_shard_size": 32, "metric": "stlpips-alex"},
     "select": {"min_size": 16, "target_threshold": 0.05, "threshold_step": 0.1},
-    "cluster": {"n_latents": 64, "clusters": 4},
+    "cluster": {"n_latents": 64, "clusters": 4, "metric": "stlpips-alex"},
     "evaluate": {"num_samples": 24, "psis": [0.5, 1.0], "grid_seeds": 4, "batch_size": 24},
     "pipeline": {"baselines": False, "make_dataset": True, "stage2_kimg": 0.032},
 }
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real head node in its own process tree (`ray start --block`), stopped by terminating that tree
-    (never `ray stop`, which would also stop the session cluster and other users' clusters)."""
-    gcs_port, dashboard_port = free_port(), free_port()
+def start_head(log_path: Path, temp_dir: str) -> tuple[subprocess.Popen, int]:
+    """`ray start --head --block` with every port explicit: the defaults of the client server (10001) and
+    the dashboard agent (52365) are fixed numbers another Ray on the machine may hold, and with --block
+    one failed process stops them all. Returns (process, dashboard port) once the runtime is up."""
+    gcs_port, dashboard_port, client_port, agent_port = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path / "ray-head.log", "w")
-    proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=0",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            ["ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=0",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+             f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "Ray runtime started" in log_path.read_text():
+            wait_for_port(dashboard_port, timeout_s=60)
+            return proc, dashboard_port
+        time.sleep(1)
+    stop_head(proc)
+    raise RuntimeError(f"ray start failed:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    proc.terminate()
     try:
-        wait_for_port(dashboard_port, timeout_s=90)
-        yield f"http://127.0.0.1:{dashboard_port}"
-    finally:
-        proc.terminate()
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: only this head's processes
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real head node in its own process tree, stopped by terminating that tree.
+
+    Never `ray stop`: it would also stop the session cluster and anyone else's. Its own --temp-dir keeps
+    `ray start` from recording it as the machine's "current cluster", which a plain `ray.init()` elsewhere
+    would join (and, once it is gone, fail to reach). The directory is short: Ray's socket paths must fit.
+    Ray gives a starting node a fixed 30 s to register; on a loaded machine that can fail, so one retry.
+    """
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    try:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+            proc, dashboard_port = start_head(tmp_path / "ray-head.log", temp_dir)
+        except RuntimeError:
+            proc, dashboard_port = start_head(tmp_path / "ray-head-retry.log", temp_dir)
+        try:
+            yield f"http://127.0.0.1:{dashboard_port}"
+        finally:
+            stop_head(proc)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def wait_for_job(client, job_id: str, timeout_s: float) -> str:
@@ -160,7 +193,7 @@ def test_tiny_pipeline_runs_as_a_ray_job(ray_head, tmp_path):
             "env_vars": {"OMP_NUM_THREADS": "1"},
         },
     )
-    status = wait_for_job(client, job_id, timeout_s=420)  # ~2 min on an idle 2-core machine
+    status = wait_for_job(client, job_id, timeout_s=600)  # ~2 min on an idle 2-core machine
     logs = client.get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
 

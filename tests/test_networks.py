@@ -19,6 +19,7 @@ from sdsg_ray.models.networks import (
     Conv2dLayer,
     FullyConnectedLayer,
     MinibatchStdLayer,
+    conv2d_up2,
     fir_filter,
     modulated_conv2d,
     upfirdn2d,
@@ -178,6 +179,14 @@ def test_upfirdn2d_hand_checkable():
     down = upfirdn2d(ones, f, down=2, padding=(1, 1))
     assert down.shape == (1, 1, 4, 4)
     assert torch.allclose(down[..., 1:-1, 1:-1], torch.ones(1))
+
+
+def test_upsampling_conv_is_upsample_then_conv():
+    """With an identity 3x3 kernel (centre tap only) the transposed-conv path equals plain FIR upsampling."""
+    x = torch.randn(2, 3, 8, 8)
+    identity = torch.zeros(3, 3, 3, 3)
+    identity[range(3), range(3), 1, 1] = 1.0
+    torch.testing.assert_close(conv2d_up2(x, identity, fir_filter()), upsample2d(x, fir_filter()), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -202,7 +202,7 @@ def test_select_from_s3_scores(ray_cluster, corpus, reference) -> None:
     out = join(corpus["bucket"], "selection")
     config = load_config(
         None,
-        {"select.scores": reference["out"], "select.out": out, "select.min_size": 20, "select.threshold_step": 0.002},
+        {"select.scores": reference["out"], "select.out": out, "select.min_size": 20, "select.threshold_step": 0.05},
     )
     report = run_selection(config)
     storage = get_storage()

@@ -19,7 +19,7 @@ import torch
 
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.ray_utils import ensure_ray, worker_env
-from sdsg_ray.storage import get_storage, is_s3, join, normalize
+from sdsg_ray.storage import get_storage, is_s3, join, normalize, split_s3
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = SDSGConfig.model_validate(loop_config["config"])
+    torch.set_num_threads(config.train.threads_per_worker or config.train.cpus_per_worker)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
 
@@ -72,6 +73,24 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return run_loop(config, device=device, wrap=wrap, resume=resume, report=report)
 
 
+def _run_filesystem(config: SDSGConfig) -> tuple["pyarrow.fs.FileSystem | None", str]:
+    """(filesystem, path) for Ray Train's ``storage_path``: None and an absolute path locally; for S3,
+    s3fs behind pyarrow's fsspec bridge with the configured endpoint. pyarrow's native S3 client sends
+    every upload as a multipart upload, which S3-compatible stores such as moto reject for small files
+    (the run's storage marker)."""
+    import pyarrow.fs
+    import s3fs
+
+    out = config.train.out
+    if not is_s3(out):
+        return None, normalize(out)
+    storage = get_storage(config.storage)
+    bucket, key = split_s3(out)
+    client_kwargs = {"region_name": storage.region} if storage.region else {}
+    s3 = s3fs.S3FileSystem(endpoint_url=storage.endpoint_url, client_kwargs=client_kwargs)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(s3)), f"{bucket}/{key}".rstrip("/")
+
+
 def build_trainer(config: SDSGConfig):
     """The TorchTrainer for ``config`` (exposed so tests and tools can inspect it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -82,10 +101,8 @@ def build_trainer(config: SDSGConfig):
     resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = tc.gpus_per_worker
-    filesystem, storage_path = get_storage(config.storage).arrow_filesystem(tc.out)
+    filesystem, storage_path = _run_filesystem(config)
     env = worker_env(config.storage)
-    if tc.threads_per_worker:
-        env["OMP_NUM_THREADS"] = str(tc.threads_per_worker)
     return TorchTrainer(
         _train_worker,
         train_loop_config={"config": config.model_dump(mode="json")},
@@ -94,7 +111,7 @@ def build_trainer(config: SDSGConfig):
         run_config=RunConfig(
             name=RUN_NAME,
             storage_path=storage_path,
-            storage_filesystem=filesystem if is_s3(tc.out) else None,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             worker_runtime_env={"env_vars": env} if env else None,
@@ -117,7 +134,9 @@ def run_training(config: SDSGConfig, args=None) -> dict[str, Any]:
     summary = dict(result.return_value or {})
     summary.setdefault("out", tc.out)
     summary.setdefault("inference", join(tc.out, "inference.pt"))
-    summary["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+    # As a URI of the project's storage (Ray gives a path inside its filesystem, no s3:// scheme).
+    checkpoint = result.checkpoint
+    summary["checkpoint"] = join(tc.out, RUN_NAME, Path(checkpoint.path).name) if checkpoint is not None else None
     print(f"training finished at step {summary.get('step')} (kimg {summary.get('kimg', 0):.3f}); "
           f"inference bundle: {summary['inference']}", flush=True)
     return summary

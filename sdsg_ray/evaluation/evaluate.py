@@ -196,7 +196,7 @@ def truncation_grid(sampler, seeds: Sequence[int], psi: float) -> tuple[np.ndarr
     modes = ["none", "mean"] + (["multimodal"] if sampler.assigner is not None else [])
     rows = [sampler.sample(seeds, psi=psi, mode=mode) for mode in modes]
     grid = image_grid(np.concatenate(rows), ncols=len(seeds), pad=2)
-    return grid, [f"{m}" if m == "none" else f"{m}, ψ={psi}" for m in modes]
+    return grid, [m if m == "none" else f"{m}, ψ={psi}" for m in modes]
 
 
 def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: Storage) -> dict:

@@ -7,7 +7,6 @@ actor pool instantiates once per actor, so G, E and the metric load once and ser
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import torch
@@ -16,7 +15,6 @@ from torch import Tensor
 from sdsg_ray.config import StorageConfig
 from sdsg_ray.imaging import to_tensor
 
-log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:

@@ -8,7 +8,6 @@ complete and a crashed run resumes by skipping the shards already on storage.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -17,7 +16,6 @@ import pyarrow.parquet as pq
 
 from sdsg_ray.storage import ObjectNotFound, Storage, join
 
-log = logging.getLogger(__name__)
 
 SCORES_DIR = "scores"
 SUMMARY_FILE = "summary.json"

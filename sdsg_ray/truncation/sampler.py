@@ -5,9 +5,10 @@ Truncation (w_t = psi * w + (1 - psi) * target):
   mean        target = w_avg, the global mean (StyleGAN's truncation trick)
   multimodal  target = the center nearest to w (paper: by LPIPS between G(w) and G(c)), or a forced one
 
-Reproducibility: each sample's z comes from its own torch.Generator seeded with its seed, and the
-noise is constant, so an image depends only on (seed, psi, mode, cluster) and the weights, never on
-which other samples shared its batch.
+Reproducibility: each sample's z comes from its own torch.Generator seeded with its seed, the noise
+is constant, and every forward pass (mapping, assignment, synthesis) runs at the fixed batch size,
+padded, so an image depends only on (seed, psi, mode, cluster), the weights and the batch size,
+never on which other samples shared its batch (kernels reduce in a different order per batch shape).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import numpy as np
 import torch
 
 from sdsg_ray.imaging import encode_png, image_grid, to_uint8
-from sdsg_ray.models.networks import truncate
-from sdsg_ray.truncation.assign import AssignBy, build_assigner, render
+from sdsg_ray.truncation.assign import AssignBy, build_assigner, pad_rows, render
 from sdsg_ray.truncation.clusters import ClusterSet
 
 Mode = Literal["none", "mean", "multimodal"]
@@ -69,7 +69,7 @@ class Sampler:
                     "run `sdsg cluster` for this checkpoint"
                 )
             self.centers = clusters.centers.to(self.device).float()
-            self.assigner = build_assigner(assign_by, self.G.synthesis, self.centers, metric)
+            self.assigner = build_assigner(assign_by, self.G.synthesis, self.centers, metric, batch_size)
 
     @property
     def resolution(self) -> int:
@@ -97,13 +97,15 @@ class Sampler:
 
     @torch.no_grad()
     def latents(self, seeds: Sequence[int]) -> torch.Tensor:
-        """Untruncated w [B, w_dim] for the seeds."""
-        z = torch.stack([seed_latent(int(s), self.G.z_dim) for s in seeds]).to(self.device)
-        return self.G.mapping(z).float()
+        """Untruncated w [B, w_dim] for the seeds, mapped in fixed-size padded batches."""
+        z = torch.stack([seed_latent(int(s), self.G.z_dim) for s in seeds])
+        out = [self.G.mapping(pad_rows(c, self.batch_size).to(self.device)).float()[:len(c)]
+               for c in z.split(self.batch_size)]
+        return torch.cat(out)
 
     @torch.no_grad()
     def truncated_latents(self, specs: Sequence[SampleSpec], w: torch.Tensor) -> torch.Tensor:
-        """w_t [B, w_dim] for each spec's own psi, mode and cluster."""
+        """w_t [B, w_dim] for each spec's own psi, mode and cluster (B <= batch_size)."""
         targets = w.clone()
         is_mean = torch.tensor([s.mode == "mean" for s in specs], device=self.device)
         targets[is_mean] = self.w_avg
@@ -111,10 +113,11 @@ class Sampler:
         nearest = [i for i, s in enumerate(specs) if s.mode == "multimodal" and s.cluster is None]
         if forced:
             targets[forced] = self.centers[[specs[i].cluster for i in forced]]
-        if nearest:
-            targets[nearest] = self.centers[self.assigner.assign(w[nearest])]
-        psi = torch.tensor([s.psi if s.mode != "none" else 1.0 for s in specs], device=self.device)
-        return truncate(w, targets, psi)
+        if nearest:  # assign the whole (padded) batch: same shape every time, see the module docstring
+            targets[nearest] = self.centers[self.assigner.assign(w)[nearest]]
+        psi = torch.tensor([s.psi if s.mode != "none" else 1.0 for s in specs], device=self.device)[:, None]
+        # psi*w + (1-psi)*c rather than c + psi*(w-c): exact at both ends (psi=1 -> w, psi=0 -> c) in floats.
+        return psi * w + (1 - psi) * targets
 
     @torch.no_grad()
     def render_specs(self, specs: Sequence[SampleSpec]) -> np.ndarray:
@@ -125,7 +128,7 @@ class Sampler:
         for start in range(0, len(specs), self.batch_size):
             chunk = specs[start:start + self.batch_size]
             w_t = self.truncated_latents(chunk, self.latents([s.seed for s in chunk]))
-            out.append(to_uint8(render(self.G.synthesis, w_t).cpu()))
+            out.append(to_uint8(render(self.G.synthesis, w_t, self.batch_size).cpu()))
         images = np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
         assert images.shape == (len(specs), self.resolution, self.resolution, 3), images.shape
         return images

@@ -1,0 +1,161 @@
+"""Benchmark of the Serve sampler (run by hand, not by CI).
+
+Measures, in one run on one machine:
+  1. throughput and p50/p99 latency with @serve.batch (max_batch_size B) vs batching off (max_batch_size 1)
+     at 16 and 32 concurrent HTTP clients (single-image GET /v1/sample, truncation=mean);
+  2. the extra cost of multi-modal truncation with LPIPS assignment over mean truncation (Sampler, direct);
+  3. the HTTP + Serve overhead: one sequential client over HTTP vs calling the Sampler directly.
+
+  python bench/bench_serve.py [--checkpoint URI --clusters URI] [--resolution 32] [--duration 6]
+
+Without --checkpoint a random-weight generator is exported and clustered (speed does not depend on the
+weights). Prints a JSON summary; ratios are against baselines measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def tiny_model(root: Path, resolution: int, clusters: int) -> tuple[str, str]:
+    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.config import ModelConfig, load_config
+    from sdsg_ray.models.networks import build_generator
+    from sdsg_ray.storage import get_storage
+    from sdsg_ray.truncation.clusters import run_clustering
+
+    torch.manual_seed(0)
+    model = ModelConfig(resolution=resolution)
+    G = build_generator(model).eval()
+    with torch.no_grad():
+        G.mapping.w_avg.copy_(G.mapping(torch.randn(2000, model.z_dim)).mean(0))
+    ckpt = str(root / "ckpt")
+    export_inference(G, None, model, {"stage": "bench"}, ckpt, get_storage())
+    out = str(root / "clusters")
+    run_clustering(load_config(None, {"cluster.checkpoint": ckpt, "cluster.out": out, "cluster.n_latents": 4000,
+                                      "cluster.clusters": clusters, "cluster.metric": "stlpips-alex"}))
+    return ckpt, out
+
+
+async def load(base: str, clients: int, duration_s: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + duration_s
+
+    async def client(i: int, c: httpx.AsyncClient) -> None:
+        nonlocal errors
+        n = 0
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            r = await c.get("/v1/sample", params={"seed": i * 100_000 + n, "psi": 0.7, "truncation": "mean"})
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+            n += 1
+
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=httpx.Limits(max_connections=clients)) as c:
+        await c.get("/v1/sample", params={"seed": 0})  # warm
+        start = time.monotonic()
+        await asyncio.gather(*(client(i, c) for i in range(clients)))
+        elapsed = time.monotonic() - start
+    return {"rps": len(latencies) / elapsed, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+            "p99_ms": 1000 * float(np.percentile(latencies, 99)), "errors": errors, "requests": len(latencies)}
+
+
+def median_time(fn, reps: int) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--clusters")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--n-clusters", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=6.0, help="Seconds per load point.")
+    parser.add_argument("--num-cpus", type=int, default=None, help="Local Ray CPUs (default: all).")
+    parser.add_argument("--port", type=int, default=8765)
+    ns = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from sdsg_ray.config import load_config
+    from sdsg_ray.truncation.sampler import load_sampler
+    from serve_app.app import start_app
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    ckpt, clusters = (ns.checkpoint, ns.clusters) if ns.checkpoint else tiny_model(workdir, ns.resolution,
+                                                                                   ns.n_clusters)
+    gpu = torch.cuda.is_available()
+    results: dict = {"device": torch.cuda.get_device_name() if gpu else f"cpu x{os.cpu_count()}",
+                     "resolution": ns.resolution, "max_batch_size": ns.max_batch_size}
+
+    # 2 + 3a: the Sampler called directly (the baseline of the HTTP overhead too)
+    sampler = load_sampler(ckpt, clusters, assign_by="lpips", batch_size=ns.max_batch_size)
+    seeds = list(range(ns.max_batch_size))
+    t_mean = median_time(lambda: sampler.sample(seeds, 0.7, "mean"), 7)
+    t_multi = median_time(lambda: sampler.sample(seeds, 0.7, "multimodal"), 7)
+    sampler_w = load_sampler(ckpt, clusters, assign_by="w", batch_size=ns.max_batch_size)
+    t_multi_w = median_time(lambda: sampler_w.sample(seeds, 0.7, "multimodal"), 7)
+    results["truncation_cost"] = {
+        "batch": len(seeds), "mean_ms": 1000 * t_mean, "multimodal_lpips_ms": 1000 * t_multi,
+        "multimodal_w_ms": 1000 * t_multi_w, "lpips_extra": t_multi / t_mean - 1, "w_extra": t_multi_w / t_mean - 1,
+    }
+    single = load_sampler(ckpt, clusters, assign_by="lpips", batch_size=1)
+    t_direct = median_time(lambda: single.sample([123], 0.7, "mean"), 15)
+    del sampler, sampler_w, single
+
+    ray.init(address="local", num_cpus=ns.num_cpus, include_dashboard=False)
+    num_cpus = int(ray.cluster_resources()["CPU"])
+    try:
+        throughput = {}
+        for label, batch in (("batched", ns.max_batch_size), ("unbatched", 1)):
+            config = load_config(None, {
+                "serve.checkpoint": ckpt, "serve.clusters": clusters, "serve.port": ns.port,
+                "serve.max_batch_size": batch, "serve.batch_wait_timeout_s": 0.01 if batch > 1 else 0.0,
+                "serve.max_ongoing_requests": 64, "serve.min_replicas": 1, "serve.max_replicas": 1,
+                "serve.num_gpus": 1 if gpu else 0, "serve.num_cpus": max(1, num_cpus - 1),
+            })
+            base = start_app(config)
+            if label == "unbatched":
+                results["http_overhead"] = {"direct_ms": 1000 * t_direct}
+                one = asyncio.run(load(base, 1, ns.duration))
+                results["http_overhead"].update(http_p50_ms=one["p50_ms"], extra_ms=one["p50_ms"] - 1000 * t_direct)
+            for clients in (16, 32):
+                throughput[f"{label}_{clients}"] = asyncio.run(load(base, clients, ns.duration))
+        results["throughput"] = throughput
+        results["speedup"] = {c: throughput[f"batched_{c}"]["rps"] / throughput[f"unbatched_{c}"]["rps"]
+                              for c in (16, 32)}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
