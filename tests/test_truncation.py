@@ -61,7 +61,8 @@ def metric():
 @pytest.fixture(scope="module")
 def sampler(tiny, metric) -> Sampler:
     ckpt, clusters = tiny
-    return Sampler(load_inference(ckpt), load_clusters(clusters), metric, assign_by="lpips")
+    # batch_size 8: every forward pass is padded to it, so small keeps the CPU test cheap
+    return Sampler(load_inference(ckpt), load_clusters(clusters), metric, assign_by="lpips", batch_size=8)
 
 
 def test_clusters_file_records_its_origin_and_is_reproducible(tiny):
