@@ -17,6 +17,8 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# A loaded 2-core machine can take more than Ray's default 30 s to register a node.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 # Fake credentials so boto3 never reaches for real ones; the endpoint is set per fixture.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -65,14 +67,19 @@ def s3_endpoint():
         proc.wait(timeout=10)
 
 
-@pytest.fixture
-def s3_bucket(s3_endpoint) -> str:
-    """A fresh, empty bucket on the test endpoint; yields its s3:// URI."""
+def create_bucket(endpoint: str, prefix: str = "test") -> str:
+    """A fresh, empty bucket on the endpoint; returns its s3:// URI."""
     import boto3
 
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket on the test endpoint, per test."""
+    return create_bucket(s3_endpoint)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -29,7 +28,7 @@ from sdsg_ray.filtering.writer import iter_score_batches, score_shard_uri
 from sdsg_ray.models.networks import build_networks
 from sdsg_ray.storage import get_storage, join
 
-from conftest import REPO
+from conftest import REPO, create_bucket
 
 N_GOOD = 30
 AUROC_IMAGES = 200
@@ -77,11 +76,7 @@ def read_scores(out: str) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def module_bucket(s3_endpoint) -> str:
     """Like conftest's s3_bucket, but shared by this module's tests (the scoring runs build on each other)."""
-    import boto3
-
-    name = f"test-scoring-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return create_bucket(s3_endpoint, "test-scoring")
 
 
 @pytest.fixture(scope="module")
