@@ -30,7 +30,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"resolution": 32, "z_dim": 64, "w_dim": 64, "mapping_layers": 2, "channel_base": 2048,
               "channel_max": 64},
     "dataset": {"n": 800, "resolution": 32, "outlier_fraction": 0.15, "seed": 0},
-    "train": {"workers": 1, "cpus_per_worker": 2, "batch_size": 16, "kimg": 6.0, "checkpoint_every_kimg": 2.0,
+    "train": {"workers": 1, "cpus_per_worker": 2, "batch_size": 16, "kimg": 3.0, "checkpoint_every_kimg": 1.0,
               "ema_kimg": 0.5, "r1_gamma": 0.1, "metric": "stlpips-alex", "log_every": 20, "seed": 0},
     "score": {"actors": 1, "batch_size": 64, "cpus_per_actor": 1.0, "metric": "stlpips-alex",
               "fid_features": "auto"},
@@ -39,7 +39,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "serve": {"host": "127.0.0.1", "port": 8000, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
     "evaluate": {"num_samples": 400, "psis": [0.3, 0.5, 0.7, 1.0], "grid_seeds": 10, "grid_psi": 0.5,
                  "fid_features": "auto", "batch_size": 64},
-    "pipeline": {"root": DEFAULT_OUT, "baselines": True, "stage2_kimg": 4.0, "make_dataset": True,
+    "pipeline": {"root": DEFAULT_OUT, "baselines": True, "stage2_kimg": 2.0, "make_dataset": True,
                  "evaluate": True},
 }
 
