@@ -34,12 +34,12 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
               "ema_kimg": 0.5, "r1_gamma": 0.1, "metric": "stlpips-alex", "log_every": 20, "seed": 0},
     "score": {"actors": 1, "batch_size": 64, "cpus_per_actor": 1.0, "metric": "stlpips-alex",
               "fid_features": "auto"},
-    "select": {"target_threshold": 0.2, "threshold_step": 0.02, "min_size": 520},
+    "select": {"target_threshold": 0.2, "threshold_step": 0.04, "min_size": 520},
     "cluster": {"n_latents": 4000, "clusters": 8, "metric": "stlpips-alex", "seed": 0},
     "serve": {"host": "127.0.0.1", "port": 8000, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
-    "evaluate": {"num_samples": 400, "psis": [0.3, 0.5, 0.7, 1.0], "grid_seeds": 10, "grid_psi": 0.5,
+    "evaluate": {"num_samples": 300, "psis": [0.3, 0.5, 0.7, 1.0], "grid_seeds": 10, "grid_psi": 0.5,
                  "fid_features": "auto", "batch_size": 64},
-    "pipeline": {"root": DEFAULT_OUT, "baselines": True, "stage2_kimg": 2.0, "make_dataset": True,
+    "pipeline": {"root": DEFAULT_OUT, "baselines": True, "stage2_kimg": 1.5, "make_dataset": True,
                  "evaluate": True},
 }
 
