@@ -3,7 +3,8 @@
 Generates the Internet-like synthetic dataset (inlier modes + planted outliers), runs the pipeline at tiny
 scale on a local Ray (stage 1, scoring, selection, stage 2 with its baselines, clustering, evaluation),
 writes ``<out>/report/index.html`` and serves the sampler until Ctrl-C. Sized for a 2-core CPU machine
-with no network: about 15 minutes. Re-running with the same ``--out`` skips what is already done.
+with no network: about 10.5 minutes (the budget is 15). Re-running with the same ``--out`` skips what
+is already done.
 
 The defaults live here (not only in configs/demo.yaml) so that the command works after a plain
 ``pip install`` too; configs/demo.yaml is the same config, commented, and a test keeps the two equal.
@@ -23,23 +24,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "sdsg-demo"
 
-# Budget on 2 CPU cores: stage 1 ~3.5 min, scoring < 1 min, each stage-2 run ~1.5 min, the rest ~2 min.
+# Budget on 2 CPU cores: stage 1 ~4 min, scoring + selection ~1.5 min, each stage-2 run ~1.5 min, the rest ~2 min.
 # The perceptual metric is the shipped shift-tolerant AlexNet LPIPS (the paper uses LPIPS-VGG): on CPU the
 # VGG trunk would cost several times the whole training budget.
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"resolution": 32, "z_dim": 64, "w_dim": 64, "mapping_layers": 2, "channel_base": 2048,
               "channel_max": 64},
     "dataset": {"n": 800, "resolution": 32, "outlier_fraction": 0.15, "seed": 0},
-    "train": {"workers": 1, "cpus_per_worker": 2, "batch_size": 16, "kimg": 3.0, "checkpoint_every_kimg": 1.0,
+    "train": {"workers": 1, "cpus_per_worker": 2, "batch_size": 16, "kimg": 2.0, "checkpoint_every_kimg": 1.0,
               "ema_kimg": 0.5, "r1_gamma": 0.1, "metric": "stlpips-alex", "log_every": 20, "seed": 0},
     "score": {"actors": 1, "batch_size": 64, "cpus_per_actor": 1.0, "metric": "stlpips-alex",
               "fid_features": "auto"},
     "select": {"target_threshold": 0.2, "threshold_step": 0.04, "min_size": 520},
     "cluster": {"n_latents": 4000, "clusters": 8, "metric": "stlpips-alex", "seed": 0},
     "serve": {"host": "127.0.0.1", "port": 8000, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
-    "evaluate": {"num_samples": 300, "psis": [0.3, 0.5, 0.7, 1.0], "grid_seeds": 10, "grid_psi": 0.5,
+    "evaluate": {"num_samples": 200, "psis": [0.3, 0.5, 0.7, 1.0], "grid_seeds": 10, "grid_psi": 0.5,
                  "fid_features": "auto", "batch_size": 64},
-    "pipeline": {"root": DEFAULT_OUT, "baselines": True, "stage2_kimg": 1.5, "make_dataset": True,
+    "pipeline": {"root": DEFAULT_OUT, "baselines": True, "stage2_kimg": 1.0, "make_dataset": True,
                  "evaluate": True},
 }
 

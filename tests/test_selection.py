@@ -14,6 +14,7 @@ from sdsg_ray.config import load_config
 from sdsg_ray.filtering.selection import (
     BinnedMoments,
     CurvePoint,
+    DistanceToReference,
     apply_rule,
     mean_cov,
     run_selection,
@@ -59,6 +60,19 @@ def test_sufficient_statistics_fd_equals_direct_fd() -> None:
         assert fd == pytest.approx(direct_fd(kept, raw), rel=1e-6, abs=1e-9)
         checked += 1
     assert checked == len(grid) > 10
+
+
+@pytest.mark.parametrize("n_kept", [40, 400])  # fewer kept rows than dimensions: a singular Σ_Y
+def test_distance_to_reference_equals_clean_fid(n_kept: int) -> None:
+    rng = np.random.default_rng(1)
+    dim = 64
+    mixing = rng.normal(0, 1, (dim, dim)) / np.sqrt(dim)
+    raw = np.abs(rng.normal(0.4, 0.3, (600, dim)) @ mixing)
+    kept = raw[np.argsort(raw[:, 0])[:n_kept]]  # a biased subset, so the distance is far from 0
+    mu_x, sigma_x = raw.mean(0), np.cov(raw, rowvar=False)
+    fast = DistanceToReference(mu_x, sigma_x)(kept.mean(0), np.cov(kept, rowvar=False))
+    assert fast == pytest.approx(direct_fd(kept, raw), rel=1e-6)
+    assert fast > 0.05  # far from 0, so the relative comparison means something
 
 
 def _curve(sizes, distances, thetas=None) -> list[CurvePoint]:

