@@ -175,11 +175,14 @@ def evaluate_models(models: Sequence[EvalModel], raw: str, bank: FeatureBank, se
 
 
 def truncation_curve(sampler, bank: FeatureBank, reference: np.ndarray, seeds: Sequence[int],
-                     psis: Sequence[float]) -> dict:
-    """Fig. 7: FD/KD against psi for each truncation mode, the same seeds at every point."""
+                     psis: Sequence[float], untruncated: Distances | None = None) -> dict:
+    """Fig. 7: FD/KD against psi for each truncation mode, the same seeds at every point.
+
+    At psi = 1 every mode draws w itself, so that point is computed once (or taken from ``untruncated``,
+    the same seeds' untruncated distances to ``reference`` when the caller already has them).
+    """
     centers = nearest_centers(sampler, seeds) if sampler.assigner is not None else None
     curve: dict = {"psis": list(psis)}
-    untruncated: Distances | None = None  # at psi = 1 every mode is w itself: one point serves them all
     for mode in TRUNCATION_MODES:
         if mode == "multimodal" and centers is None:
             continue
@@ -325,7 +328,10 @@ def run_evaluation(config: SDSGConfig, args=None) -> dict:
     }
     results["models"] = evaluate_models(models, cfg.data, bank, seeds, storage, device, cfg.batch_size)
     reference = bank.real(models[0].train_data)  # the paper measures FID against the training set
-    results["truncation"] = truncation_curve(sampler, bank, reference, seeds, cfg.psis)
+    first = results["models"][0]  # its untruncated samples, same seeds: Fig. 7's psi = 1 point
+    untruncated = (Distances(first["fd_vs_train"], first["kd_vs_train"])
+                   if first["checkpoint"] == cfg.checkpoint else None)
+    results["truncation"] = truncation_curve(sampler, bank, reference, seeds, cfg.psis, untruncated)
     results["truncation"]["reference"] = models[0].train_data
     storage.write_bytes(join(cfg.out, FIG7_FILE), plot_fid_vs_psi(results["truncation"], fd_label))
     grid, row_labels = truncation_grid(sampler, list(range(cfg.seed, cfg.seed + cfg.grid_seeds)), cfg.grid_psi)

@@ -94,7 +94,7 @@ def _claims_section(results: dict) -> str:
                      f"{out['outlier_fraction_raw']:.3f} in X -> {out['outlier_fraction_kept']:.3f} in Y",
                      out["outlier_fraction_kept"] < out["outlier_fraction_raw"]))
     if out and out.get("auroc") is not None:
-        rows.append((f"d(x) ranks planted outliers above inliers (AUROC >= {OUTLIER_AUROC_TARGET}, the project's target)",
+        rows.append((f"d(x) ranks planted outliers above inliers (AUROC >= {OUTLIER_AUROC_TARGET}, the target)",
                      f"AUROC {out['auroc']:.3f} (0.5 is chance)", out["auroc"] >= OUTLIER_AUROC_TARGET))
     if not rows:
         return ""

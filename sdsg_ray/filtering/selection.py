@@ -408,10 +408,12 @@ def run_selection(config: SDSGConfig, args=None) -> dict:
     sel = apply_rule(curve, upper_bound, cfg.min_size)
     chosen_distance = sel.distance  # reported with clean-fid itself; the grid's fast form must agree
     if sel.size >= 2:
-        kept = next(mean_cov(n, total, outer) for theta, n, total, outer in fp.binned.cumulative() if theta == sel.theta)
+        kept = next(mean_cov(n, total, outer)
+                    for theta, n, total, outer in fp.binned.cumulative() if theta == sel.theta)
         chosen_distance = float(frechet_distance(*kept, mu_x, sigma_x))
         if not math.isclose(chosen_distance, sel.distance, rel_tol=1e-4):
-            log.warning("clean-fid gives %.6g at θ=%.4f, the grid %.6g", chosen_distance, sel.theta, sel.distance)
+            log.warning("clean-fid gives %.6g at θ=%.4f, the grid %.6g",
+                        chosen_distance, sel.theta, sel.distance)
     log.info("chosen θ=%.4f (stopped by %s): |Y|=%d of |X|=%d", sel.theta, sel.bound, sel.size, ov.ok)
 
     out = cfg.out
