@@ -76,13 +76,15 @@ def plain_loop(scorer: ReconstructionScorer, images: np.ndarray, batch: int, rep
     return statistics.median(rates)
 
 
-def pipeline_run(data: str, checkpoint: str, out: str, batch: int, actors: int, metric: str, features: str) -> dict:
+def pipeline_run(data: str, checkpoint: str, out: str, batch: int, actors: int, cpus: int, metric: str, features: str) -> dict:
+    """One scoring run; the actors share what the read/decode tasks leave (one CPU), at most one CPU each."""
     from sdsg_ray.filtering.pipeline import run_scoring
 
     shutil.rmtree(out, ignore_errors=True)
     config = load_config(None, {
         "score.data": data, "score.checkpoint": checkpoint, "score.out": out, "score.batch_size": batch,
-        "score.actors": actors, "score.min_actors": actors, "score.metric": metric, "score.fid_features": features,
+        "score.actors": actors, "score.min_actors": actors, "score.cpus_per_actor": min(1.0, (cpus - 1) / actors),
+        "score.metric": metric, "score.fid_features": features,
         "score.manifest_shard_size": max(batch, 256),
     })
     return run_scoring(config)
@@ -142,7 +144,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     runs = {}
     for actors in (1, 2):
-        s = pipeline_run(str(data), checkpoint, str(work / f"scores-{actors}"), args.batch_size, actors, metric.name, features.name)
+        s = pipeline_run(str(data), checkpoint, str(work / f"scores-{actors}"), args.batch_size, actors, args.num_cpus, metric.name, features.name)
         runs[actors] = {"end_to_end": s["images_per_s"], "steady": s["images_per_s_steady"], "seconds": s["seconds_this_run"]}
     ray.shutdown()
 

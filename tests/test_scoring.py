@@ -192,6 +192,17 @@ def test_rerun_after_crash_is_exactly_once(ray_cluster, corpus, reference, tmp_p
     assert again["scored_this_run"] == 0 and again["shards_resumed"] == 6
 
 
+def test_actor_pool_that_would_starve_decoding_is_refused(ray_cluster, corpus, tmp_path) -> None:
+    """Actors holding every CPU leave none for the read/decode tasks and Ray Data would wait forever; the
+    run is refused up front with the numbers and the fix, before anything is written."""
+    cpus = ray.cluster_resources()["CPU"]
+    out = str(tmp_path / "scores")
+    starving = score_config(data=corpus["data"], checkpoint=corpus["checkpoint"], out=out, actors=2, cpus_per_actor=cpus / 2)
+    with pytest.raises(ValueError, match=r"--cpus-per-actor .*e\.g\. " + f"{(cpus - 1) / 2:g}"):
+        run_scoring(starving)
+    assert not os.path.exists(out)
+
+
 def test_select_from_s3_scores(ray_cluster, corpus, reference) -> None:
     """score -> select with both ends in S3: kept.parquet is a manifest of the kept keys."""
     out = join(corpus["bucket"], "selection")

@@ -19,7 +19,7 @@ from collections import Counter
 import ray
 from tqdm import tqdm
 
-from sdsg_ray.config import SDSGConfig
+from sdsg_ray.config import ScoreConfig, SDSGConfig
 from sdsg_ray.ray_utils import ensure_ray
 from sdsg_ray.storage import Storage, get_storage, join, normalize
 
@@ -68,6 +68,19 @@ def build_dataset(pending: list[ManifestShard], storage: Storage, config: SDSGCo
     )
 
 
+def check_cpu_budget(cfg: ScoreConfig, cluster_cpus: float) -> None:
+    """Refuse a pool that would hold every CPU: the actors keep theirs for the whole run, and the read and
+    decode tasks (num_cpus=1 each) would then never be scheduled; Ray Data waits on them forever."""
+    held = cfg.actors * cfg.cpus_per_actor
+    if held > cluster_cpus - 1:
+        raise ValueError(
+            f"score.actors={cfg.actors} x score.cpus_per_actor={cfg.cpus_per_actor} = {held:g} CPUs leaves less "
+            f"than the 1 CPU that reading and decoding need on this cluster of {cluster_cpus:g} CPUs; lower "
+            f"--actors, or --cpus-per-actor (fractions are allowed, e.g. "
+            f"{max(cluster_cpus - 1, 0) / cfg.actors:g}), or add CPUs"
+        )
+
+
 def _check_run(out: str, storage: Storage, run: dict) -> None:
     """Refuse to mix scores of different checkpoints, metrics or feature networks in one --out."""
     uri = join(out, RUN_FILE)
@@ -96,6 +109,7 @@ def run_scoring(config: SDSGConfig, args=None) -> dict:
     cfg = config.score.model_copy(update={"checkpoint": normalize(config.score.checkpoint)})
     storage = get_storage(config.storage)
     ensure_ray(config.storage)
+    check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
 
     bundle = load_inference(cfg.checkpoint, storage, device="cpu")  # identity and resolution; the actors load their own
     resolution = bundle.model.resolution
