@@ -22,7 +22,7 @@ from PIL import Image
 
 from sdsg_ray.checkpoint import export_inference
 from sdsg_ray.config import ModelConfig, load_config
-from sdsg_ray.filtering.pipeline import run_scoring
+from sdsg_ray.filtering.pipeline import footer_actors, run_scoring
 from sdsg_ray.filtering.selection import run_selection
 from sdsg_ray.filtering.writer import iter_score_batches, score_shard_uri
 from sdsg_ray.models.networks import build_networks
@@ -56,6 +56,14 @@ def _png(rng: np.random.Generator, size: int = 40) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def footer_readers_started() -> int:
+    """read_parquet's FooterReader actors ever created on the cluster, dead or alive (from the GCS actor
+    table: the public ray.util.state API needs the dashboard, which the test cluster does not run)."""
+    from ray._private.state import actors
+
+    return sum(a.get("ActorClassName") == "FooterReader" for a in actors().values())
 
 
 def score_config(**score):
@@ -107,13 +115,15 @@ def corpus(module_bucket):
 def reference(ray_cluster, corpus):
     """One uninterrupted run: 2 actors with half a (logical) GPU each, out to S3."""
     out = join(corpus["bucket"], "scores-reference")
+    footer_readers_before = footer_readers_started()
     summary = run_scoring(
         score_config(
             data=corpus["data"], checkpoint=corpus["checkpoint"], out=out, batch_size=8, actors=2,
             gpus_per_actor=0.5, manifest_shard_size=10,
         )
     )
-    return {"out": out, "summary": summary, "rows": read_scores(out)}
+    footer_readers = footer_readers_started() - footer_readers_before
+    return {"out": out, "summary": summary, "rows": read_scores(out), "footer_readers": footer_readers}
 
 
 def test_scoring_on_gpu_nodes_records_corrupt_images(ray_cluster, corpus, reference) -> None:
@@ -128,6 +138,8 @@ def test_scoring_on_gpu_nodes_records_corrupt_images(ray_cluster, corpus, refere
     good = [r for r in rows.values() if r["status"] == "ok"]
     assert all(np.isfinite(r["d_lpips"]) and r["d_lpips"] > 0 and r["error"] is None for r in good)
     assert len({r["feat_real"].shape for r in good}) == 1
+    # read_parquet's footer-reader pool is sized to the 4 manifest shards (Ray's default: 32 processes).
+    assert 0 < reference["footer_readers"] <= footer_actors(summary["shards"]), reference["footer_readers"]
     # The actors asked for num_gpus=0.5: Ray placed them on the worker nodes that advertise GPUs.
     gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
     assert summary["scorers"] and sum(s["rows"] for s in summary["scorers"]) == len(rows)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 
@@ -31,6 +32,13 @@ from .writer import SCORES_DIR, SUMMARY_FILE, ShardAssembler, iter_score_batches
 log = logging.getLogger(__name__)
 
 RUN_FILE = "_RUN.json"  # what the scores in <out> were computed with; a resume must match it
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+_USER_FOOTER_ACTORS = os.environ.get(FOOTER_ACTORS_ENV)
+
+
+def footer_actors(manifest_shards: int) -> int:
+    """One footer-reading actor per 64 manifest shards (10k keys each by default), 1 to Ray's default 32."""
+    return max(1, min(32, manifest_shards // 64))
 
 
 def build_dataset(pending: list[ManifestShard], storage: Storage, config: SDSGConfig, resolution: int) -> "ray.data.Dataset":
@@ -38,6 +46,10 @@ def build_dataset(pending: list[ManifestShard], storage: Storage, config: SDSGCo
     cfg = config.score
     fs, _ = storage.arrow_filesystem(pending[0].uri)
     paths = [storage.arrow_filesystem(s.uri)[1] for s in pending]
+    # read_parquet (ray 2.60) starts a pool of FooterReader actors per read, 32 by default: 32 worker
+    # processes that took 35-55 s to start on a 2-core machine to read one small manifest footer. The
+    # pool is sized from this variable, read on the driver when the plan is built; a user's value wins.
+    os.environ[FOOTER_ACTORS_ENV] = _USER_FOOTER_ACTORS or str(footer_actors(len(paths)))
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["key"], include_paths=True)
     # Decode tasks reserve their worker's footprint (~130 MiB measured: Python, pyarrow, PIL) plus a batch
     # of decoded images and encoded bytes (~64 KiB each). The distinct resource request also keeps Ray Data
