@@ -337,7 +337,9 @@ def build_app(config: SDSGConfig, forward_env: bool = False) -> Application:
     ).bind(config.model_dump(mode="json"))
     # The ingress only awaits the sampler; with Serve's default of 5 in flight per replica it would cap
     # every @serve.batch at 5 requests (measured: batching then ran at 0.44x of batching off).
-    ingress = Ingress.options(max_ongoing_requests=s.max_ongoing_requests, ray_actor_options={"num_cpus": s.ingress_num_cpus})
+    ingress = Ingress.options(
+        max_ongoing_requests=s.max_ongoing_requests, ray_actor_options={"num_cpus": s.ingress_num_cpus}
+    )
     return ingress.bind(sampler, s.max_samples_per_request, s.max_batch_size, s.default_psi)
 
 
