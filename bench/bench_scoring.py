@@ -76,7 +76,8 @@ def plain_loop(scorer: ReconstructionScorer, images: np.ndarray, batch: int, rep
     return statistics.median(rates)
 
 
-def pipeline_run(data: str, checkpoint: str, out: str, batch: int, actors: int, cpus: int, metric: str, features: str) -> dict:
+def pipeline_run(data: str, checkpoint: str, out: str, batch: int, actors: int, cpus: int, metric: str,
+                 features: str) -> dict:
     """One scoring run; the actors share what the read/decode tasks leave (one CPU), at most one CPU each."""
     from sdsg_ray.filtering.pipeline import run_scoring
 
@@ -144,7 +145,8 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     runs = {}
     for actors in (1, 2):
-        s = pipeline_run(str(data), checkpoint, str(work / f"scores-{actors}"), args.batch_size, actors, args.num_cpus, metric.name, features.name)
+        s = pipeline_run(str(data), checkpoint, str(work / f"scores-{actors}"), args.batch_size, actors,
+                         args.num_cpus, metric.name, features.name)
         runs[actors] = {"end_to_end": s["images_per_s"], "steady": s["images_per_s_steady"], "seconds": s["seconds_this_run"]}
     ray.shutdown()
 

@@ -209,7 +209,9 @@ def test_actor_pool_that_would_starve_decoding_is_refused(ray_cluster, corpus, t
     run is refused up front with the numbers and the fix, before anything is written."""
     cpus = ray.cluster_resources()["CPU"]
     out = str(tmp_path / "scores")
-    starving = score_config(data=corpus["data"], checkpoint=corpus["checkpoint"], out=out, actors=2, cpus_per_actor=cpus / 2)
+    starving = score_config(
+        data=corpus["data"], checkpoint=corpus["checkpoint"], out=out, actors=2, cpus_per_actor=cpus / 2
+    )
     with pytest.raises(ValueError, match=r"--cpus-per-actor .*e\.g\. " + f"{(cpus - 1) / 2:g}"):
         run_scoring(starving)
     assert not os.path.exists(out)
