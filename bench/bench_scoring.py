@@ -3,7 +3,8 @@
     python3 bench/bench_scoring.py --images 1536 --batch-size 64 --repeats 3
 
 1. Plain loop: ReconstructionScorer (G(E(x)), the perceptual metric, FID features of x and G(E(x))) over
-   pre-decoded uint8 images already in memory, batch by batch. No I/O, no decode: the ceiling.
+   pre-decoded uint8 images already in memory, batch by batch. No I/O, no decode: the ceiling. Once with
+   every CPU's torch threads, once with one thread (what one scoring actor with one CPU gets).
 2. Pipeline: `run_scoring` on the same images stored as PNG files, same batch size: listing, read +
    decode tasks, the actor pool, the driver writing shards. Reported end to end (incl. Ray Data start-up
    and actor start-up) and steady state (from the first scored batch on), with 1 and with 2 actors.
@@ -140,6 +141,9 @@ def main() -> None:
     images = load_batch(keys, storage, model.resolution)["image"]
     scorer = ReconstructionScorer(bundle, metric, features, torch.device("cpu"))
     loop_rate = plain_loop(scorer, images, args.batch_size, args.repeats)
+    torch.set_num_threads(1)  # what one scoring actor gets (Ray sets its threads to its CPUs)
+    loop_rate_1_thread = plain_loop(scorer, images, args.batch_size, args.repeats)
+    torch.set_num_threads(args.num_cpus)
 
     # 2. the pipeline, 1 and 2 actors, same batch size
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
@@ -159,9 +163,13 @@ def main() -> None:
         "images": len(keys), "batch_size": args.batch_size, "resolution": model.resolution, "cpus": args.num_cpus,
         "metric": metric.name, "features": features.name,
         "plain_loop_images_per_s": round(loop_rate, 1),
+        "plain_loop_1_thread_images_per_s": round(loop_rate_1_thread, 1),
         "pipeline": runs,
         "pipeline_steady_vs_loop_1_actor": round(runs[1]["steady"] / loop_rate, 3) if runs[1]["steady"] else None,
         "pipeline_end_to_end_vs_loop_1_actor": round(runs[1]["end_to_end"] / loop_rate, 3),
+        "pipeline_steady_vs_loop_2_actors": round(runs[2]["steady"] / loop_rate, 3) if runs[2]["steady"] else None,
+        "pipeline_end_to_end_vs_loop_2_actors": round(runs[2]["end_to_end"] / loop_rate, 3),
+        "pipeline_steady_1_actor_vs_loop_1_thread": round(runs[1]["steady"] / loop_rate_1_thread, 3) if runs[1]["steady"] else None,
         "actors_2_vs_1_steady": round(runs[2]["steady"] / runs[1]["steady"], 3) if runs[1]["steady"] and runs[2]["steady"] else None,
         "projection_256px": {
             "model": PAPER_256.model_dump(),

@@ -51,6 +51,10 @@ def build_dataset(pending: list[ManifestShard], storage: Storage, config: SDSGCo
     # pool is sized from this variable, read on the driver when the plan is built; a user's value wins.
     os.environ[FOOTER_ACTORS_ENV] = _USER_FOOTER_ACTORS or str(footer_actors(len(paths)))
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["key"], include_paths=True)
+    # Keys are ~100 bytes, so Ray Data's 1 MiB minimum block size packs ~10,000 of them into one read
+    # block: decoding then ran as one task per block, in series with scoring. Batch-sized blocks let
+    # decode tasks run side by side and stream into the actors (streaming split, no shuffle).
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     # Decode tasks reserve their worker's footprint (~130 MiB measured: Python, pyarrow, PIL) plus a batch
     # of decoded images and encoded bytes (~64 KiB each). The distinct resource request also keeps Ray Data
     # from fusing decoding into the scoring actors: decoding stays a CPU task pool that runs alongside
