@@ -1,15 +1,22 @@
 """Benchmark of the Serve sampler (run by hand, not by CI).
 
 Measures, in one run on one machine:
-  1. throughput and p50/p99 latency with @serve.batch (max_batch_size B) vs batching off (max_batch_size 1)
-     at 16 and 32 concurrent HTTP clients (single-image GET /v1/sample, truncation=mean);
-  2. the extra cost of multi-modal truncation with LPIPS assignment over mean truncation (Sampler, direct);
-  3. the HTTP + Serve overhead: one sequential client over HTTP vs calling the Sampler directly.
+  1. throughput and p50/p99 latency with @serve.batch (max_batch_size B, each --batch-wait) vs batching
+     off (max_batch_size 1) at 16 and 32 concurrent HTTP clients (single-image GET /v1/sample,
+     truncation=mean), and the HTTP ceiling: GET /healthz (proxy + ingress, no model) at 16 clients;
+  2. the extra cost of multi-modal truncation with LPIPS assignment over mean truncation (Sampler, direct),
+     at full resolution (the paper) and on G's coarse image (serve.assign_resolution), with how often the
+     coarse (and the W-distance) assignment picks the same center as the full one, plus a FLOP projection
+     of the same on the paper's 256-px generator;
+  3. the HTTP + Serve overhead: one sequential client over HTTP vs calling the Sampler directly, and the
+     batching compute ceiling: a 1-image Sampler call vs its share of a full batch.
 
   python bench/bench_serve.py [--checkpoint URI --clusters URI] [--resolution 32] [--duration 6]
 
 Without --checkpoint a random-weight generator is exported and clustered (speed does not depend on the
-weights). Prints a JSON summary; ratios are against baselines measured in the same run.
+weights, but the assignment agreement figures only mean something for a trained checkpoint, e.g. the
+demo's: --checkpoint sdsg-demo/stage2 --clusters sdsg-demo/clusters). Prints a JSON summary; ratios are
+against baselines measured in the same run.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ def tiny_model(root: Path, resolution: int, clusters: int) -> tuple[str, str]:
     return ckpt, out
 
 
-async def load(base: str, clients: int, duration_s: float) -> dict:
+async def load(base: str, clients: int, duration_s: float, path: str = "/v1/sample") -> dict:
     latencies: list[float] = []
     errors = 0
     deadline = time.monotonic() + duration_s
@@ -63,7 +70,7 @@ async def load(base: str, clients: int, duration_s: float) -> dict:
         n = 0
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
-            r = await c.get("/v1/sample", params={"seed": i * 100_000 + n, "psi": 0.7, "truncation": "mean"})
+            r = await c.get(path, params={"seed": i * 100_000 + n, "psi": 0.7, "truncation": "mean"})
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - t0)
             else:
@@ -77,6 +84,34 @@ async def load(base: str, clients: int, duration_s: float) -> dict:
         elapsed = time.monotonic() - start
     return {"rps": len(latencies) / elapsed, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
             "p99_ms": 1000 * float(np.percentile(latencies, 99)), "errors": errors, "requests": len(latencies)}
+
+
+def assignment_flops(metric_name: str, resolutions: list[int]) -> dict:
+    """Projection, not a measurement: forward FLOPs of LPIPS assignment on the paper's 256-px generator,
+    full images vs coarse ones, relative to drawing one image (what mean truncation costs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdsg_ray.config import ModelConfig
+    from sdsg_ray.models.networks import build_generator
+    from sdsg_ray.pretrained import build_metric
+
+    model = ModelConfig(resolution=256, z_dim=512, w_dim=512, mapping_layers=8, channel_base=16384, channel_max=512)
+    G = build_generator(model).eval().requires_grad_(False)
+    metric = build_metric(metric_name)
+    w = torch.randn(1, model.w_dim)
+
+    def flops(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+
+    draw = flops(lambda: G.synthesis(w, noise_mode="const"))
+    out = {"model": "paper 256 px", "draw_gflop": draw / 1e9}
+    for r in [256] + resolutions:
+        image = G.synthesis(w, noise_mode="const", max_resolution=r)
+        extra = flops(lambda: G.synthesis(w, noise_mode="const", max_resolution=r)) + flops(lambda: metric.features(image))
+        out[f"assign_at_{r}px_extra"] = extra / draw
+    return out
 
 
 def median_time(fn, reps: int) -> float:
@@ -96,6 +131,11 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--n-clusters", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-wait", type=float, nargs="+", default=[0.01, 0.05],
+                        help="batch_wait_timeout_s values to measure batching at.")
+    parser.add_argument("--assign-resolution", type=int, nargs="*", default=[16, 8],
+                        help="Coarse resolutions to time the LPIPS assignment at.")
+    parser.add_argument("--agreement-samples", type=int, default=256)
     parser.add_argument("--duration", type=float, default=6.0, help="Seconds per load point.")
     parser.add_argument("--num-cpus", type=int, default=None, help="Local Ray CPUs (default: all).")
     parser.add_argument("--port", type=int, default=8765)
@@ -122,12 +162,23 @@ def main() -> None:
     t_multi = median_time(lambda: sampler.sample(seeds, 0.7, "multimodal"), 7)
     sampler_w = load_sampler(ckpt, clusters, assign_by="w", batch_size=ns.max_batch_size)
     t_multi_w = median_time(lambda: sampler_w.sample(seeds, 0.7, "multimodal"), 7)
-    results["truncation_cost"] = {
-        "batch": len(seeds), "mean_ms": 1000 * t_mean, "multimodal_lpips_ms": 1000 * t_multi,
-        "multimodal_w_ms": 1000 * t_multi_w, "lpips_extra": t_multi / t_mean - 1, "w_extra": t_multi_w / t_mean - 1,
-    }
+    cost = {"batch": len(seeds), "pass_sizes": list(sampler.pass_sizes), "mean_ms": 1000 * t_mean,
+            "multimodal_lpips_ms": 1000 * t_multi, "lpips_extra": t_multi / t_mean - 1,
+            "multimodal_w_ms": 1000 * t_multi_w, "w_extra": t_multi_w / t_mean - 1}
+    agreement_w = sampler.latents(range(ns.agreement_samples))
+    full_choice = sampler.assigner.assign(agreement_w)
+    cost["w_same_center_as_full"] = (sampler_w.assigner.assign(agreement_w) == full_choice).float().mean().item()
+    for r in ns.assign_resolution:
+        coarse = load_sampler(ckpt, clusters, assign_by="lpips", batch_size=ns.max_batch_size, assign_resolution=r)
+        t = median_time(lambda: coarse.sample(seeds, 0.7, "multimodal"), 7)
+        same = (coarse.assigner.assign(agreement_w) == full_choice).float().mean().item()
+        cost[f"multimodal_lpips_at_{r}px"] = {"ms": 1000 * t, "extra": t / t_mean - 1, "same_center_as_full": same}
+    results["truncation_cost"] = cost
+    results["assignment_projection"] = assignment_flops("stlpips-alex", [128, 64, 32])
     single = load_sampler(ckpt, clusters, assign_by="lpips", batch_size=1)
     t_direct = median_time(lambda: single.sample([123], 0.7, "mean"), 15)
+    # What batching can gain in the model itself here: one image alone vs its share of a full batch.
+    results["batching_compute_ceiling"] = t_direct / (t_mean / len(seeds))
     del sampler, sampler_w, single
     print(json.dumps({"truncation_cost": results["truncation_cost"], "direct_ms": 1000 * t_direct}), flush=True)
 
@@ -135,10 +186,11 @@ def main() -> None:
     num_cpus = int(ray.cluster_resources()["CPU"])
     try:
         throughput = {}
-        for label, batch in (("batched", ns.max_batch_size), ("unbatched", 1)):
+        points = [("unbatched", 1, 0.0)] + [(f"batched_wait{w * 1000:g}ms", ns.max_batch_size, w) for w in ns.batch_wait]
+        for label, batch, wait_s in points:
             config = load_config(None, {
                 "serve.checkpoint": ckpt, "serve.clusters": clusters, "serve.port": ns.port,
-                "serve.max_batch_size": batch, "serve.batch_wait_timeout_s": 0.01 if batch > 1 else 0.0,
+                "serve.max_batch_size": batch, "serve.batch_wait_timeout_s": wait_s,
                 "serve.max_ongoing_requests": 64, "serve.min_replicas": 1, "serve.max_replicas": 1,
                 "serve.num_gpus": 1 if gpu else 0, "serve.num_cpus": max(1, num_cpus - 1),
             })
@@ -147,11 +199,15 @@ def main() -> None:
                 results["http_overhead"] = {"direct_ms": 1000 * t_direct}
                 one = asyncio.run(load(base, 1, ns.duration))
                 results["http_overhead"].update(http_p50_ms=one["p50_ms"], extra_ms=one["p50_ms"] - 1000 * t_direct)
+                results["http_ceiling_16_rps"] = asyncio.run(load(base, 16, ns.duration, "/healthz"))["rps"]
             for clients in (16, 32):
                 throughput[f"{label}_{clients}"] = asyncio.run(load(base, clients, ns.duration))
+            serve.shutdown()  # no replica of this point may still hold a CPU during the next one
         results["throughput"] = throughput
-        results["speedup"] = {c: throughput[f"batched_{c}"]["rps"] / throughput[f"unbatched_{c}"]["rps"]
-                              for c in (16, 32)}
+        results["speedup"] = {
+            f"{label}_{c}": throughput[f"{label}_{c}"]["rps"] / throughput[f"unbatched_{c}"]["rps"]
+            for label, _, _ in points[1:] for c in (16, 32)
+        }
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -151,7 +151,7 @@ class SamplerDeployment:
         s = cfg.serve
         device = "cuda" if torch.cuda.is_available() and s.num_gpus > 0 else "cpu"
         self.sampler = load_sampler(s.checkpoint, s.clusters or None, get_storage(cfg.storage), s.assign_by,
-                                    device, batch_size=s.max_batch_size)
+                                    device, batch_size=s.max_batch_size, assign_resolution=s.assign_resolution)
         bundle, clusters = self.sampler.bundle, self.sampler.clusters
         self.info_dict = {
             "resolution": self.sampler.resolution,
@@ -160,7 +160,9 @@ class SamplerDeployment:
             "checkpoint": {"uri": s.checkpoint, "identity": bundle.identity, "meta": _jsonable(bundle.meta)},
             "metric": clusters.metric if clusters else None,
             "assign_by": s.assign_by,
+            "assign_resolution": s.assign_resolution or self.sampler.resolution,
             "device": device,
+            "pass_sizes": list(self.sampler.pass_sizes),  # forward-pass row counts verified bit-exact here
             "clusters": None if clusters is None else {
                 "uri": s.clusters, "identity": clusters.identity, "count": clusters.count,
                 "sizes": clusters.sizes.tolist(), "seed": clusters.seed,

@@ -70,6 +70,7 @@ def test_info_endpoints(client, app):
     bundle = load_inference(app["ckpt"])
     assert model["resolution"] == 32 and model["w_dim"] == bundle.G_ema.w_dim
     assert model["checkpoint"]["identity"] == bundle.identity and model["metric"] == METRIC
+    assert model["pass_sizes"][-1] == 8 and model["pass_sizes"] == sorted(model["pass_sizes"])  # max_batch_size 8
     clusters = client.get("/v1/clusters").json()
     assert clusters["count"] == 6 and sum(clusters["sizes"]) == 600
     assert clusters["identity"] == model["clusters"]["identity"] == load_clusters(app["clusters"]).identity

@@ -19,7 +19,7 @@ from sdsg_ray.config import ModelConfig
 from sdsg_ray.models.networks import build_generator
 from sdsg_ray.storage import get_storage
 from sdsg_ray.truncation import Sampler, SampleSpec, load_clusters
-from sdsg_ray.truncation.assign import render
+from sdsg_ray.truncation.assign import PassRows, render
 
 METRIC = "stlpips-alex"
 N_CLUSTERS = 6
@@ -61,7 +61,7 @@ def metric():
 @pytest.fixture(scope="module")
 def sampler(tiny, metric) -> Sampler:
     ckpt, clusters = tiny
-    # batch_size 8: every forward pass is padded to it, so small keeps the CPU test cheap
+    # batch_size 8: the largest forward pass; small keeps the CPU test cheap
     return Sampler(load_inference(ckpt), load_clusters(clusters), metric, assign_by="lpips", batch_size=8)
 
 
@@ -126,6 +126,39 @@ def test_same_seed_same_image_whatever_the_batch(sampler):
     assert np.array_equal(batch, sampler.render_specs(mixed))
     big = sampler.sample(list(range(40)) + seeds, 0.3, "multimodal")  # spans two internal chunks
     assert np.array_equal(big[40], singles[0])
+    # a full pass (8 rows) against the short passes the three shared and each had alone
+    full = sampler.render_specs(mixed + [SampleSpec(s, 0.5, "mean") for s in range(5)])
+    assert np.array_equal(full[:3], singles)
+
+
+def test_coarse_lpips_assignment_equals_brute_force_at_that_resolution(sampler, metric):
+    coarse = Sampler(sampler.bundle, sampler.clusters, metric, batch_size=8, assign_resolution=16)
+    w = sampler.latents(range(8))
+    images = render(sampler.G.synthesis, w, resolution=16)
+    centers = render(sampler.G.synthesis, sampler.centers, resolution=16)
+    assert images.shape[-1] == 16 and coarse.assigner.center_images.shape[-1] == 32  # grids stay full size
+    with torch.no_grad():
+        brute = torch.stack([metric(images, centers[k:k + 1].expand_as(images)) for k in range(len(centers))], 1)
+    torch.testing.assert_close(coarse.assigner.distances(images), brute, rtol=1e-4, atol=1e-4)
+    assert torch.equal(coarse.assigner.assign(w), brute.argmin(dim=1))
+    with pytest.raises(ValueError, match="max_resolution must be one of"):
+        Sampler(sampler.bundle, sampler.clusters, metric, batch_size=8, assign_resolution=12)
+
+
+def test_pass_rows_keep_only_sizes_that_give_the_full_pass_bits():
+    probe = torch.randn(8, 5)
+    rows = PassRows.powers_of_two(8)
+    assert rows.sizes == (1, 2, 4, 8) and PassRows.powers_of_two(6).sizes == (1, 2, 4, 6)
+    assert rows.verified(lambda x: x * 2, probe).sizes == (1, 2, 4, 8)
+    # a kernel that rounds differently below 4 rows (as BLAS does for tiny batches on some CPUs)
+    assert rows.verified(lambda x: x * 2 + (1e-6 if len(x) < 4 else 0.0), probe).sizes == (4, 8)
+    # ... or only for rows past the first in a short pass: the row position is checked too
+    later_rows = lambda x: x * 2 + 1e-6 * (torch.arange(len(x))[:, None] >= 1) * (len(x) < 8)  # noqa: E731
+    assert rows.verified(later_rows, probe).sizes == (1, 8)
+    # run: chunks of at most 8 rows, each padded up to an allowed size, padding dropped
+    seen: list[int] = []
+    out = PassRows([4, 8]).run(lambda x: seen.append(len(x)) or x * 2, torch.arange(11.0)[:, None])
+    assert seen == [8, 4] and torch.equal(out, torch.arange(11.0)[:, None] * 2)
 
 
 @pytest.mark.parametrize("spec, field", [

@@ -411,10 +411,17 @@ class SynthesisNetwork(nn.Module):
         self.num_ws += blocks[-1].num_torgb
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, ws: Tensor, noise_mode: NoiseMode = "random", fused_modconv: bool | None = None) -> Tensor:
-        """fused_modconv=None picks NVIDIA's rule: fused grouped conv when not training."""
+    def forward(self, ws: Tensor, noise_mode: NoiseMode = "random", fused_modconv: bool | None = None,
+                max_resolution: int | None = None) -> Tensor:
+        """fused_modconv=None picks NVIDIA's rule: fused grouped conv when not training.
+
+        ``max_resolution``: stop after that block and return its skip image, the coarse image every
+        finer block only adds detail to (a cheap preview: the top blocks hold most of the FLOPs).
+        """
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        if max_resolution is not None and max_resolution not in self.block_resolutions:
+            raise ValueError(f"max_resolution must be one of {self.block_resolutions}, got {max_resolution}")
         if ws.ndim == 2:
             ws = ws.unsqueeze(1).expand(-1, self.num_ws, -1)
         assert_shape(ws, [None, self.num_ws, self.w_dim], "ws")
@@ -424,6 +431,8 @@ class SynthesisNetwork(nn.Module):
         for block in self.blocks:
             x, img = block(x, img, ws[:, w_idx : w_idx + block.num_conv + block.num_torgb], noise_mode, fused)
             w_idx += block.num_conv
+            if block.resolution == max_resolution:
+                break
         return img
 
 

@@ -6,9 +6,9 @@ Truncation (w_t = psi * w + (1 - psi) * target):
   multimodal  target = the center nearest to w (paper: by LPIPS between G(w) and G(c)), or a forced one
 
 Reproducibility: each sample's z comes from its own torch.Generator seeded with its seed, the noise
-is constant, and every forward pass (mapping, assignment, synthesis) runs at the fixed batch size,
-padded, so an image depends only on (seed, psi, mode, cluster), the weights and the batch size,
-never on which other samples shared its batch (kernels reduce in a different order per batch shape).
+is constant, and every forward pass (mapping, assignment, synthesis) is padded to a row count checked
+on this device to give the full batch's bits (PassRows), so an image depends only on (seed, psi, mode,
+cluster), the weights and the batch size, never on which other samples shared its batch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sdsg_ray.imaging import encode_png, image_grid, to_uint8
-from sdsg_ray.truncation.assign import AssignBy, build_assigner, pad_rows, render
+from sdsg_ray.truncation.assign import NOISE_MODE, AssignBy, PassRows, build_assigner, render
 from sdsg_ray.truncation.clusters import ClusterSet
 
 Mode = Literal["none", "mean", "multimodal"]
@@ -50,13 +50,21 @@ class Sampler:
     """Draws truncated samples from an InferenceBundle's G_ema, with optional multi-modal centers."""
 
     def __init__(self, bundle, clusters: ClusterSet | None = None, metric=None, assign_by: AssignBy = "lpips",
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, assign_resolution: int | None = None) -> None:
+        """``batch_size``: the most rows in one forward pass. A short pass is padded only up to the
+        smallest row count verified bit-exact here (PassRows), so a lone request on a CPU costs a few
+        rows, not a whole batch. ``assign_resolution``: compare G(w) and the centers at that coarser
+        resolution (PerceptualAssigner); None: full images."""
         self.G = bundle.G_ema.eval()
         self.device = next(self.G.parameters()).device
         self.bundle = bundle
         self.clusters = clusters
         self.batch_size = batch_size
         self.w_avg = bundle.w_avg.to(self.device).float()
+        with torch.no_grad():  # a few probe passes per candidate size, once per Sampler
+            z = torch.stack([seed_latent(seed, self.G.z_dim) for seed in range(batch_size)])
+            rows = PassRows.powers_of_two(batch_size).verified(self._map, z)
+            self.rows = rows.verified(self._synthesize, self._map(z))
         self.assigner = None
         if clusters is not None:
             if clusters.centers.shape[1] != self.G.w_dim:
@@ -69,7 +77,8 @@ class Sampler:
                     "run `sdsg cluster` for this checkpoint"
                 )
             self.centers = clusters.centers.to(self.device).float()
-            self.assigner = build_assigner(assign_by, self.G.synthesis, self.centers, metric, batch_size)
+            self.assigner = build_assigner(assign_by, self.G.synthesis, self.centers, self.rows, metric,
+                                           assign_resolution)
 
     @property
     def resolution(self) -> int:
@@ -95,13 +104,21 @@ class Sampler:
             if not 0 <= spec.cluster < self.num_clusters:
                 raise ValueError(f"cluster must be in [0, {self.num_clusters - 1}], got {spec.cluster}")
 
+    def _map(self, z: torch.Tensor) -> torch.Tensor:
+        return self.G.mapping(z.to(self.device)).float()
+
+    def _synthesize(self, w: torch.Tensor) -> torch.Tensor:
+        return self.G.synthesis(w, noise_mode=NOISE_MODE).float()
+
+    @property
+    def pass_sizes(self) -> tuple[int, ...]:
+        """Row counts the generator's passes run at (the assigner's may be fewer)."""
+        return self.rows.sizes
+
     @torch.no_grad()
     def latents(self, seeds: Sequence[int]) -> torch.Tensor:
-        """Untruncated w [B, w_dim] for the seeds, mapped in fixed-size padded batches."""
-        z = torch.stack([seed_latent(int(s), self.G.z_dim) for s in seeds])
-        out = [self.G.mapping(pad_rows(c, self.batch_size).to(self.device)).float()[:len(c)]
-               for c in z.split(self.batch_size)]
-        return torch.cat(out)
+        """Untruncated w [B, w_dim] for the seeds, mapped in padded passes."""
+        return self.rows.run(self._map, torch.stack([seed_latent(int(s), self.G.z_dim) for s in seeds]))
 
     @torch.no_grad()
     def truncated_latents(self, specs: Sequence[SampleSpec], w: torch.Tensor) -> torch.Tensor:
@@ -113,7 +130,7 @@ class Sampler:
         nearest = [i for i, s in enumerate(specs) if s.mode == "multimodal" and s.cluster is None]
         if forced:
             targets[forced] = self.centers[[specs[i].cluster for i in forced]]
-        if nearest:  # assign the whole (padded) batch: same shape every time, see the module docstring
+        if nearest:  # the assigner pads its own passes: a center never depends on the rest of the chunk
             targets[nearest] = self.centers[self.assigner.assign(w)[nearest]]
         psi = torch.tensor([s.psi if s.mode != "none" else 1.0 for s in specs], device=self.device)[:, None]
         # psi*w + (1-psi)*c rather than c + psi*(w-c): exact at both ends (psi=1 -> w, psi=0 -> c) in floats.
@@ -128,7 +145,7 @@ class Sampler:
         for start in range(0, len(specs), self.batch_size):
             chunk = specs[start:start + self.batch_size]
             w_t = self.truncated_latents(chunk, self.latents([s.seed for s in chunk]))
-            out.append(to_uint8(render(self.G.synthesis, w_t, self.batch_size).cpu()))
+            out.append(to_uint8(render(self.G.synthesis, w_t, self.rows).cpu()))
         images = np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
         assert images.shape == (len(specs), self.resolution, self.resolution, 3), images.shape
         return images
@@ -143,7 +160,7 @@ class Sampler:
         if self.assigner is None:
             raise ValueError("no clusters loaded")
         cached = getattr(self.assigner, "center_images", None)
-        images = cached if cached is not None else render(self.G.synthesis, self.centers, self.batch_size)
+        images = cached if cached is not None else render(self.G.synthesis, self.centers, self.rows)
         return to_uint8(images.cpu())
 
     def center_grid(self) -> bytes:
@@ -153,7 +170,7 @@ class Sampler:
 
 
 def load_sampler(checkpoint: str, clusters: str | None = None, storage=None, assign_by: AssignBy = "lpips",
-                 device: str | None = None, batch_size: int = 32) -> Sampler:
+                 device: str | None = None, batch_size: int = 32, assign_resolution: int | None = None) -> Sampler:
     """A Sampler from URIs: the checkpoint's G_ema, its clusters and the metric the clusters name."""
     from sdsg_ray.checkpoint import load_inference
     from sdsg_ray.truncation.clusters import load_clusters
@@ -166,4 +183,5 @@ def load_sampler(checkpoint: str, clusters: str | None = None, storage=None, ass
         from sdsg_ray.pretrained import build_metric
 
         metric = build_metric(cluster_set.metric, device=device)
-    return Sampler(bundle, cluster_set, metric, assign_by=assign_by, batch_size=batch_size)
+    return Sampler(bundle, cluster_set, metric, assign_by=assign_by, batch_size=batch_size,
+                   assign_resolution=assign_resolution)
