@@ -191,7 +191,10 @@ def test_rerun_after_crash_is_exactly_once(ray_cluster, corpus, reference, tmp_p
     assert not storage.exists(join(out, "summary.json"))
 
     summary = run_scoring(load_config(None, settings))
-    assert summary["shards_resumed"] == 1 and summary["scored_this_run"] == N_GOOD + len(CORRUPT) - 6
+    # Shards complete in any order (decoding runs ahead in parallel); the last of the 6 holds 3 keys.
+    total = N_GOOD + len(CORRUPT)
+    durable_rows = min(6, total - 6 * written[0])
+    assert summary["shards_resumed"] == 1 and summary["scored_this_run"] == total - durable_rows
     rows, expected = read_scores(out), reference["rows"]
     assert rows.keys() == expected.keys()
     for key, row in rows.items():
