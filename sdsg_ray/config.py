@@ -194,6 +194,14 @@ class ServeConfig(Section):
     max_samples_per_request: int = Field(64, ge=1)
     default_psi: float = Field(0.7, ge=0, le=1)
 
+    @field_validator("assign_resolution")
+    @classmethod
+    def _block_resolution(cls, r: int | None) -> int | None:
+        """Blocks are powers of two; whether the loaded generator has this one is checked by the Sampler."""
+        if r is not None and r & (r - 1):
+            raise ValueError("must be a power of two (one of the generator's block resolutions)")
+        return r
+
     @model_validator(mode="after")
     def _replicas(self) -> "ServeConfig":
         if self.min_replicas > self.max_replicas:

@@ -34,6 +34,12 @@ def test_bad_override_names_field():
         load_config(None, ["dataset.n=many"])
 
 
+def test_bad_serve_assign_resolution_is_named():
+    with pytest.raises(ConfigError, match=r"serve\.assign_resolution.*power of two"):
+        load_config(None, ["serve.assign_resolution=12"])
+    assert load_config(None, ["serve.assign_resolution=16"]).serve.assign_resolution == 16
+
+
 def test_unknown_field_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dataset:\n  n_images: 5\n")

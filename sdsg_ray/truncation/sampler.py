@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
 
 from sdsg_ray.imaging import encode_png, image_grid, to_uint8
-from sdsg_ray.truncation.assign import NOISE_MODE, AssignBy, PassRows, build_assigner, render
+from sdsg_ray.truncation.assign import AssignBy, PassRows, build_assigner, render
 from sdsg_ray.truncation.clusters import ClusterSet
 
 Mode = Literal["none", "mean", "multimodal"]
@@ -64,7 +65,7 @@ class Sampler:
         with torch.no_grad():  # a few probe passes per candidate size, once per Sampler
             z = torch.stack([seed_latent(seed, self.G.z_dim) for seed in range(batch_size)])
             rows = PassRows.powers_of_two(batch_size).verified(self._map, z)
-            self.rows = rows.verified(self._synthesize, self._map(z))
+            self.rows = rows.verified(partial(render, self.G.synthesis), self._map(z))
         self.assigner = None
         if clusters is not None:
             if clusters.centers.shape[1] != self.G.w_dim:
@@ -76,6 +77,9 @@ class Sampler:
                     f"clusters were fitted on checkpoint {clusters.checkpoint}, not {bundle.identity}: "
                     "run `sdsg cluster` for this checkpoint"
                 )
+            if assign_resolution is not None and assign_resolution not in self.G.synthesis.block_resolutions:
+                raise ValueError(f"assign_resolution must be one of this generator's block resolutions "
+                                 f"{self.G.synthesis.block_resolutions}, got {assign_resolution}")
             self.centers = clusters.centers.to(self.device).float()
             self.assigner = build_assigner(assign_by, self.G.synthesis, self.centers, self.rows, metric,
                                            assign_resolution)
@@ -106,9 +110,6 @@ class Sampler:
 
     def _map(self, z: torch.Tensor) -> torch.Tensor:
         return self.G.mapping(z.to(self.device)).float()
-
-    def _synthesize(self, w: torch.Tensor) -> torch.Tensor:
-        return self.G.synthesis(w, noise_mode=NOISE_MODE).float()
 
     @property
     def pass_sizes(self) -> tuple[int, ...]:
