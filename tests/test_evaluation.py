@@ -74,15 +74,17 @@ def test_outlier_detection_counts_removed_images_against_planted_labels(tmp_path
     kept = str(tmp_path / "sel" / "kept.parquet")
     write_manifest([join(data, f"{k}.png") for k, v in d.items() if v < 0.5], kept, storage)
     labels = tmp_path / "labels.csv"
+    kind = {"out0": "text", "out1": "text", "out2": "noise"}
     labels.write_text("key,is_outlier,kind,mode\n" + "".join(
-        f"{join(data, k + '.png')},{int(k.startswith('out'))},{'text' if k.startswith('out') else 'inlier'},\n"
-        for k in list(d) + ["bad"]))
+        f"{join(data, k + '.png')},{int(k.startswith('out'))},{kind.get(k, 'inlier')},\n" for k in list(d) + ["bad"]))
     got = outlier_detection(scores, kept, str(labels), storage)
     # removed: in4, in5, out0, out1 -> 2 true positives of 4 removed; 2 of 3 outliers found.
     assert (got["images"], got["outliers"], got["removed"], got["true_positives"]) == (9, 3, 4, 2)
     assert got["precision"] == pytest.approx(0.5) and got["recall"] == pytest.approx(2 / 3)
     # AUROC of d: outliers 0.8, 0.9, 0.45 vs the 6 inliers; pairs won: 6 + 6 + 4 of 18.
     assert got["auroc"] == pytest.approx(16 / 18)
+    # Per kind, against all six inliers: text (0.8, 0.9) wins 12 of 12 pairs, noise (0.45) 4 of 6.
+    assert got["auroc_by_kind"] == {"noise": pytest.approx(4 / 6), "text": pytest.approx(1.0)}
     assert got["outlier_fraction_kept"] == pytest.approx(1 / 5)
 
 
@@ -103,7 +105,8 @@ def test_report_shows_the_numbers_and_names_the_features(tmp_path):
                        "reference": "kept.parquet"},
         "figures": {"fid_vs_psi": "fid_vs_psi.png", "truncation_grid": "truncation_grid.png"},
         "outliers": {"images": 9, "outliers": 3, "removed": 4, "true_positives": 2, "precision": 0.5,
-                     "recall": 0.6667, "auroc": 0.9444, "outlier_fraction_raw": 0.33, "outlier_fraction_kept": 0.2},
+                     "recall": 0.6667, "auroc": 0.9444, "auroc_by_kind": {"collage": 0.9876},
+                     "outlier_fraction_raw": 0.33, "outlier_fraction_kept": 0.2},
     }
     storage.write_text(join(root, "eval", "results.json"), json.dumps(results))
     storage.write_text(join(root, "pipeline.json"), json.dumps({
@@ -112,7 +115,7 @@ def test_report_shows_the_numbers_and_names_the_features(tmp_path):
     page = (tmp_path / "run" / "report" / "index.html")
     assert write_report(root, storage=storage) == str(page)
     html = page.read_text()
-    for expected in ("12.35", "23.46", "35.25", "0.9444", "61.5", "FD (stlpips-alex-pool)", "not FID",
-                     "data:image/png;base64,"):
+    for expected in ("12.35", "23.46", "35.25", "0.9444", "collage", "0.9876", "61.5", "FD (stlpips-alex-pool)",
+                     "not FID", "data:image/png;base64,"):
         assert expected in html, expected
     assert ">FID<" not in html

@@ -217,29 +217,38 @@ def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: 
     from sdsg_ray.filtering.writer import iter_score_batches
     from sdsg_ray.manifest import read_manifest
 
-    outlier_by_key = {row["key"]: row["is_outlier"] for row in read_labels(labels_uri, storage)}
+    label_by_key = {row["key"]: row for row in read_labels(labels_uri, storage)}
     kept = set(read_manifest(kept_uri, storage))
-    y_true, y_score, removed = [], [], []
+    y_true, y_score, removed, kinds = [], [], [], []
     unlabelled = 0
     rows = ((str(k), s, float(d)) for batch in iter_score_batches(scores_uri, storage, ["key", "status", "d_lpips"])
             for k, s, d in zip(batch["key"], batch["status"], batch["d_lpips"]))
     for key, status, d in rows:
         if status != "ok":
             continue
-        if key not in outlier_by_key:
+        if key not in label_by_key:
             unlabelled += 1
             continue
-        y_true.append(outlier_by_key[key])
+        y_true.append(label_by_key[key]["is_outlier"])
+        kinds.append(label_by_key[key]["kind"])
         y_score.append(d)
         removed.append(key not in kept)
     y_true_a, removed_a = np.array(y_true, bool), np.array(removed, bool)
+    score_a, kinds_a = np.array(y_score, np.float64), np.array(kinds)
     tp = int((y_true_a & removed_a).sum())
+
+    def auroc(rows: np.ndarray) -> float | None:
+        return float(roc_auc_score(y_true_a[rows], score_a[rows])) if 0 < y_true_a[rows].sum() < rows.sum() else None
+
+    # Each outlier kind against all inliers: which kinds the generator fails to reconstruct, and which it can.
+    by_kind = {kind: auroc(~y_true_a | (kinds_a == kind)) for kind in sorted(set(kinds_a[y_true_a]))}
     return {
         "images": len(y_true), "outliers": int(y_true_a.sum()), "removed": int(removed_a.sum()),
         "true_positives": tp,
         "precision": tp / max(1, int(removed_a.sum())),
         "recall": tp / max(1, int(y_true_a.sum())),
-        "auroc": float(roc_auc_score(y_true_a, y_score)) if 0 < y_true_a.sum() < len(y_true_a) else None,
+        "auroc": auroc(np.ones(len(y_true_a), bool)),
+        "auroc_by_kind": by_kind,
         "outlier_fraction_raw": float(y_true_a.mean()) if len(y_true_a) else None,
         "outlier_fraction_kept": float(y_true_a[~removed_a].mean()) if (~removed_a).any() else None,
         "unlabelled": unlabelled,

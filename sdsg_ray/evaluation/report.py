@@ -132,6 +132,9 @@ def _selection_section(results: dict, storage: Storage, selection_uri: str | Non
              "outlier share in X", "outlier share in Y"],
             [(out["images"], out["outliers"], out["removed"], out["precision"], out["recall"], out["auroc"],
               out["outlier_fraction_raw"], out["outlier_fraction_kept"])]))
+        if out.get("auroc_by_kind"):
+            parts.append(_table(["outlier kind"] + list(out["auroc_by_kind"]),
+                                [["AUROC vs all inliers"] + list(out["auroc_by_kind"].values())]))
     if selection_uri:
         for name, caption in (("histogram.png", "d(x) histogram and the chosen θ"),
                               ("fid_vs_threshold.png", "Distance of Y to X against θ with both bounds (Fig. 8)"),
