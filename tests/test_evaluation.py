@@ -86,6 +86,10 @@ def test_outlier_detection_counts_removed_images_against_planted_labels(tmp_path
     # Per kind, against all six inliers: text (0.8, 0.9) wins 12 of 12 pairs, noise (0.45) 4 of 6.
     assert got["auroc_by_kind"] == {"noise": pytest.approx(4 / 6), "text": pytest.approx(1.0)}
     assert got["outlier_fraction_kept"] == pytest.approx(1 / 5)
+    # Hand-made labels with only key and is_outlier: the same figures, no per-kind table.
+    labels.write_text("key,is_outlier\n" + "".join(f"{join(data, k + '.png')},{int(k.startswith('out'))}\n" for k in d))
+    plain = outlier_detection(scores, kept, str(labels), storage)
+    assert plain["auroc_by_kind"] == {} and plain["auroc"] == pytest.approx(16 / 18)
 
 
 def test_report_shows_the_numbers_and_names_the_features(tmp_path):

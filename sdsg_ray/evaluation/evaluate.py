@@ -230,7 +230,7 @@ def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: 
             unlabelled += 1
             continue
         y_true.append(label_by_key[key]["is_outlier"])
-        kinds.append(label_by_key[key]["kind"])
+        kinds.append(label_by_key[key].get("kind") or "")  # hand-made labels may have no kind column
         y_score.append(d)
         removed.append(key not in kept)
     y_true_a, removed_a = np.array(y_true, bool), np.array(removed, bool)
@@ -241,7 +241,7 @@ def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: 
         return float(roc_auc_score(y_true_a[rows], score_a[rows])) if 0 < y_true_a[rows].sum() < rows.sum() else None
 
     # Each outlier kind against all inliers: which kinds the generator fails to reconstruct, and which it can.
-    by_kind = {kind: auroc(~y_true_a | (kinds_a == kind)) for kind in sorted(set(kinds_a[y_true_a]))}
+    by_kind = {kind: auroc(~y_true_a | (kinds_a == kind)) for kind in sorted(set(kinds_a[y_true_a]) - {""})}
     return {
         "images": len(y_true), "outliers": int(y_true_a.sum()), "removed": int(removed_a.sum()),
         "true_positives": tp,
