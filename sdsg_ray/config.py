@@ -32,6 +32,15 @@ class StorageConfig(Section):
         None, description="S3-compatible endpoint; falls back to $AWS_ENDPOINT_URL, then AWS itself."
     )
     region: str | None = Field(None, description="AWS region; falls back to $AWS_DEFAULT_REGION.")
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        "adaptive", description="botocore retry mode: 'standard' (exponential backoff with jitter) or "
+        "'adaptive' (standard plus client-side rate limiting when the store answers SlowDown / 503).",
+    )
+    max_attempts: int = Field(
+        8, ge=1, le=50, description="Attempts per S3 request, the first included, before an error is raised.",
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to open a connection to the store.")
+    read_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for bytes on an open connection.")
 
 
 class ModelConfig(Section):

@@ -1,8 +1,13 @@
 """URI-addressed storage: a local path, ``file:///abs/path`` or ``s3://bucket/prefix``.
 
-Every module reads and writes through :class:`Storage`, so the same pipeline runs against a laptop
-directory, AWS S3 or any S3-compatible store (MinIO, Ceph, moto). Object operations use boto3; Ray Data
-gets a pyarrow filesystem built from the same settings (:meth:`Storage.arrow_filesystem`).
+One storage layer for the whole project. Each scheme has one object store (:class:`LocalObjects` on
+the local filesystem, :class:`S3Objects` on one boto3 client); :class:`Storage` picks the store by URI
+and keeps the project's guarantees on top of it: atomic writes (a reader sees the old object or the
+new one, never half of one), sorted listings streamed page by page, and errors that name the URI and
+the endpoint (never a credential). Ray is handed the same store as a pyarrow filesystem
+(:meth:`Storage.arrow_filesystem`): Ray Train's checkpoints and Ray Data's parquet reads go through the
+same client, endpoint, retry policy and error translation as everything else, so the project has one
+S3 client family (boto3/botocore) configured in one place (:class:`~sdsg_ray.config.StorageConfig`).
 
 Endpoint: ``StorageConfig.endpoint_url`` > ``$AWS_ENDPOINT_URL`` > AWS itself. Credentials always come
 from the standard AWS chain (environment, profile, instance role) and are never logged.
@@ -14,13 +19,17 @@ the keys a listing yields, the keys a manifest holds and the keys in ``labels.cs
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 import threading
 import uuid
-from typing import IO, Any, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, Any, Callable, Iterator
 from urllib.parse import urlparse
 
+import pyarrow
 import pyarrow.fs
 
 from sdsg_ray.config import StorageConfig
@@ -29,6 +38,8 @@ from sdsg_ray.config import StorageConfig
 _TMP_MARK = ".sdsg-tmp-"
 # Up to this size an S3 write is one PUT from memory; above, a multipart upload from a spooled temp file.
 _SINGLE_PUT_BYTES = 64 * 1024 * 1024
+# Reads through the pyarrow view fetch at least this many bytes per ranged GET (parquet reads are small).
+_READ_BUFFER_BYTES = 4 * 1024 * 1024
 _AUTH_CODES = {
     "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
@@ -79,15 +90,95 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-class Storage:
-    """One object-store client for local and S3 URIs.
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its full URI, size in bytes and last modification time (None if unknown)."""
 
-    Picklable, because Ray ships it to workers: the boto3 client is built lazily on first use in each
-    process and dropped when pickled (clients hold sockets and locks).
+    uri: str
+    size: int
+    mtime: datetime | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The object stores: one per scheme, the same small interface
+
+
+class LocalObjects:
+    """Objects as files under absolute paths; writes go to a temp file that is renamed into place."""
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every file under the directory ``prefix``, recursively, in S3's byte order of full keys."""
+        if not os.path.isdir(prefix):
+            return
+        try:
+            entries = list(os.scandir(prefix))
+        except PermissionError:
+            raise StorageError(f"{prefix}: permission denied while listing") from None
+        # Sorting directories as "name/" reproduces S3's byte order of full keys ("a.jpg" < "a/x").
+        entries.sort(key=lambda e: e.name + "/" if e.is_dir() else e.name)
+        for entry in entries:
+            if entry.is_dir():
+                yield from self.list(entry.path)
+            elif _TMP_MARK not in entry.name:
+                yield ObjectInfo(entry.path, entry.stat().st_size)
+
+    def info(self, path: str) -> ObjectInfo | None:
+        return ObjectInfo(path, os.path.getsize(path)) if os.path.isfile(path) else None
+
+    def open_read(self, path: str) -> IO[bytes]:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{path}: no such object") from None
+        except (IsADirectoryError, PermissionError, OSError) as err:
+            raise StorageError(f"{path}: {type(err).__name__}: {err.strerror or err}") from None
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.open_read(path) as f:
+            return f.read()
+
+    @contextlib.contextmanager
+    def open_write(self, path: str) -> Iterator[IO[bytes]]:
+        directory = os.path.dirname(path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"{path}: cannot create directory {directory}: {err.strerror or err}") from None
+        tmp = os.path.join(directory, f".{os.path.basename(path)}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            # Atomic for readers. No fsync: crash durability is not the goal, and one fsync per image
+            # made writing a dataset I/O-bound.
+            os.replace(tmp, path)
+        except PermissionError as err:
+            raise StorageError(f"{path}: permission denied: {err.strerror or err}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.open_write(path) as f:
+            f.write(data)
+
+    def delete(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise StorageError(f"{path}: cannot delete: {err.strerror or err}") from None
+
+
+class S3Objects:
+    """Objects in S3 or an S3-compatible store, through one boto3 client built on first use.
+
+    Picklable, because Ray ships it to workers: the client holds sockets and locks, so it is dropped
+    when pickled and rebuilt lazily in each process from the same settings.
     """
 
-    def __init__(self, config: StorageConfig | None = None):
-        self.config = config or StorageConfig()
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
         self._client: Any = None
         self._lock = threading.Lock()
         self._checked_buckets: set[str] = set()
@@ -98,7 +189,8 @@ class Storage:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["config"])
 
-    # ----- settings -------------------------------------------------------------------------
+    # settings and errors ---------------------------------------------------------------------------
+
     @property
     def endpoint_url(self) -> str | None:
         """The S3 endpoint in effect: config > $AWS_ENDPOINT_URL > None (AWS itself)."""
@@ -108,246 +200,499 @@ class Storage:
     def region(self) -> str | None:
         return self.config.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
 
-    def _where(self) -> str:
+    def where(self) -> str:
         return self.endpoint_url or "AWS S3"
 
     @property
     def client(self) -> Any:
-        """The boto3 S3 client, created on first use (boto3 clients are thread-safe once built)."""
+        """The boto3 S3 client (thread-safe once built) with the configured retry policy and timeouts."""
         if self._client is None:
             with self._lock:
                 if self._client is None:
                     import boto3
                     from botocore.config import Config
 
-                    session = boto3.session.Session()
-                    self._client = session.client(
+                    cfg = self.config
+                    self._client = boto3.session.Session().client(
                         "s3",
                         endpoint_url=self.endpoint_url,
                         region_name=self.region,
                         config=Config(
-                            retries={"max_attempts": 5, "mode": "adaptive"},
+                            retries={"max_attempts": cfg.max_attempts, "mode": cfg.retry_mode},
                             max_pool_connections=64,
-                            connect_timeout=10,
-                            read_timeout=60,
+                            connect_timeout=cfg.connect_timeout_s,
+                            read_timeout=cfg.read_timeout_s,
                         ),
                     )
         return self._client
 
-    # ----- errors ---------------------------------------------------------------------------
-    def _s3_error(self, err: Exception, uri: str) -> StorageError:
-        """Translate a botocore exception into our errors; never includes credentials."""
+    def error(self, err: Exception, uri: str, operation: str) -> StorageError:
+        """A botocore exception as one of our errors, naming the URI, the operation and the endpoint."""
         from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
+        where = self.where()
         if isinstance(err, ClientError):
             code = str(err.response.get("Error", {}).get("Code", ""))
             if code in _MISSING_KEY_CODES:
                 return ObjectNotFound(f"{uri}: no such object")
             if code == "NoSuchBucket":
                 bucket, _ = split_s3(uri)
-                return StorageError(f"{uri}: bucket {bucket!r} does not exist at {self._where()}")
+                return StorageError(f"{uri}: bucket {bucket!r} does not exist at {where}")
             if code in _AUTH_CODES:
                 return StorageError(
-                    f"{uri}: access denied ({code}) at {self._where()}; check the credentials of the standard "
+                    f"{uri}: access denied ({code}) at {where}; check the credentials of the standard "
                     "AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance role) and the "
                     "bucket policy"
                 )
             message = err.response.get("Error", {}).get("Message", "")
-            return StorageError(f"{uri}: S3 error {code}: {message} (endpoint {self._where()})")
+            attempts = err.response.get("ResponseMetadata", {}).get("RetryAttempts")
+            tried = f" after {attempts + 1} attempts" if attempts else ""
+            return StorageError(f"{uri}: {operation} failed{tried}: S3 error {code}: {message} (endpoint {where})")
         if isinstance(err, NoCredentialsError):
             return StorageError(f"{uri}: no AWS credentials found in the standard chain (env, profile, role)")
         if isinstance(err, EndpointConnectionError):
-            return StorageError(f"{uri}: cannot reach the S3 endpoint {self._where()}")
-        return StorageError(f"{uri}: {type(err).__name__}: {err} (endpoint {self._where()})")
+            return StorageError(f"{uri}: {operation} failed: cannot reach the S3 endpoint {where}")
+        return StorageError(f"{uri}: {operation} failed: {type(err).__name__}: {err} (endpoint {where})")
 
     @contextlib.contextmanager
-    def _s3_errors(self, uri: str) -> Iterator[None]:
+    def errors(self, uri: str, operation: str) -> Iterator[None]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             yield
         except (ClientError, BotoCoreError) as err:
-            raise self._s3_error(err, uri) from None
+            raise self.error(err, uri, operation) from None
 
     def _check_bucket(self, uri: str) -> None:
         """A 404 from HEAD cannot tell a missing key from a missing bucket; ask once per bucket."""
         bucket, _ = split_s3(uri)
         if bucket in self._checked_buckets:
             return
-        with self._s3_errors(uri):
+        with self.errors(uri, "HEAD bucket"):
             try:
                 self.client.head_bucket(Bucket=bucket)
             except Exception as err:
                 code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
                 if code in ("404", "NoSuchBucket"):
-                    raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {self._where()}") from None
+                    raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {self.where()}") from None
                 raise
         self._checked_buckets.add(bucket)
 
-    # ----- listing --------------------------------------------------------------------------
-    def list(self, prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
-        """Yield full URIs of the objects under a prefix (a "directory"), sorted, lazily.
+    # the interface -----------------------------------------------------------------------------------
+
+    def list(self, prefix_uri: str, delimiter: str | None = None) -> Iterator[ObjectInfo]:
+        """Objects under the prefix ``prefix_uri/`` in byte order, 1000 keys a request (never all in memory).
+
+        Keys ending in "/" (directory markers) are skipped. With ``delimiter="/"`` only the objects
+        directly under the prefix are listed (see :meth:`list_dirs` for the sub-prefixes).
+        """
+        bucket, prefix = split_s3(prefix_uri)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        kwargs = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
+        with self.errors(prefix_uri, "LIST"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
+                for obj in page.get("Contents", ()):
+                    if not obj["Key"].endswith("/"):
+                        yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj.get("LastModified"))
+
+    def list_dirs(self, prefix_uri: str) -> Iterator[str]:
+        """The sub-prefixes directly under ``prefix_uri/`` (as URIs without a trailing slash)."""
+        bucket, prefix = split_s3(prefix_uri)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        with self.errors(prefix_uri, "LIST"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                for common in page.get("CommonPrefixes", ()):
+                    yield f"s3://{bucket}/{common['Prefix'].rstrip('/')}"
+
+    def has_prefix(self, prefix_uri: str) -> bool:
+        """Whether any object (a directory marker included) lies under ``prefix_uri/``."""
+        bucket, prefix = split_s3(prefix_uri)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        with self.errors(prefix_uri, "LIST"):
+            return bool(self.client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0))
+
+    def info(self, uri: str) -> ObjectInfo | None:
+        """The object's size and mtime, or None if there is no such object (a missing bucket raises)."""
+        bucket, key = split_s3(uri)
+        if not key:
+            return None
+        with self.errors(uri, "HEAD"):
+            try:
+                head = self.client.head_object(Bucket=bucket, Key=key)
+                return ObjectInfo(uri, int(head["ContentLength"]), head.get("LastModified"))
+            except Exception as err:
+                code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+                if code not in _MISSING_KEY_CODES:
+                    raise
+        self._check_bucket(uri)
+        return None
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = split_s3(uri)
+        with self.errors(uri, "GET"):
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        bucket, key = split_s3(uri)
+        with self.errors(uri, "GET range"):
+            body = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")["Body"]
+            return body.read()
+
+    def open_read(self, uri: str) -> IO[bytes]:
+        """A seekable binary reader that fetches the object in ranged GETs (large objects never sit in memory)."""
+        info = self.info(uri)
+        if info is None:
+            raise ObjectNotFound(f"{uri}: no such object")
+        return io.BufferedReader(_RangeReader(self, uri, info.size), buffer_size=_READ_BUFFER_BYTES)
+
+    @contextlib.contextmanager
+    def open_write(self, uri: str) -> Iterator[IO[bytes]]:
+        """Bytes are spooled, then sent as one PUT or a multipart upload; S3 makes an object visible only
+        when that PUT or CompleteMultipartUpload succeeds, so readers never see a partial object. On error
+        nothing is written and the previous object, if any, is left untouched."""
+        with tempfile.SpooledTemporaryFile(max_size=_SINGLE_PUT_BYTES) as spool:
+            yield spool
+            self.upload(uri, spool)
+
+    def upload(self, uri: str, spool: IO[bytes]) -> None:
+        """Send everything written to ``spool`` (positioned at its end) as the object ``uri``."""
+        bucket, key = split_s3(uri)
+        size = spool.tell()
+        spool.seek(0)
+        with self.errors(uri, "PUT"):
+            if size <= _SINGLE_PUT_BYTES:
+                self.client.put_object(Bucket=bucket, Key=key, Body=spool.read())  # one PUT: atomic on S3
+            else:
+                self.client.upload_fileobj(spool, bucket, key)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if len(data) > _SINGLE_PUT_BYTES:
+            with self.open_write(uri) as f:
+                f.write(data)
+            return
+        bucket, key = split_s3(uri)
+        with self.errors(uri, "PUT"):
+            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+    def delete(self, uri: str) -> None:
+        bucket, key = split_s3(uri)
+        with self.errors(uri, "DELETE"):
+            self.client.delete_object(Bucket=bucket, Key=key)
+
+    def delete_many(self, uris: list[str]) -> None:
+        """Delete objects of one bucket, 1000 per request (S3's limit for DeleteObjects)."""
+        for start in range(0, len(uris), 1000):
+            chunk = uris[start:start + 1000]
+            bucket = split_s3(chunk[0])[0]
+            with self.errors(chunk[0], "DELETE objects"):
+                self.client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": split_s3(u)[1]} for u in chunk], "Quiet": True}
+                )
+
+    def copy(self, source: str, target: str) -> None:
+        (src_bucket, src_key), (dst_bucket, dst_key) = split_s3(source), split_s3(target)
+        with self.errors(source, "COPY"):
+            self.client.copy({"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key)
+
+
+class _RangeReader(io.RawIOBase):
+    """The raw, seekable view of one S3 object: every read is a ranged GET."""
+
+    def __init__(self, store: S3Objects, uri: str, size: int) -> None:
+        super().__init__()
+        self.store, self.uri, self.size, self.pos = store, uri, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        length = min(len(buffer), self.size - self.pos)
+        if length <= 0:
+            return 0
+        data = self.store.read_range(self.uri, self.pos, length)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same S3 store as a pyarrow filesystem, for Ray Train and Ray Data
+
+
+class _UploadOnClose(io.RawIOBase):
+    """A write-only stream that becomes the object when closed (never earlier, never partially)."""
+
+    def __init__(self, store: S3Objects, uri: str) -> None:
+        super().__init__()
+        self.store, self.uri = store, uri
+        self.spool = tempfile.SpooledTemporaryFile(max_size=_SINGLE_PUT_BYTES)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self.spool.write(data)
+
+    def tell(self) -> int:
+        return self.spool.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.store.upload(self.uri, self.spool)
+            finally:
+                self.spool.close()
+                super().close()
+
+
+class S3ArrowHandler(pyarrow.fs.FileSystemHandler):
+    """pyarrow's filesystem interface over :class:`S3Objects` (paths are ``bucket/key``).
+
+    S3 has no directories: a "directory" exists when an object lies under its prefix. ``create_dir``
+    writes an empty ``dir/`` marker object, as pyarrow's own S3 filesystem does, so that an empty
+    directory a caller just created is found; listings never yield markers.
+    """
+
+    def __init__(self, store: S3Objects) -> None:
+        self.store = store
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, S3ArrowHandler) and other.store.config == self.store.config
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    @staticmethod
+    def uri(path: str) -> str:
+        return "s3://" + path.strip("/")
+
+    def get_type_name(self) -> str:
+        return "sdsg-s3"
+
+    def normalize_path(self, path: str) -> str:
+        return path.strip("/")
+
+    def _info(self, path: str) -> pyarrow.fs.FileInfo:
+        path = path.strip("/")
+        if "/" not in path:  # a bucket
+            return pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.Directory)
+        found = self.store.info(self.uri(path))
+        if found is not None:
+            return pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.File, size=found.size, mtime=found.mtime)
+        if self.store.has_prefix(self.uri(path)):
+            return pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.Directory)
+        return pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.NotFound)
+
+    def get_file_info(self, paths: list[str]) -> list[pyarrow.fs.FileInfo]:
+        return [self._info(p) for p in paths]
+
+    def get_file_info_selector(self, selector: pyarrow.fs.FileSelector) -> list[pyarrow.fs.FileInfo]:
+        base = selector.base_dir.strip("/")
+        out: list[pyarrow.fs.FileInfo] = []
+        dirs: set[str] = set()
+        if selector.recursive:
+            for obj in self.store.list(self.uri(base)):
+                path = obj.uri[len("s3://"):]
+                parent = path.rsplit("/", 1)[0]
+                while len(parent) > len(base) and parent not in dirs:  # directories implied by the keys
+                    dirs.add(parent)
+                    parent = parent.rsplit("/", 1)[0]
+                out.append(pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.File, size=obj.size, mtime=obj.mtime))
+        else:
+            dirs.update(uri[len("s3://"):] for uri in self.store.list_dirs(self.uri(base)))
+            out += [pyarrow.fs.FileInfo(o.uri[len("s3://"):], pyarrow.fs.FileType.File, size=o.size, mtime=o.mtime)
+                    for o in self.store.list(self.uri(base), delimiter="/")]
+        out += [pyarrow.fs.FileInfo(d, pyarrow.fs.FileType.Directory) for d in sorted(dirs)]
+        if not out and not selector.allow_not_found and not self.store.has_prefix(self.uri(base)):
+            raise FileNotFoundError(f"{self.uri(base)}: no such directory")
+        return out
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        path = path.strip("/")
+        if "/" in path and self.store.info(self.uri(path)) is None and not self.store.has_prefix(self.uri(path)):
+            self.store.write_bytes(self.uri(path) + "/", b"")
+
+    def _keys_under(self, path: str) -> list[str]:
+        bucket, prefix = split_s3(self.uri(path))
+        prefix = prefix + "/" if prefix else ""
+        keys: list[str] = []
+        with self.store.errors(self.uri(path), "LIST"):
+            for page in self.store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", ())]
+        return keys
+
+    def delete_dir(self, path: str) -> None:
+        keys = self._keys_under(path)
+        if not keys:
+            raise FileNotFoundError(f"{self.uri(path)}: no such directory")
+        self.store.delete_many(keys)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        keys = self._keys_under(path)
+        if not keys and not missing_dir_ok:
+            raise FileNotFoundError(f"{self.uri(path)}: no such directory")
+        marker = self.uri(path) + "/"
+        keys = [k for k in keys if k != marker]
+        if keys:
+            self.store.delete_many(keys)
+
+    def delete_root_dir_contents(self) -> None:
+        raise StorageError("refusing to delete every bucket's contents")
+
+    def delete_file(self, path: str) -> None:
+        if self.store.info(self.uri(path)) is None:
+            raise FileNotFoundError(f"{self.uri(path)}: no such object")
+        self.store.delete(self.uri(path))
+
+    def move(self, src: str, dest: str) -> None:
+        if self.store.info(self.uri(src)) is not None:
+            self.store.copy(self.uri(src), self.uri(dest))
+            self.store.delete(self.uri(src))
+            return
+        keys = self._keys_under(src)
+        if not keys:
+            raise FileNotFoundError(f"{self.uri(src)}: no such object or directory")
+        for key in keys:
+            self.store.copy(key, self.uri(dest) + key[len(self.uri(src)):])
+        self.store.delete_many(keys)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.store.copy(self.uri(src), self.uri(dest))
+
+    def open_input_stream(self, path: str) -> pyarrow.NativeFile:
+        return pyarrow.PythonFile(self.store.open_read(self.uri(path)), mode="r")
+
+    def open_input_file(self, path: str) -> pyarrow.NativeFile:
+        return pyarrow.PythonFile(self.store.open_read(self.uri(path)), mode="r")
+
+    def open_output_stream(self, path: str, metadata) -> pyarrow.NativeFile:
+        return pyarrow.PythonFile(_UploadOnClose(self.store, self.uri(path)), mode="w")
+
+    def open_append_stream(self, path: str, metadata) -> pyarrow.NativeFile:
+        raise NotImplementedError("S3 objects cannot be appended to")
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage: the project's one entry point
+
+
+class Storage:
+    """One object store per scheme behind one API; see the module docstring for its guarantees."""
+
+    def __init__(self, config: StorageConfig | None = None):
+        self.config = config or StorageConfig()
+        self.local = LocalObjects()
+        self.s3 = S3Objects(self.config)
+
+    def __getstate__(self) -> dict:
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["config"])
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """The S3 endpoint in effect: config > $AWS_ENDPOINT_URL > None (AWS itself)."""
+        return self.s3.endpoint_url
+
+    @property
+    def region(self) -> str | None:
+        return self.s3.region
+
+    def _on(self, uri: str, s3: Callable[[str], Any], local: Callable[[str], Any]) -> Any:
+        """Call the store that holds ``uri`` with the URI in that store's form."""
+        return s3(uri) if is_s3(uri) else local(normalize(uri))
+
+    # ----- listing --------------------------------------------------------------------------------
+    def list_objects(self, prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[ObjectInfo]:
+        """Objects (URI, size) under a prefix (a "directory"), sorted by URI, streamed.
 
         S3 is listed page by page (1000 keys a request), so millions of keys stream without being held
         in memory; S3 returns keys in byte order, and the local walk yields the same order. ``suffixes``
         filters case-insensitively (``(".jpg", ".png")``). A prefix with nothing under it yields nothing.
         """
         wanted = tuple(s.lower() for s in suffixes) if suffixes else None
-        keep = (lambda name: name.lower().endswith(wanted)) if wanted else (lambda name: True)
-        if is_s3(prefix_uri):
-            yield from self._list_s3(prefix_uri, keep)
-        else:
-            yield from self._list_local(normalize(prefix_uri), keep)
+        for obj in self._on(prefix_uri, self.s3.list, self.local.list):
+            if wanted is None or obj.uri.lower().endswith(wanted):
+                yield obj
 
-    def _list_s3(self, prefix_uri: str, keep) -> Iterator[str]:
-        bucket, prefix = split_s3(prefix_uri)
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        paginator = self.client.get_paginator("list_objects_v2")
-        with self._s3_errors(prefix_uri):
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                for obj in page.get("Contents", ()):
-                    key = obj["Key"]
-                    if not key.endswith("/") and keep(key):
-                        yield f"s3://{bucket}/{key}"
+    def list(self, prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
+        """Full URIs of the objects under a prefix, sorted, streamed (see :meth:`list_objects`)."""
+        return (obj.uri for obj in self.list_objects(prefix_uri, suffixes))
 
-    def _list_local(self, root: str, keep) -> Iterator[str]:
-        if not os.path.isdir(root):
-            return
-        try:
-            entries = list(os.scandir(root))
-        except PermissionError:
-            raise StorageError(f"{root}: permission denied while listing") from None
-        # Sorting directories as "name/" reproduces S3's byte order of full keys ("a.jpg" < "a/x").
-        entries.sort(key=lambda e: e.name + "/" if e.is_dir() else e.name)
-        for entry in entries:
-            if entry.is_dir():
-                yield from self._list_local(entry.path, keep)
-            elif _TMP_MARK not in entry.name and keep(entry.name):
-                yield entry.path
-
-    # ----- objects --------------------------------------------------------------------------
+    # ----- objects ----------------------------------------------------------------------------------
     def read_bytes(self, uri: str) -> bytes:
-        if is_s3(uri):
-            bucket, key = split_s3(uri)
-            with self._s3_errors(uri):
-                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        path = normalize(uri)
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise ObjectNotFound(f"{uri}: no such object") from None
-        except (IsADirectoryError, PermissionError, OSError) as err:
-            raise StorageError(f"{uri}: {type(err).__name__}: {err.strerror or err}") from None
+        return self._on(uri, self.s3.read_bytes, self.local.read_bytes)
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
 
-    @contextlib.contextmanager
-    def open_write(self, uri: str) -> Iterator[IO[bytes]]:
+    def open_read(self, uri: str) -> IO[bytes]:
+        """A seekable binary reader (S3: ranged GETs, so a large object is never read whole)."""
+        return self._on(uri, self.s3.open_read, self.local.open_read)
+
+    def open_write(self, uri: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         """A binary file to write ``uri`` into; it appears only if the block finishes without error.
 
-        Local: a temp file in the target directory, then ``os.replace`` (atomic on POSIX). S3: bytes are
-        spooled, then sent as one PUT or a multipart upload; S3 makes an object visible only when the PUT
-        or CompleteMultipartUpload succeeds, so readers never see a partial object. On error nothing is
-        written and the previous object, if any, is left untouched.
+        Local: a temp file in the target directory, then ``os.replace`` (atomic on POSIX). S3: one PUT
+        or a multipart upload after the block. On error nothing is written and the previous object, if
+        any, is left untouched.
         """
-        if is_s3(uri):
-            bucket, key = split_s3(uri)
-            with tempfile.SpooledTemporaryFile(max_size=_SINGLE_PUT_BYTES) as spool:
-                yield spool
-                size = spool.tell()
-                spool.seek(0)
-                with self._s3_errors(uri):
-                    if size <= _SINGLE_PUT_BYTES:
-                        self.client.put_object(Bucket=bucket, Key=key, Body=spool.read())
-                    else:
-                        self.client.upload_fileobj(spool, bucket, key)
-            return
-        path = normalize(uri)
-        directory = os.path.dirname(path)
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as err:
-            raise StorageError(f"{uri}: cannot create directory {directory}: {err.strerror or err}") from None
-        tmp = os.path.join(directory, f".{os.path.basename(path)}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-            # Atomic for readers. No fsync: crash durability is not the goal, and one fsync per image
-            # made writing a 2000-image dataset I/O-bound.
-            os.replace(tmp, path)
-        except PermissionError as err:
-            raise StorageError(f"{uri}: permission denied: {err.strerror or err}") from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        return self._on(uri, self.s3.open_write, self.local.open_write)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write atomically: readers see the old object or the new one, never half of it."""
-        if is_s3(uri) and len(data) <= _SINGLE_PUT_BYTES:
-            bucket, key = split_s3(uri)
-            with self._s3_errors(uri):
-                self.client.put_object(Bucket=bucket, Key=key, Body=data)  # one PUT: atomic on S3
-            return
-        with self.open_write(uri) as f:
-            f.write(data)
+        self._on(uri, lambda u: self.s3.write_bytes(u, data), lambda p: self.local.write_bytes(p, data))
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))
 
+    def info(self, uri: str) -> ObjectInfo | None:
+        """Size (and mtime where known) of an object, or None if it does not exist."""
+        return self._on(uri, self.s3.info, self.local.info)
+
     def exists(self, uri: str) -> bool:
         """Whether an object (a file, not a prefix) exists; a missing bucket is an error, not False."""
-        if not is_s3(uri):
-            return os.path.isfile(normalize(uri))
-        bucket, key = split_s3(uri)
-        with self._s3_errors(uri):
-            try:
-                self.client.head_object(Bucket=bucket, Key=key)
-                return True
-            except Exception as err:
-                code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
-                if code not in _MISSING_KEY_CODES:
-                    raise
-        self._check_bucket(uri)
-        return False
+        return self.info(uri) is not None
 
     def delete(self, uri: str) -> None:
         """Delete one object; deleting a missing object is fine."""
-        if is_s3(uri):
-            bucket, key = split_s3(uri)
-            with self._s3_errors(uri):
-                self.client.delete_object(Bucket=bucket, Key=key)
-            return
-        try:
-            os.unlink(normalize(uri))
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise StorageError(f"{uri}: cannot delete: {err.strerror or err}") from None
+        self._on(uri, self.s3.delete, self.local.delete)
 
-    # ----- Ray Data -------------------------------------------------------------------------
+    # ----- Ray ---------------------------------------------------------------------------------------
+    def resolved(self) -> "Storage":
+        """This storage with the endpoint and region of this process written into its config, so that a
+        copy shipped to a Ray worker reaches the same store whatever that worker's environment says."""
+        update = {"endpoint_url": self.endpoint_url, "region": self.region}
+        return Storage(self.config.model_copy(update=update))
+
     def arrow_filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-        """``(filesystem, path inside it)`` for pyarrow / Ray Data, from the same endpoint and region.
+        """``(filesystem, path inside it)`` for Ray Train's ``storage_filesystem`` and Ray Data's readers.
 
-        pyarrow's S3 filesystem reads credentials from the same AWS chain as boto3.
+        Local: pyarrow's LocalFileSystem and the absolute path. S3: this project's own S3 store behind
+        pyarrow's interface (:class:`S3ArrowHandler`), with the endpoint, region, retries and error
+        messages of every other storage call, and the path ``bucket/key``.
         """
         if not is_s3(uri):
             return pyarrow.fs.LocalFileSystem(), normalize(uri)
         bucket, key = split_s3(uri)
-        kwargs: dict[str, Any] = {}
-        endpoint = self.endpoint_url
-        if endpoint:
-            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-            kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-            kwargs["scheme"] = parsed.scheme
-        region = self.region or ("us-east-1" if endpoint else None)
-        if region:
-            kwargs["region"] = region
-        return pyarrow.fs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+        handler = S3ArrowHandler(self.resolved().s3)
+        return pyarrow.fs.PyFileSystem(handler), f"{bucket}/{key}".rstrip("/")
 
 
 def get_storage(config: StorageConfig | None = None) -> Storage:
     return Storage(config)
-

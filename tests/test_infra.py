@@ -174,6 +174,8 @@ def test_dockerfile_installs_the_package_on_cuda_without_secrets():
     text = (REPO / "infra" / "Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", text, re.M)
     assert re.search(r"pip install (--\S+ )*\.(\s|$)", text, re.M), "the package itself is pip-installed"
+    assert re.search(r"^RUN pip install -r requirements\.lock$", text, re.M), "dependencies come from the lock"
+    assert re.search(r"pip install --no-deps \.", text), "the package adds nothing beyond the lock"
     for copied in re.findall(r"^COPY (\S+) ", text, re.M):
         assert (REPO / copied).exists(), copied
     assert not re.search(r"AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|aws_secret|BEGIN .*PRIVATE KEY", text)

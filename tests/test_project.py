@@ -33,6 +33,82 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second():
     assert install_and_test in ci_lines, "CI must run the README's test command verbatim"
 
 
+def lock_pins(name: str) -> dict[str, list[tuple[str, str | None, int]]]:
+    """``requirements*.lock`` -> {normalised package name: [(version, marker or None, number of hashes)]}."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, list[tuple[str, str | None, int]]] = {}
+    text = (REPO / name).read_text().replace("\\\n", " ")  # join the hash continuation lines
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        spec, _, marker = line.split("--hash")[0].partition(";")
+        package, _, version = spec.strip().partition("==")
+        assert version, f"{name}: {line[:80]!r} is not pinned with =="
+        pins.setdefault(canonicalize_name(package.split("[")[0]), []).append(
+            (version.strip(), marker.strip() or None, line.count("--hash=sha256:")))
+    return pins
+
+
+def pyproject_requirements() -> dict[str, list]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pytest's own TOML parser
+        import tomli as tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return {
+        "requirements.lock": [Requirement(r) for r in project["dependencies"]],
+        "requirements-dev.lock": [Requirement(r) for extra in project["optional-dependencies"].values()
+                                  for r in extra] + [Requirement(r) for r in project["dependencies"]],
+    }
+
+
+@pytest.mark.parametrize("lock", ["requirements.lock", "requirements-dev.lock"])
+def test_every_pyproject_dependency_is_locked_within_its_range_with_hashes(lock):
+    """A dependency added to pyproject.toml but not to the lock (or locked outside its range) fails here:
+    the README, CI, the Docker image and runtime_env all install the lock, never the ranges."""
+    from packaging.utils import canonicalize_name
+
+    pins = lock_pins(lock)
+    for requirement in pyproject_requirements()[lock]:
+        name = canonicalize_name(requirement.name)
+        if name not in pins:
+            pytest.fail(f"{requirement} is in pyproject.toml but not in {lock}: run `bash infra/lock.sh`")
+        for version, _marker, hashes in pins[name]:
+            assert requirement.specifier.contains(version, prereleases=True), (
+                f"{lock} pins {name}=={version} outside pyproject.toml's {requirement}: run `bash infra/lock.sh`")
+            assert hashes >= 1, f"{lock}: {name} has no --hash"
+
+
+def test_runtime_lock_is_the_dev_lock_without_the_dev_extra():
+    """One resolution: every runtime pin is the dev lock's pin, so the demo runs what the tests tested."""
+    runtime, dev = lock_pins("requirements.lock"), lock_pins("requirements-dev.lock")
+    for name, pins in runtime.items():
+        assert name in dev, f"{name} is in requirements.lock but not requirements-dev.lock"
+        assert {v for v, _, _ in pins} <= {v for v, _, _ in dev[name]}, (name, pins, dev[name])
+
+
+def test_this_environment_holds_the_locked_versions_of_the_direct_dependencies():
+    """CI installs the lock; a direct dependency at another version means it did not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.markers import Marker
+    from packaging.utils import canonicalize_name
+
+    pins = lock_pins("requirements-dev.lock")
+    for requirement in pyproject_requirements()["requirements-dev.lock"]:
+        name = canonicalize_name(requirement.name)
+        wanted = [v for v, marker, _ in pins[name] if marker is None or Marker(marker).evaluate()]
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            installed = None
+        assert installed is not None and installed.split("+")[0] in {w.split("+")[0] for w in wanted}, (
+            f"{name} {installed} is installed, the lock says {wanted}: install with the README's command")
+
+
 def test_every_cli_target_and_job_module_resolves():
     for name, command in COMMANDS.items():
         module_name, func_name = command.target.split(":")

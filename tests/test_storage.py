@@ -99,9 +99,9 @@ def test_arrow_filesystem_lists_same_keys(root, storage):
 
 def test_storage_pickles_and_works_after(root, storage):
     storage.write_bytes(join(root, "p.bin"), b"1")
-    _ = storage.client  # build the client, then make sure pickling drops it
+    _ = storage.s3.client  # build the client, then make sure pickling drops it
     clone = pickle.loads(pickle.dumps(storage))
-    assert clone._client is None
+    assert clone.s3._client is None
     assert clone.read_bytes(join(root, "p.bin")) == b"1"
 
 
@@ -143,7 +143,8 @@ def test_endpoint_precedence(monkeypatch):
     assert Storage().endpoint_url == "http://env:9000"
     assert Storage(StorageConfig(endpoint_url="http://cfg:9000")).endpoint_url == "http://cfg:9000"
     fs, path = Storage(StorageConfig(endpoint_url="http://cfg:9000")).arrow_filesystem("s3://b/k/")
-    assert isinstance(fs, pyarrow.fs.S3FileSystem) and path == "b/k"
+    assert isinstance(fs, pyarrow.fs.PyFileSystem) and path == "b/k"
+    assert fs.handler.store.endpoint_url == "http://cfg:9000"
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     assert Storage().endpoint_url is None
 
@@ -187,3 +188,43 @@ def test_manifest_roundtrip_and_resolve(root, storage):
         read_manifest(join(root, "bad.parquet"), storage)
     with pytest.raises(ValueError, match="score"):
         write_manifest(images, single, storage, score=[1.0])
+
+
+def test_arrow_view_of_s3_does_what_ray_train_and_data_do(s3_bucket, storage, tmp_path):
+    """Ray Train uploads a checkpoint directory with pyarrow.fs.copy_files, lists and downloads it, and
+    deletes old ones; Ray Data pickles the filesystem into its tasks. All through our one S3 client."""
+    local = tmp_path / "checkpoint"
+    (local / "sub").mkdir(parents=True)
+    (local / "state.pt").write_bytes(b"weights" * 1000)
+    (local / "sub" / "meta.json").write_text("{}")
+    fs, base = storage.arrow_filesystem(join(s3_bucket, "runs"))
+    fs = pickle.loads(pickle.dumps(fs))  # what a Ray task receives
+
+    fs.create_dir(f"{base}/exp/empty", recursive=True)
+    assert fs.get_file_info(f"{base}/exp/empty").type == pyarrow.fs.FileType.Directory
+    pyarrow.fs.copy_files(str(local), f"{base}/exp/checkpoint-1", destination_filesystem=fs)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{base}/exp", recursive=True))
+    files = {i.path: i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+    assert files == {f"{base}/exp/checkpoint-1/state.pt": 7000, f"{base}/exp/checkpoint-1/sub/meta.json": 2}
+    dirs = {i.path for i in infos if i.type == pyarrow.fs.FileType.Directory}
+    assert {f"{base}/exp/checkpoint-1", f"{base}/exp/checkpoint-1/sub"} <= dirs
+    shallow = fs.get_file_info(pyarrow.fs.FileSelector(f"{base}/exp/checkpoint-1"))
+    assert {(i.base_name, i.type) for i in shallow} == {
+        ("state.pt", pyarrow.fs.FileType.File), ("sub", pyarrow.fs.FileType.Directory)}
+
+    back = tmp_path / "back"
+    pyarrow.fs.copy_files(f"{base}/exp/checkpoint-1", str(back), source_filesystem=fs)
+    assert (back / "state.pt").read_bytes() == b"weights" * 1000
+    with fs.open_input_file(f"{base}/exp/checkpoint-1/state.pt") as f:  # random access, ranged GETs
+        f.seek(6993)
+        assert f.read() == b"weights"
+
+    fs.move(f"{base}/exp/checkpoint-1", f"{base}/exp/checkpoint-2")
+    assert fs.get_file_info(f"{base}/exp/checkpoint-1").type == pyarrow.fs.FileType.NotFound
+    fs.delete_dir(f"{base}/exp/checkpoint-2")
+    assert fs.get_file_info(f"{base}/exp/checkpoint-2").type == pyarrow.fs.FileType.NotFound
+    with pytest.raises(FileNotFoundError):
+        fs.get_file_info(pyarrow.fs.FileSelector(f"{base}/nothing-here"))
+    with pytest.raises(FileNotFoundError):
+        fs.open_input_stream(f"{base}/nothing-here.bin")
+    assert list(storage.list(join(s3_bucket, "runs"))) == []  # directory markers are never listed

@@ -19,7 +19,7 @@ import torch
 
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.ray_utils import ensure_ray, worker_env
-from sdsg_ray.storage import get_storage, is_s3, join, normalize, split_s3
+from sdsg_ray.storage import get_storage, join, normalize
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +73,6 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return run_loop(config, device=device, wrap=wrap, resume=resume, report=report)
 
 
-def _run_filesystem(config: SDSGConfig) -> tuple["pyarrow.fs.FileSystem | None", str]:
-    """(filesystem, path) for Ray Train's ``storage_path``: None and an absolute path locally; for S3,
-    s3fs behind pyarrow's fsspec bridge with the configured endpoint. pyarrow's native S3 client sends
-    every upload as a multipart upload, which S3-compatible stores such as moto reject for small files
-    (the run's storage marker)."""
-    import pyarrow.fs
-    import s3fs
-
-    out = config.train.out
-    if not is_s3(out):
-        return None, normalize(out)
-    storage = get_storage(config.storage)
-    bucket, key = split_s3(out)
-    client_kwargs = {"region_name": storage.region} if storage.region else {}
-    s3 = s3fs.S3FileSystem(endpoint_url=storage.endpoint_url, client_kwargs=client_kwargs)
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(s3)), f"{bucket}/{key}".rstrip("/")
-
-
 def build_trainer(config: SDSGConfig):
     """The TorchTrainer for ``config`` (exposed so tests and tools can inspect it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -101,7 +83,7 @@ def build_trainer(config: SDSGConfig):
     resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = tc.gpus_per_worker
-    filesystem, storage_path = _run_filesystem(config)
+    filesystem, storage_path = get_storage(config.storage).arrow_filesystem(tc.out)
     env = worker_env(config.storage)
     return TorchTrainer(
         _train_worker,

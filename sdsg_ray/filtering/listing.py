@@ -43,8 +43,7 @@ def iter_keys(data: str, storage: Storage) -> Iterator[str]:
         yield from list_images(data, storage)
         return
     for uri in manifest_files(data, storage):
-        fs, path = storage.arrow_filesystem(uri)
-        with fs.open_input_file(path) as f:
+        with storage.open_read(uri) as f:
             for batch in pq.ParquetFile(f).iter_batches(columns=["key"]):
                 yield from batch.column("key").to_pylist()
 

@@ -109,8 +109,7 @@ def iter_score_batches(out: str, storage: Storage, columns: list[str], batch_row
     if not shard_uris:
         raise ObjectNotFound(f"{join(out, SCORES_DIR)}: no score shards (run `sdsg score --out {out}` first)")
     for uri in shard_uris:
-        fs, path = storage.arrow_filesystem(uri)
-        with fs.open_input_file(path) as f:
+        with storage.open_read(uri) as f:
             for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
                 yield {name: _to_numpy(record_batch.column(name)) for name in columns}
 
