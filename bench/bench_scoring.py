@@ -80,7 +80,7 @@ def plain_loop(scorer: ReconstructionScorer, images: np.ndarray, batch: int, rep
 def pipeline_run(data: str, checkpoint: str, out: str, batch: int, actors: int, cpus: int, metric: str,
                  features: str) -> dict:
     """One scoring run; the actors share what the read/decode tasks leave (one CPU), at most one CPU each."""
-    from sdsg_ray.filtering.pipeline import run_scoring
+    from sdsg_ray.filtering.score import run_scoring
 
     shutil.rmtree(out, ignore_errors=True)
     config = load_config(None, {

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from sdsg_ray.config import ModelConfig
+from sdsg_ray.errors import UserError
 from sdsg_ray.models.networks import Encoder, Generator, build_generator
 from sdsg_ray.storage import Storage, get_storage, join
 
@@ -31,7 +32,7 @@ IDENTITY_HEX_CHARS = 16
 _REQUIRED_KEYS = ("format", "model", "G_ema", "E", "w_avg", "meta")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """An inference file is missing pieces, corrupt, or of another format; the message names the URI."""
 
 

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from sdsg_ray.errors import UserError
 
 MetricName = Literal["auto", "lpips-vgg", "lpips-alex", "stlpips-alex", "stlpips-vgg"]
 FeatureName = Literal["auto", "inception", "stlpips-alex-pool"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing or invalid; the message names the field."""
 
 
@@ -26,7 +28,7 @@ class Section(BaseModel):
 
 
 class StorageConfig(Section):
-    """Where object storage lives. Credentials always come from the standard AWS chain."""
+    """Where object storage lives and how hard to try. Credentials always come from the standard AWS chain."""
 
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint; falls back to $AWS_ENDPOINT_URL, then AWS itself."
@@ -47,11 +49,11 @@ class ModelConfig(Section):
     """StyleGAN2 architecture. Defaults are the tiny CPU config; paper scale is 256+/512/512/8."""
 
     resolution: int = Field(32, description="Output side in pixels, a power of two in 16..1024.")
-    z_dim: int = Field(64, gt=0)
-    w_dim: int = Field(64, gt=0)
+    z_dim: int = Field(64, gt=0, description="Size of the input latent z (512 in the paper).")
+    w_dim: int = Field(64, gt=0, description="Size of the intermediate latent w (512 in the paper).")
     mapping_layers: int = Field(2, ge=1, description="Fully-connected layers in the mapping network (8 in the paper).")
     channel_base: int = Field(2048, gt=0, description="Channels at resolution r are min(channel_base // r, channel_max).")
-    channel_max: int = Field(64, gt=0)
+    channel_max: int = Field(64, gt=0, description="Most channels of any layer (512 in the paper).")
     encoder_w_plus: bool = Field(False, description="Encoder predicts one w per layer (W+) instead of one w.")
 
     @field_validator("resolution")
@@ -65,49 +67,47 @@ class ModelConfig(Section):
 class DatasetConfig(Section):
     """The Internet-like synthetic dataset (inliers in several modes plus planted outliers)."""
 
-    out: str = "data/raw"
+    out: str = Field("data/raw", description="Where images/, labels.csv and preview.png are written.")
     n: int = Field(2000, gt=0, description="Number of images.")
-    resolution: int = Field(32, ge=8)
-    outlier_fraction: float = Field(0.1, ge=0.0, le=1.0)
-    seed: int = 0
+    resolution: int = Field(32, ge=8, description="Side of the generated images in pixels.")
+    outlier_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of planted outliers.")
+    seed: int = Field(0, description="Every image is a pure function of (seed, index).")
 
 
 class TrainConfig(Section):
     """Stage-1 (joint G+E) and stage-2 (generator only) training."""
 
-    stage: Literal["joint", "generator"] = "joint"
+    stage: Literal["joint", "generator"] = Field(
+        "joint", description="'joint': G, D and the encoder E (stage 1); 'generator': G and D only (stage 2).")
     data: str = Field("data/raw/images", description="Image prefix URI or a manifest (.parquet) of image URIs.")
     out: str = Field("runs/stage1", description="Checkpoints, sample grids and inference.pt go here.")
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     gpus_per_worker: float = Field(0.0, ge=0.0, description="0 trains on CPU with gloo.")
-    cpus_per_worker: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker reserves.")
     batch_size: int = Field(8, gt=0, description="Global batch, split evenly across workers.")
     kimg: float = Field(2.0, gt=0, description="Training length in thousands of real images shown.")
-    lr_g: float = Field(0.002, gt=0)
-    lr_d: float = Field(0.002, gt=0)
-    lr_e: float = Field(0.002, gt=0)
-    lambda_w: float = Field(0.1, ge=0)
-    lambda_l1: float = Field(0.1, ge=0)
-    lambda_lpips: float = Field(0.1, ge=0)
+    lr_g: float = Field(0.002, gt=0, description="Adam learning rate of G (0.002 in the paper).")
+    lr_d: float = Field(0.002, gt=0, description="Adam learning rate of D.")
+    lr_e: float = Field(0.002, gt=0, description="Adam learning rate of the encoder E (0.002 in the paper).")
+    lambda_w: float = Field(0.1, ge=0, description="Weight of L_w = |w - E(G(w))| (0.1 in the paper).")
+    lambda_l1: float = Field(0.1, ge=0, description="Weight of L_rec,L1 = |x - G(E(x))| (0.1 in the paper).")
+    lambda_lpips: float = Field(0.1, ge=0, description="Weight of L_rec,LPIPS = LPIPS(x, G(E(x))) (0.1 in the paper).")
     r1_gamma: float = Field(0.1, ge=0, description="R1 weight (10 for 256 px FFHQ; small for tiny images).")
-    r1_interval: int = Field(16, ge=1)
-    pl_weight: float = Field(2.0, ge=0)
-    pl_interval: int = Field(4, ge=1)
-    style_mixing_prob: float = Field(0.9, ge=0, le=1)
+    r1_interval: int = Field(16, ge=1, description="Lazy R1: every this many steps.")
+    pl_weight: float = Field(2.0, ge=0, description="Path-length regularisation weight (0 turns it off).")
+    pl_interval: int = Field(4, ge=1, description="Lazy path-length regularisation: every this many steps.")
+    style_mixing_prob: float = Field(0.9, ge=0, le=1, description="Probability of style mixing per batch.")
     ema_kimg: float = Field(0.5, gt=0, description="EMA half-life of G_ema in kimg (10 at paper scale).")
     metric: MetricName = Field("auto", description="Perceptual metric for the LPIPS reconstruction loss.")
-    checkpoint_every_kimg: float = Field(0.5, gt=0)
-    num_to_keep: int = Field(2, ge=1)
+    checkpoint_every_kimg: float = Field(0.5, gt=0, description="Checkpoint, grids and inference.pt this often.")
+    num_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept (older ones are deleted).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
     log_every: int = Field(10, ge=1, description="Report metrics every N steps.")
     mixed_precision: bool = Field(True, description="bf16 autocast and channels_last on CUDA; ignored on CPU.")
     threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads per worker.")
-    seed: int = 0
+    seed: int = Field(0, description="Initial weights and data order; step k is a function of (seed, k).")
     cache_max_mb: float = Field(1024.0, ge=0, description="Decode the whole set into memory when it fits in this many MB.")
     data_workers: int = Field(2, ge=0, description="DataLoader processes per worker when images are read lazily.")
-    fail_at_step: int | None = Field(
-        None, ge=1, description="Testing: the last rank raises once after this many steps (a marker under --out)."
-    )
 
 
 class ScoreConfig(Section):
@@ -115,14 +115,14 @@ class ScoreConfig(Section):
 
     data: str = Field("data/raw/images", description="Image prefix URI or a manifest (.parquet).")
     checkpoint: str = Field("runs/stage1", description="Training --out directory or an inference.pt.")
-    out: str = "runs/scores"
-    metric: MetricName = "auto"
-    fid_features: FeatureName = "auto"
-    batch_size: int = Field(32, gt=0)
+    out: str = Field("runs/scores", description="Manifest shards, score shards and summary.json go here.")
+    metric: MetricName = Field("auto", description="Perceptual metric of d(x); use the one stage 1 trained with.")
+    fid_features: FeatureName = Field("auto", description="Features for FD(Y, X): Inception when present.")
+    batch_size: int = Field(32, gt=0, description="Images per scoring call.")
     actors: int = Field(1, ge=1, description="Scoring actors (each holds G, E and the metric).")
     min_actors: int = Field(1, ge=1, description="The actor pool autoscales between min_actors and actors.")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="Fractional GPUs allowed.")
-    cpus_per_actor: float = Field(1.0, gt=0.0)
+    cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs each actor reserves; leave one for decoding.")
     manifest_shard_size: int = Field(
         10_000,
         gt=0,
@@ -134,9 +134,9 @@ class ScoreConfig(Section):
 class SelectConfig(Section):
     """Self-filtering step 2: choose theta with the paper's diversity and size bounds."""
 
-    scores: str = "runs/scores"
-    out: str = "runs/selection"
-    target_threshold: float = Field(0.36, gt=0, description="The lowest theta to aim for.")
+    scores: str = Field("runs/scores", description="The --out of `sdsg score`.")
+    out: str = Field("runs/selection", description="kept.parquet, report.json and the figures go here.")
+    target_threshold: float = Field(0.36, gt=0, description="The lowest theta to aim for (0.36 in the paper).")
     start_threshold: float | None = Field(None, gt=0, description="Default: the largest score (keep all).")
     threshold_step: float = Field(0.005, gt=0, description="Grid spacing of theta.")
     min_size: int = Field(70_000, ge=1, description="|Y| must stay at or above this (FFHQ's size).")
@@ -155,12 +155,12 @@ class SelectConfig(Section):
 class ClusterConfig(Section):
     """Multi-modal truncation: KMeans on mapped latents."""
 
-    checkpoint: str = "runs/stage2"
-    out: str = "runs/clusters"
-    n_latents: int = Field(60_000, gt=0)
-    clusters: int = Field(64, gt=0)
-    metric: MetricName = "auto"
-    seed: int = 0
+    checkpoint: str = Field("runs/stage2", description="Generator whose latents are clustered.")
+    out: str = Field("runs/clusters", description="clusters.pt goes here.")
+    n_latents: int = Field(60_000, gt=0, description="Random z mapped to w and clustered (60,000 in the paper).")
+    clusters: int = Field(64, gt=0, description="KMeans centers (64 in the paper).")
+    metric: MetricName = Field("auto", description="Perceptual metric the sampler assigns centers with.")
+    seed: int = Field(0, description="Seed of the z and of KMeans.")
 
     @model_validator(mode="after")
     def _enough_latents(self) -> "ClusterConfig":
@@ -172,26 +172,25 @@ class ClusterConfig(Section):
 class ServeConfig(Section):
     """The HTTP sampler (Ray Serve)."""
 
-    checkpoint: str = "runs/stage2"
-    clusters: str = "runs/clusters"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    route_prefix: str = "/"
-    max_batch_size: int = Field(16, ge=1)
+    checkpoint: str = Field("runs/stage2", description="Generator to sample from.")
+    clusters: str = Field("runs/clusters", description="Its clusters (multi-modal truncation); empty: none.")
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
+    route_prefix: str = Field("/", description="URL prefix of the application.")
+    max_batch_size: int = Field(16, ge=1, description="Most images in one forward pass (@serve.batch).")
     batch_wait_timeout_s: float = Field(
-        0.05, ge=0, description="How long a batch waits to fill. 50 ms measured best on a 2-core CPU (10 ms made "
-        "batching slower than none there); GPU configs use 10 ms.",
+        0.05, ge=0, description="How long a batch waits to fill before it runs (docs/benchmarks.md: CPU vs GPU).",
     )
-    max_ongoing_requests: int = Field(32, ge=1)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(8.0, gt=0)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(30.0, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests in flight per replica.")
+    min_replicas: int = Field(1, ge=0, description="Sampler replicas the autoscaler keeps at least.")
+    max_replicas: int = Field(4, ge=1, description="Sampler replicas the autoscaler adds at most.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Load per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="Load must stay high this long before a replica is added.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Load must stay low this long before one is removed.")
     look_back_period_s: float = Field(30.0, gt=0, description="Window the autoscaler averages load over.")
     metrics_interval_s: float = Field(10.0, gt=0, description="How often replicas report load to the autoscaler.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per sampler replica (0 on CPU).")
-    num_cpus: float = Field(1.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per sampler replica.")
     ingress_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved by each HTTP ingress replica.")
     assign_by: Literal["lpips", "w"] = Field(
         "lpips", description="Nearest center by LPIPS between G(w) and G(c) (paper) or by distance in W."
@@ -200,8 +199,8 @@ class ServeConfig(Section):
         None, ge=4, description="LPIPS assignment on G's coarse image at this resolution, drawn only up to "
         "that block (None: full images, as in the paper). Cheaper on large generators; see docs/benchmarks.md.",
     )
-    max_samples_per_request: int = Field(64, ge=1)
-    default_psi: float = Field(0.7, ge=0, le=1)
+    max_samples_per_request: int = Field(64, ge=1, description="Most images one POST /v1/samples may ask for.")
+    default_psi: float = Field(0.7, ge=0, le=1, description="psi when a request gives none.")
 
     @field_validator("assign_resolution")
     @classmethod
@@ -231,12 +230,12 @@ class EvalModel(Section):
 class EvaluateConfig(Section):
     """FID/KID and the paper's comparisons."""
 
-    out: str = "runs/eval"
-    fid_features: FeatureName = "auto"
+    out: str = Field("runs/eval", description="results.json and the figures go here.")
+    fid_features: FeatureName = Field("auto", description="Inception when present, else a named offline network.")
     num_samples: int = Field(1000, gt=0, description="Generated images per FID/KID estimate.")
     max_real: int | None = Field(None, gt=0, description="Cap on real images per reference set (None: all).")
-    psis: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9, 1.0])
-    seed: int = 0
+    psis: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9, 1.0], description="Fig. 7's x axis.")
+    seed: int = Field(0, description="First sample seed; seeds are seed .. seed + num_samples - 1.")
     data: str = Field("data/raw/images", description="The raw set X: every model's FID is also measured against it.")
     checkpoint: str = Field("runs/stage2", description="Model for FID-vs-psi (Fig. 7) and the sample grids (Fig. 4).")
     clusters: str = Field("runs/clusters", description="clustering --out of that model (multi-modal truncation).")
@@ -254,14 +253,18 @@ class EvaluateConfig(Section):
 class PipelineConfig(Section):
     """The whole pipeline's working area; stage URIs default to sub-directories of ``root``."""
 
-    root: str = "runs/pipeline"
+    root: str = Field("runs/pipeline", description="Every stage's output URI not set explicitly goes under it.")
     baselines: bool = Field(True, description="Also train stage 2 on a random subset and on the raw set.")
     stage2_kimg: float | None = Field(None, gt=0, description="Default: train.kimg.")
     make_dataset: bool = Field(False, description="First write the synthetic dataset to dataset.out (demo, tests).")
     evaluate: bool = Field(True, description="Finish with the evaluation stage (FID tables, figures).")
+    serve: bool = Field(False, description="After the pipeline (and the demo's report), serve the sampler "
+                        "until Ctrl-C (the demo's default; --no-serve turns it off).")
 
 
 class SDSGConfig(Section):
+    """Every section, plus where each value came from (see :func:`build_config`)."""
+
     storage: StorageConfig = Field(default_factory=StorageConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -272,6 +275,36 @@ class SDSGConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    # "section.field" -> the layer that set it last; absent = the built-in default.
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def source(self, field: str) -> str:
+        """The layer that set ``section.field`` ("default" when none did)."""
+        return self._sources.get(field, DEFAULT_LAYER)
+
+    def is_set(self, field: str) -> bool:
+        """Whether any layer set ``section.field`` (even to the default's value): derived values
+        (stage URIs under ``pipeline.root``) fill only the fields for which this is False."""
+        return field in self._sources
+
+    def __eq__(self, other: object) -> bool:
+        """Equal values are equal configs, whichever layers set them."""
+        return isinstance(other, SDSGConfig) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # mutable, like every pydantic model
+
+
+DEFAULT_LAYER = "default"
+# The fixed order of the layers; a later layer wins over an earlier one.
+LAYERS = ("default", "command", "file", "set", "flag")
+
+
+def field_description(field: str) -> str:
+    """The description of ``section.field``, for --help and --print-config."""
+    section, _, name = field.partition(".")
+    info = SDSGConfig.model_fields[section].annotation.model_fields[name]
+    return info.description or ""
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -301,29 +334,90 @@ def _set_dotted(tree: dict, path: Sequence[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+Layer = tuple[str, Mapping[str, Any]]  # (layer name, {"section.field": value})
+
+
+def _fields_of(tree: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """``{"train": {"kimg": 2}}`` -> ``{"train.kimg": 2}``: exactly two levels, section then field."""
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{origin}: top level must be a mapping of sections")
+    fields: dict[str, Any] = {}
+    for section, values in tree.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: {section} must be a mapping of fields, got {values!r}")
+        fields.update({f"{section}.{name}": value for name, value in values.items()})
+    return fields
+
+
+def yaml_layer(path: str | Path) -> Layer:
+    """A YAML file as a layer named after it."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return f"file {path}", _fields_of(loaded, str(path))
+
+
+def overrides_layer(overrides: Sequence[str] | Mapping[str, Any]) -> Layer:
+    """``["train.kimg=2", ...]`` (CLI style) or ``{"train.kimg": 2}`` as the "set" layer."""
+    if isinstance(overrides, Mapping):
+        return "set", dict(overrides)
+    fields = {}
+    for item in overrides:
+        path, value = _parse_override(item)
+        fields[".".join(path)] = value
+    return "set", fields
+
+
+def build_config(*layers: Layer) -> SDSGConfig:
+    """The one way to build a config: layers applied over the built-in defaults in the order given.
+
+    Each layer is ``(name, {"section.field": value})``. The CLI passes them in :data:`LAYERS` order:
+    the command's own defaults (the demo's), ``--config`` files, ``--set`` overrides, named flags. The
+    result remembers which layer set each field last (:meth:`SDSGConfig.source`), so derived values
+    never replace something a user set, even to a default's value. Raises ConfigError naming each bad
+    field.
+    """
+    tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, fields in layers:
+        for key, value in fields.items():
+            path = key.split(".")
+            if len(path) != 2:
+                raise ConfigError(f"{key}: settings are named section.field (e.g. train.kimg)")
+            _set_dotted(tree, path, value)
+            sources[key] = name
+    try:
+        config = SDSGConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+    config._sources = sources
+    return config
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
 ) -> SDSGConfig:
-    """Build the config from defaults, then an optional YAML file, then dotted overrides.
+    """Defaults, then an optional YAML file, then dotted overrides (:func:`build_config`'s file and set
+    layers). ``overrides`` is either ``["train.kimg=2", ...]`` or ``{"train.kimg": 2}``."""
+    layers = ([yaml_layer(path)] if path is not None else []) + [overrides_layer(overrides)]
+    return build_config(*layers)
 
-    ``overrides`` is either ``["train.kimg=2", ...]`` (CLI style) or ``{"train.kimg": 2}``.
-    Raises ConfigError naming each bad field.
-    """
-    tree: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        tree = loaded
-    items = overrides.items() if isinstance(overrides, Mapping) else (_parse_override(o) for o in overrides)
-    for key, value in items:
-        _set_dotted(tree, key.split(".") if isinstance(key, str) else key, value)
-    try:
-        return SDSGConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+
+def describe_config(config: SDSGConfig) -> str:
+    """The resolved config as YAML; each value a layer set carries ``# <layer>`` (--print-config)."""
+    lines = []
+    for section, values in config.model_dump(mode="json").items():
+        lines.append(f"{section}:")
+        for name, value in values.items():
+            text = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()[1:-1]
+            field = f"{section}.{name}"
+            note = f"  # {config.source(field)}" if config.is_set(field) else ""
+            lines.append(f"  {text}{note}")
+    return "\n".join(lines) + "\n"
 
 
 def dump_config(config: SDSGConfig) -> str:

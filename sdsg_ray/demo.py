@@ -2,9 +2,9 @@
 
 Generates the Internet-like synthetic dataset (inlier modes + planted outliers), runs the pipeline at tiny
 scale on a local Ray (stage 1, scoring, selection, stage 2 with its baselines, clustering, evaluation),
-writes ``<out>/report/index.html`` and serves the sampler until Ctrl-C. Sized for a 2-core CPU machine
-with no network: 10.4 and 14.7 minutes in two measured runs (the budget is 15). Re-running with the same ``--out`` skips what
-is already done.
+writes ``<out>/report/index.html`` and serves the sampler until Ctrl-C. Sized to finish within 15 minutes
+on a 2-core CPU machine with no network (timings: docs/benchmarks.md). Re-running with the same ``--out``
+skips what is already done.
 
 The defaults live here (not only in configs/demo.yaml) so that the command works after a plain
 ``pip install`` too; configs/demo.yaml is the same config, commented, and a test keeps the two equal.
@@ -17,16 +17,15 @@ import os
 import time
 from typing import Any
 
-from sdsg_ray.config import SDSGConfig, load_config
+from sdsg_ray.config import Layer, SDSGConfig, build_config
 from sdsg_ray.storage import get_storage, join
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "sdsg-demo"
 
-# Budget on 2 CPU cores: stage 1 ~4 min, scoring + selection ~1.5 min, each stage-2 run ~1.5 min, the rest ~2 min.
-# The perceptual metric is the shipped shift-tolerant AlexNet LPIPS (the paper uses LPIPS-VGG): on CPU the
-# VGG trunk would cost several times the whole training budget.
+# The perceptual metric is the shipped shift-tolerant AlexNet LPIPS (the paper uses LPIPS-VGG): on a CPU
+# the VGG trunk would cost several times the whole training budget.
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"resolution": 32, "z_dim": 64, "w_dim": 64, "mapping_layers": 2, "channel_base": 2048,
               "channel_max": 64},
@@ -41,27 +40,18 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "evaluate": {"num_samples": 200, "psis": [0.3, 0.5, 0.7, 1.0], "grid_seeds": 10, "grid_psi": 0.5,
                  "fid_features": "auto", "batch_size": 64},
     "pipeline": {"root": DEFAULT_OUT, "baselines": True, "stage2_kimg": 1.0, "make_dataset": True,
-                 "evaluate": True},
+                 "evaluate": True, "serve": True},
 }
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+DEMO_LAYER = "command"
 
 
-def demo_config(user: SDSGConfig | None = None) -> SDSGConfig:
-    """The demo defaults, under whatever the user changed from the global defaults (YAML, --set, --out)."""
-    chosen = _flatten(DEMO_DEFAULTS)
-    if user is not None:
-        baseline = _flatten(SDSGConfig().model_dump(mode="json"))
-        chosen.update({k: v for k, v in _flatten(user.model_dump(mode="json")).items() if baseline.get(k) != v})
-    return load_config(None, chosen)
+def demo_config(*layers: Layer) -> SDSGConfig:
+    """The demo's config: its defaults as the command layer, then whatever layers the caller adds
+    (``("set", {"train.kimg": 0.5})``); what the CLI builds for ``sdsg demo``."""
+    flat = {f"{section}.{name}": value for section, values in DEMO_DEFAULTS.items() for name, value in values.items()}
+    return build_config((DEMO_LAYER, flat), *layers)
 
 
 def _start_local_ray(config: SDSGConfig) -> None:
@@ -78,34 +68,22 @@ def _start_local_ray(config: SDSGConfig) -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
-def run_demo(config: SDSGConfig, args=None) -> int:
-    """Dataset -> pipeline -> report -> sampler (unless --no-serve)."""
+def run_demo(config: SDSGConfig) -> int:
+    """Dataset -> pipeline -> report -> sampler (when ``pipeline.serve``). ``config`` is the resolved demo
+    config (:func:`demo_config`, or ``sdsg demo`` with its flags)."""
     from sdsg_ray.evaluation.report import write_report
-    from sdsg_ray.pipeline import Layout, run_pipeline
+    from sdsg_ray.pipeline import run_pipeline, serve_stage2
 
-    config = demo_config(config)
     root = config.pipeline.root
     storage = get_storage(config.storage)
     start = time.perf_counter()
     _start_local_ray(config)
-    results = run_pipeline(config)
+    summary = run_pipeline(config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"serve": False})}))
     report_start = time.perf_counter()
     report = write_report(root, join(root, "report"), storage,
                           title="sdsg-ray demo: Self-Distilled StyleGAN at toy scale")
-    report_seconds = time.perf_counter() - report_start
-    total = time.perf_counter() - start
-    print("\nstage timings (s):")
-    for r in results:
-        print(f"  {r.name:<14} {r.status:<8} {r.seconds:8.1f}")
-    print(f"  {'report':<14} {'ran':<8} {report_seconds:8.1f}")
-    print(f"demo pipeline finished in {total / 60:.1f} min; report: {report}")
-
-    if args is not None and getattr(args, "no_serve", False):
-        return 0
-    from serve_app.app import run_serve
-
-    lay = Layout.from_config(config)
-    serve_config = config.model_copy(
-        update={"serve": config.serve.model_copy(update={"checkpoint": lay.stage2, "clusters": lay.clusters})}
-    )
-    return run_serve(serve_config)
+    rows = [(s["name"], s["status"], s["seconds"]) for s in summary["stages"]]
+    rows.append(("report", "ran", time.perf_counter() - report_start))
+    log.info("stage timings (s):\n%s", "\n".join(f"  {name:<14} {status:<8} {sec:8.1f}" for name, status, sec in rows))
+    log.info("demo pipeline finished in %.1f min; report: %s", (time.perf_counter() - start) / 60, report)
+    return serve_stage2(config) if config.pipeline.serve else 0

@@ -1,23 +1,35 @@
-"""Image listings <-> parquet manifests.
+"""Image listings <-> parquet manifests: the one place that lists images and reads or writes manifests.
 
 Listing a prefix of millions of objects is slow (one request per 1000 keys) and resolving them again in
 every stage is slower still, so a set of images is listed once and recorded as a manifest: a parquet
 file, or a prefix of shards ``manifest-00000.parquet``, ``manifest-00001.parquet``..., with a ``key``
 column of full URIs (the same strings :meth:`Storage.list` yields) and optional extra columns.
+
+Scoring lists its input once into ``<out>/manifest/`` (:func:`ensure_manifest`): shards of
+``manifest_shard_size`` keys and ``_SHARDS.json``, written last, which records the source and every
+shard's row count; a re-run reuses the listing instead of repeating it (an interrupted listing is
+simply redone: it is deterministic). A 100M-object prefix is thus never held in memory nor handed to
+Ray Data as a list of paths (resolving paths alone takes hours at that size).
 """
 
 from __future__ import annotations
 
-import io
 import itertools
+import json
+import logging
 import os
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
+from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import IMAGE_SUFFIXES
-from sdsg_ray.storage import ObjectNotFound, Storage, StorageError, get_storage, join, normalize
+from sdsg_ray.storage import ObjectNotFound, Storage, StorageError, get_storage, is_s3, join, normalize
+
+log = logging.getLogger(__name__)
 
 KEY = "key"
 SHARD_PATTERN = "manifest-{:05d}.parquet"
@@ -104,13 +116,15 @@ def read_manifest_table(uri: str, storage: Storage, columns: Sequence[str] | Non
     """All shards of a manifest as one table (``columns`` to read a subset; ``key`` is always checked)."""
     tables = []
     for file in manifest_files(uri, storage):
-        data = storage.read_bytes(file)
         try:
-            parquet = pq.ParquetFile(io.BytesIO(data))
-            names = parquet.schema_arrow.names
-            if KEY not in names:
-                raise StorageError(f"{file}: manifest has no {KEY!r} column (columns: {names})")
-            tables.append(parquet.read(columns=list(columns) if columns else None))
+            with storage.open_read(file) as f:
+                parquet = pq.ParquetFile(f)
+                names = parquet.schema_arrow.names
+                if KEY not in names:
+                    raise StorageError(f"{file}: manifest has no {KEY!r} column (columns: {names})")
+                tables.append(parquet.read(columns=list(columns) if columns else None))
+        except StorageError:
+            raise
         except (pa.ArrowException, OSError) as err:
             raise StorageError(f"{file}: not a readable parquet manifest: {err}") from None
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -119,3 +133,79 @@ def read_manifest_table(uri: str, storage: Storage, columns: Sequence[str] | Non
 def read_manifest(uri: str, storage: Storage) -> list[str]:
     """The ``key`` column of a manifest file or shard prefix, in stored order."""
     return read_manifest_table(uri, storage, columns=[KEY]).column(KEY).to_pylist()
+
+
+def write_parquet_stream(batches: Iterable[pa.RecordBatch], schema: pa.Schema, uri: str, storage: Storage) -> int:
+    """Write record batches into one parquet file, streamed; the file appears only when complete."""
+    rows = 0
+    with storage.open_write(uri) as f:
+        with pq.ParquetWriter(f, schema) as writer:
+            for batch in batches:
+                if batch.num_rows:
+                    writer.write_batch(batch.cast(schema) if batch.schema != schema else batch)
+                    rows += batch.num_rows
+    return rows
+
+
+# ----- listing once into manifest shards (scoring) ---------------------------------------------
+
+MANIFEST_DIR = "manifest"
+INDEX_FILE = "_SHARDS.json"
+
+
+@dataclass(frozen=True)
+class ManifestShard:
+    shard_id: int
+    uri: str
+    rows: int
+
+
+def manifest_shard_uri(out: str, shard_id: int) -> str:
+    return join(out, MANIFEST_DIR, shard_name(shard_id))
+
+
+def iter_keys(data: str, storage: Storage) -> Iterator[str]:
+    """Image URIs of a prefix (streamed from Storage.list) or of a manifest (streamed row group by row group)."""
+    if not is_manifest(data, storage):
+        yield from list_images(data, storage)
+        return
+    for uri in manifest_files(data, storage):
+        with storage.open_read(uri) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["key"]):
+                yield from batch.column("key").to_pylist()
+
+
+def ensure_manifest(data: str, out: str, storage: Storage, shard_size: int) -> list[ManifestShard]:
+    """The manifest shards of `data` under `<out>/manifest/`, listing only if no complete listing exists."""
+    source = data if is_s3(data) else normalize(data)
+    index_uri = join(out, MANIFEST_DIR, INDEX_FILE)
+    if storage.exists(index_uri):
+        index = json.loads(storage.read_text(index_uri))
+        if index["source"] != source:
+            raise InvalidRequest(f"{out} already holds scores of {index['source']}, not {source}: use another --out")
+        return [ManifestShard(s["shard_id"], manifest_shard_uri(out, s["shard_id"]), s["rows"]) for s in index["shards"]]
+
+    listed = 0
+
+    def counted(keys: Iterator[str]) -> Iterator[str]:
+        nonlocal listed
+        for key in tqdm(keys, desc=f"listing {data}", unit=" keys", mininterval=2):
+            listed += 1
+            yield key
+
+    uris = write_manifest_shards(counted(iter_keys(data, storage)), join(out, MANIFEST_DIR), storage, shard_size)
+    if listed == 0:
+        for uri in uris:  # the one empty shard
+            storage.delete(uri)
+        raise ObjectNotFound(f"{data}: no images found (suffixes {', '.join(IMAGE_SUFFIXES)}) and not a manifest")
+    sizes = [shard_size] * (len(uris) - 1) + [listed - shard_size * (len(uris) - 1)]
+    shards = [ManifestShard(i, uri, rows) for i, (uri, rows) in enumerate(zip(uris, sizes))]
+    index = {
+        "source": source,
+        "shard_size": shard_size,
+        "total": listed,
+        "shards": [{"shard_id": s.shard_id, "rows": s.rows} for s in shards],
+    }
+    storage.write_text(index_uri, json.dumps(index))  # written last: its presence means the listing is complete
+    log.info("listed %d images of %s into %d manifest shards", listed, data, len(shards))
+    return shards

@@ -2,8 +2,8 @@
 (+ baselines) -> clustering -> evaluation.
 
 `plan(config)` turns one config into the ordered list of stages, each with its own config whose URIs are
-derived from ``pipeline.root`` (a URI left at its default is derived; one set explicitly is kept), so the
-stages only meet through storage. `run_pipeline` runs that plan and skips every stage that already
+derived from ``pipeline.root`` (a URI no config layer set is derived; one set explicitly is kept, even when
+it equals the default), so the stages only meet through storage. `run_pipeline` runs that plan and skips every stage that already
 finished: a stage counts as finished when its marker ``<root>/_stages/<name>.json`` (written after it
 returned) and its outputs exist. Re-submitting a failed pipeline therefore continues it, and an
 interrupted training run resumes from its own Ray Train checkpoints.
@@ -11,19 +11,16 @@ interrupted training run resumes from its own Ray Train checkpoints.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
-from pydantic import BaseModel
-
-from sdsg_ray.cli import COMMANDS
 from sdsg_ray.config import EvalModel, SDSGConfig, dump_config
+from sdsg_ray.stages import STAGES, Stage as StageFunction
 from sdsg_ray.storage import Storage, get_storage, join
 
 log = logging.getLogger(__name__)
@@ -38,15 +35,13 @@ class Stage:
     """One step of the pipeline: what to call, with which config, and what it leaves in storage."""
 
     name: str
-    target: str  # "module:function" called as function(config, None)
+    run: StageFunction  # called with the stage's own config
     config: SDSGConfig
     outputs: tuple[str, ...]  # URIs that exist once the stage has finished
     section: str  # the config section this stage reads (recorded in its marker)
 
     def call(self) -> Any:
-        module_name, func_name = self.target.split(":")
-        func: Callable[[SDSGConfig, Any], Any] = getattr(importlib.import_module(module_name), func_name)
-        return func(self.config, None)
+        return self.run(self.config)
 
 
 @dataclass
@@ -57,14 +52,10 @@ class StageResult:
     outputs: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _default(section: BaseModel, name: str) -> Any:
-    return type(section).model_fields[name].default
-
-
-def _or_derived(section: BaseModel, name: str, derived: str) -> str:
-    """The field's value if it was changed from its default, else the URI derived from the root."""
-    value = getattr(section, name)
-    return derived if value == _default(section, name) else value
+def _or_derived(config: SDSGConfig, field: str, derived: str) -> str:
+    """The field's value if a config layer set it (even to its default), else the URI derived from the root."""
+    section, name = field.split(".")
+    return getattr(getattr(config, section), name) if config.is_set(field) else derived
 
 
 @dataclass(frozen=True)
@@ -91,26 +82,26 @@ class Layout:
         root = config.pipeline.root.rstrip("/")
         if config.pipeline.make_dataset:
             # X is the images/ prefix only: the dataset directory also holds labels.csv and preview.png.
-            dataset: str | None = _or_derived(config.dataset, "out", join(root, "data"))
+            dataset: str | None = _or_derived(config, "dataset.out", join(root, "data"))
             raw, labels = join(dataset, "images"), join(dataset, "labels.csv")
         else:
             dataset, raw, labels = None, config.train.data, config.evaluate.labels
-        selection = _or_derived(config.select, "out", join(root, "selection"))
+        selection = _or_derived(config, "select.out", join(root, "selection"))
         return cls(
             root=root,
             dataset=dataset,
             raw=raw,
             labels=labels,
-            stage1=_or_derived(config.train, "out", join(root, "stage1")),
-            scores=_or_derived(config.score, "out", join(root, "scores")),
+            stage1=_or_derived(config, "train.out", join(root, "stage1")),
+            scores=_or_derived(config, "score.out", join(root, "scores")),
             selection=selection,
             kept=join(selection, "kept.parquet"),
             random_subset=join(root, RANDOM_SUBSET_FILE),
             stage2=join(root, "stage2"),
             stage2_random=join(root, "stage2-random"),
             stage2_raw=join(root, "stage2-raw"),
-            clusters=_or_derived(config.cluster, "out", join(root, "clusters")),
-            eval=_or_derived(config.evaluate, "out", join(root, "eval")),
+            clusters=_or_derived(config, "cluster.out", join(root, "clusters")),
+            eval=_or_derived(config, "evaluate.out", join(root, "eval")),
         )
 
 
@@ -128,23 +119,23 @@ def plan(config: SDSGConfig) -> list[Stage]:
     stages: list[Stage] = []
     if config.pipeline.make_dataset:
         stages.append(
-            Stage("dataset", COMMANDS["make-dataset"].target, _with(config, "dataset", out=lay.dataset),
+            Stage("dataset", STAGES["make-dataset"], _with(config, "dataset", out=lay.dataset),
                   (lay.labels,), "dataset")
         )
 
     def train(name: str, stage: str, data: str, out: str, kimg: float) -> Stage:
-        return Stage(name, COMMANDS["train"].target,
+        return Stage(name, STAGES["train"],
                      _with(config, "train", stage=stage, data=data, out=out, kimg=kimg),
                      (join(out, "inference.pt"),), "train")
 
     stages.append(train("stage1", "joint", lay.raw, lay.stage1, config.train.kimg))
     stages.append(
-        Stage("score", COMMANDS["score"].target,
+        Stage("score", STAGES["score"],
               _with(config, "score", data=lay.raw, checkpoint=lay.stage1, out=lay.scores),
               (join(lay.scores, "summary.json"),), "score")
     )
     stages.append(
-        Stage("select", COMMANDS["select"].target,
+        Stage("select", STAGES["select"],
               _with(config, "select", scores=lay.scores, out=lay.selection),
               (lay.kept, join(lay.selection, "report.json")), "select")
     )
@@ -152,7 +143,7 @@ def plan(config: SDSGConfig) -> list[Stage]:
     models = [EvalModel(name="filtered", checkpoint=lay.stage2, train_data=lay.kept)]
     if config.pipeline.baselines:
         stages.append(
-            Stage("random_subset", f"{__name__}:run_random_subset", config, (lay.random_subset,), "pipeline")
+            Stage("random_subset", run_random_subset, config, (lay.random_subset,), "pipeline")
         )
         stages.append(train("stage2_random", "generator", lay.random_subset, lay.stage2_random, stage2_kimg))
         stages.append(train("stage2_raw", "generator", lay.raw, lay.stage2_raw, stage2_kimg))
@@ -161,7 +152,7 @@ def plan(config: SDSGConfig) -> list[Stage]:
             EvalModel(name="raw", checkpoint=lay.stage2_raw, train_data=lay.raw),
         ]
     stages.append(
-        Stage("cluster", COMMANDS["cluster"].target,
+        Stage("cluster", STAGES["cluster"],
               _with(config, "cluster", checkpoint=lay.stage2, out=lay.clusters),
               (join(lay.clusters, "clusters.pt"),), "cluster")
     )
@@ -171,15 +162,15 @@ def plan(config: SDSGConfig) -> list[Stage]:
             models=models, scores=lay.scores, selection=lay.selection, labels=lay.labels,
         )
         stages.append(
-            Stage("evaluate", COMMANDS["evaluate"].target, eval_config, (join(lay.eval, "results.json"),),
+            Stage("evaluate", STAGES["evaluate"], eval_config, (join(lay.eval, "results.json"),),
                   "evaluate")
         )
     return stages
 
 
-def run_random_subset(config: SDSGConfig, args: Any = None) -> str:
+def run_random_subset(config: SDSGConfig) -> str:
     """Table 3's control: as many images as the filtered set Y, drawn uniformly from the readable part of X."""
-    from sdsg_ray.filtering.writer import iter_score_batches
+    from sdsg_ray.filtering.scores import iter_score_batches
     from sdsg_ray.manifest import read_manifest, write_manifest
 
     lay = Layout.from_config(config)
@@ -244,8 +235,9 @@ def run_stages(stages: list[Stage], root: str, storage: Storage) -> list[StageRe
     return results
 
 
-def run_pipeline(config: SDSGConfig, args: Any = None) -> list[StageResult]:
-    """Run (or continue) the whole pipeline under ``pipeline.root``; writes ``<root>/pipeline.json``.
+def run_pipeline(config: SDSGConfig) -> dict[str, Any]:
+    """Run (or continue) the whole pipeline under ``pipeline.root``; writes and returns ``<root>/pipeline.json``
+    (every stage with its status and seconds, and the layout). Serves the result when ``pipeline.serve``.
 
     Each stage joins (or starts) Ray itself when it needs it, so a finished pipeline re-runs in seconds.
     """
@@ -261,4 +253,13 @@ def run_pipeline(config: SDSGConfig, args: Any = None) -> list[StageResult]:
         "layout": Layout.from_config(config).__dict__,
     }
     storage.write_text(join(root, SUMMARY_FILE), json.dumps(summary, indent=2))
-    return results
+    if config.pipeline.serve:
+        serve_stage2(config)
+    return summary
+
+
+def serve_stage2(config: SDSGConfig) -> int:
+    """Serve the pipeline's stage-2 generator with its clusters until Ctrl-C."""
+    lay = Layout.from_config(config)
+    serve = config.serve.model_copy(update={"checkpoint": lay.stage2, "clusters": lay.clusters})
+    return STAGES["serve"](config.model_copy(update={"serve": serve}))

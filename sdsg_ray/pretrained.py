@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from cleanfid.fid import frechet_distance  # re-exported: the one FID formula the project uses
 from torch import Tensor, nn
 
+from sdsg_ray.config import ConfigError
+from sdsg_ray.errors import UserError
+
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("lpips-vgg", "lpips-alex", "stlpips-vgg", "stlpips-alex")
@@ -48,7 +51,7 @@ MIN_METRIC_SIDE = 32
 POOL_FEATURE_SIDE = 64
 
 
-class PretrainedMissing(FileNotFoundError):
+class PretrainedMissing(UserError, FileNotFoundError):
     """A pretrained weight file is absent; the message says which, where it goes, and the alternative."""
 
 
@@ -92,7 +95,7 @@ def resolve_metric(name: str = "auto") -> str:
     stlpips-alex (the paper used LPIPS-VGG); the choice and the reason are logged."""
     if name != "auto":
         if name not in METRIC_NAMES:
-            raise ValueError(f"unknown perceptual metric {name!r}; choose one of {METRIC_NAMES} or 'auto'")
+            raise ConfigError(f"unknown perceptual metric {name!r}; choose one of {METRIC_NAMES} or 'auto'")
         return name
     reasons = []
     for candidate in METRIC_NAMES:
@@ -198,6 +201,14 @@ def build_metric(name: str = "auto", device: str | torch.device = "cpu") -> Perc
 # ----- FID features ---------------------------------------------------------------------------
 
 
+def distance_labels(feature_name: str, is_inception: bool) -> tuple[str, str]:
+    """How to report distances on these features: ('FID', 'KID') only for real Inception features;
+    any other network is named, never passed off as FID: ('FD (<net>)', 'KD (<net>)')."""
+    if is_inception:
+        return "FID", "KID"
+    return f"FD ({feature_name})", f"KD ({feature_name})"
+
+
 class FeatureExtractor:
     """Images NCHW float in [-1, 1] (any resolution) -> features [B, dim] as float64 numpy."""
 
@@ -211,7 +222,7 @@ class FeatureExtractor:
     @property
     def distance_label(self) -> str:
         """How to report Frechet distances on these features: "FID" only for real Inception."""
-        return "FID" if self.is_inception else f"FD ({self.name})"
+        return distance_labels(self.name, self.is_inception)[0]
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> np.ndarray:
@@ -307,10 +318,10 @@ def build_fid_features(
     if name == "stlpips-alex-pool":
         module = _PooledTrunk(build_metric("stlpips-alex", device)).eval()
         return FeatureExtractor(name, 1152, False, module, device)
-    raise ValueError(f"unknown FID features {name!r}; choose 'inception', 'stlpips-alex-pool' or 'auto'")
+    raise ConfigError(f"unknown FID features {name!r}; choose 'inception', 'stlpips-alex-pool' or 'auto'")
 
 
 __all__ = [
     "METRIC_NAMES", "PretrainedMissing", "PerceptualMetric", "resolve_metric", "build_metric",
-    "FeatureExtractor", "build_fid_features", "find_inception", "frechet_distance",
+    "FeatureExtractor", "build_fid_features", "distance_labels", "find_inception", "frechet_distance",
 ]

@@ -33,6 +33,7 @@ import pyarrow
 import pyarrow.fs
 
 from sdsg_ray.config import StorageConfig
+from sdsg_ray.errors import UserError
 
 # Marks our in-progress local writes; listings skip them so a half-written file is never yielded.
 _TMP_MARK = ".sdsg-tmp-"
@@ -47,7 +48,7 @@ _AUTH_CODES = {
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Storage could not be used: permission, endpoint, credentials, missing bucket. Names the URI."""
 
 
@@ -596,17 +597,10 @@ class Storage:
     def __init__(self, config: StorageConfig | None = None):
         self.config = config or StorageConfig()
         self.local = LocalObjects()
-        self.s3 = S3Objects(self.config)
-
-    def __getstate__(self) -> dict:
-        return {"config": self.config}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["config"])
+        self.s3 = S3Objects(self.config)  # picklable: drops its client, so Ray can ship a Storage
 
     @property
     def endpoint_url(self) -> str | None:
-        """The S3 endpoint in effect: config > $AWS_ENDPOINT_URL > None (AWS itself)."""
         return self.s3.endpoint_url
 
     @property

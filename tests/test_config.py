@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from sdsg_ray.cli import main
-from sdsg_ray.config import ConfigError, load_config
+from sdsg_ray.config import ConfigError, SDSGConfig, load_config
 
 
 def test_defaults_yaml_and_overrides_combine(tmp_path):
@@ -65,5 +66,83 @@ def test_cli_runs_make_dataset_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert '"outliers": 6' in proc.stdout
+    assert '"outliers": 6' in proc.stdout  # the stage's result, as JSON on stdout
     assert len(list((out / "images").iterdir())) == 12 and (out / "labels.csv").is_file()
+
+
+# ----- layers: default < command (demo) < --config < --set < flags, each field remembering its layer ----
+
+
+def _print_config(*argv: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "sdsg_ray.cli", *argv, "--print-config"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return {"text": proc.stdout, "config": yaml.safe_load(proc.stdout)}
+
+
+def test_an_explicit_value_equal_to_the_schema_default_is_kept_by_the_demo():
+    """The demo's own default θ is 0.2; a user who sets the paper's 0.36 (the schema default) gets 0.36."""
+    shown = _print_config("demo", "--set", "select.target_threshold=0.36")
+    assert shown["config"]["select"]["target_threshold"] == 0.36
+    assert "target_threshold: 0.36  # set" in shown["text"]
+    untouched = _print_config("demo")
+    assert untouched["config"]["select"]["target_threshold"] == 0.2
+    assert "target_threshold: 0.2  # command" in untouched["text"]
+
+
+def test_print_config_names_the_layer_of_each_value(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  kimg: 5\n  workers: 3\n  seed: 4\n")
+    shown = _print_config("train", "--config", str(path), "--set", "train.workers=2", "--kimg", "9")
+    text, train = shown["text"], shown["config"]["train"]
+    assert train["kimg"] == 9 and "kimg: 9.0  # flag" in text
+    assert train["workers"] == 2 and "workers: 2  # set" in text
+    assert train["seed"] == 4 and f"seed: 4  # file {path}" in text
+    assert "  batch_size: 8\n" in text  # a default carries no layer
+
+
+def test_derived_stage_uris_never_replace_a_value_a_layer_set():
+    from sdsg_ray.config import build_config
+    from sdsg_ray.pipeline import Layout
+
+    default_out = SDSGConfig().train.out
+    derived = Layout.from_config(build_config(("set", {"pipeline.root": "/r"})))
+    assert derived.stage1 == "/r/stage1"
+    kept = Layout.from_config(build_config(("set", {"pipeline.root": "/r", "train.out": default_out})))
+    assert kept.stage1 == default_out  # set explicitly to the default's value: still the user's
+
+
+def test_config_equality_ignores_where_values_came_from():
+    from sdsg_ray.config import build_config
+
+    assert build_config(("command", {"train.kimg": 3})) == build_config(("flag", {"train.kimg": 3}))
+    assert build_config(("set", {"train.kimg": 3})) != build_config()
+
+
+def test_help_shows_each_flags_description():
+    proc = subprocess.run([sys.executable, "-m", "sdsg_ray.cli", "train", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    help_text = " ".join(proc.stdout.split())
+    assert "Training length in thousands of real images shown. [train.kimg]" in help_text
+    assert "--print-config" in help_text and "--debug" in help_text
+
+
+# ----- user errors: one line on stderr, a non-zero exit; --debug shows the traceback ------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["score", "--checkpoint", "/tmp/sdsg-nope", "--data", "/tmp/sdsg-nope-data"], "/tmp/sdsg-nope/inference.pt: no such object"),
+    (["select", "--scores", "/tmp/sdsg-nope"], "/tmp/sdsg-nope/summary.json"),
+    (["cluster", "--checkpoint", "/tmp/sdsg-nope"], "/tmp/sdsg-nope/inference.pt: no such object"),
+    (["train", "--data", "/tmp/sdsg-nope"], "/tmp/sdsg-nope: no images and no manifest"),
+])
+def test_a_user_error_is_one_line_without_a_traceback(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "sdsg_ray.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    debug = subprocess.run([sys.executable, "-m", "sdsg_ray.cli", *argv, "--debug"], capture_output=True, text=True,
+                           timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and message in debug.stderr

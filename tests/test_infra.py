@@ -78,10 +78,9 @@ def test_demo_yaml_is_the_embedded_demo_config():
 def test_user_settings_win_over_demo_defaults():
     from sdsg_ray.demo import DEFAULT_OUT, demo_config
 
-    user = load_config(None, {"pipeline.root": "/tmp/elsewhere", "train.kimg": 0.5})
-    config = demo_config(user)
+    config = demo_config(("set", {"pipeline.root": "/tmp/elsewhere", "train.kimg": 0.5}))
     assert config.pipeline.root == "/tmp/elsewhere" and config.train.kimg == 0.5
-    assert demo_config(load_config()).pipeline.root == DEFAULT_OUT
+    assert demo_config().pipeline.root == DEFAULT_OUT
     assert config.cluster.clusters == demo_config().cluster.clusters  # untouched fields keep the demo's
 
 
@@ -138,6 +137,33 @@ def test_rayservice_serve_config_matches_serve_build_output():
             if "autoscaling_config" in dep:
                 assert dep["autoscaling_config"].keys() == ref["autoscaling_config"].keys(), dname
             assert dep.get("max_ongoing_requests") == ref.get("max_ongoing_requests"), dname
+
+
+def test_deploy_yaml_options_are_what_serve_build_reports(tmp_path):
+    """serve_app writes its deploy YAML from deployment_options() without Ray's private builder; Ray's own
+    `serve build` on the same (default-config) application must report the same options."""
+    import subprocess
+    import sys
+
+    from serve_app.app import deployment_options, serve_config_yaml
+
+    out = tmp_path / "built.yaml"
+    serve_cli = Path(sys.executable).parent / "serve"
+    proc = subprocess.run([str(serve_cli), "build", "serve_app.app:app", "-o", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    built = {d["name"]: d for d in yaml.safe_load(out.read_text())["applications"][0]["deployments"]}
+    ours = {d["name"]: d for d in yaml.safe_load(serve_config_yaml({}))["applications"][0]["deployments"]}
+    assert built.keys() == ours.keys() == deployment_options(load_config().serve).keys()
+    for name, mine in ours.items():
+        for key, value in mine.items():
+            if key == "name":
+                continue
+            theirs = built[name].get(key)
+            if isinstance(value, dict):  # serve build may add Serve's defaults next to ours
+                assert {k: theirs.get(k) for k in value} == value, (name, key, theirs)
+            else:
+                assert theirs == value, (name, key, theirs)
 
 
 def test_rayservice_import_path_builds_a_serve_application_on_gpus():

@@ -26,7 +26,7 @@ from conftest import free_port, wait_for_port  # noqa: E402
 CALLS: list[str] = []
 
 
-def toy_stage(config, args=None) -> None:
+def toy_stage(config) -> None:
     """A stage that writes its output file, or fails when the config says so (pipeline.root names it)."""
     out = config.evaluate.out
     CALLS.append(out)
@@ -40,7 +40,7 @@ def toy_stages(root: str, failing: str | None = None) -> list[Stage]:
     for name in ("a", "b", "c"):
         out = join(root, name + ("-fail" if name == failing else ""))
         config = load_config(None, {"evaluate.out": out})
-        stages.append(Stage(name, f"{__name__}:toy_stage", config, (join(out, "done.txt"),), "evaluate"))
+        stages.append(Stage(name, toy_stage, config, (join(out, "done.txt"),), "evaluate"))
     return stages
 
 
@@ -212,4 +212,4 @@ def test_tiny_pipeline_runs_as_a_ray_job(ray_head, tmp_path):
 
     # Submitting the same pipeline again finds every stage finished (no Ray work at all: in-process).
     again = run_pipeline(load_config(config_path))
-    assert all(r.status == "skipped" for r in again)
+    assert all(s["status"] == "skipped" for s in again["stages"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sdsg_ray.config import ModelConfig
-from sdsg_ray.models import Discriminator, Encoder, Generator, build_generator, build_networks
+from sdsg_ray.models import Discriminator, Encoder, Generator, build_generator, build_networks, truncate
 from sdsg_ray.models.networks import (
     LRELU_GAIN,
     MAPPING_LR_MUL,
@@ -107,17 +107,19 @@ def test_style_mixing_crossovers(G):
 
 
 def test_truncation_algebra(G):
-    mapping = G.mapping
-    with torch.no_grad():
-        mapping.w_avg.copy_(torch.randn(32))
+    w_avg = torch.randn(32)
     z = torch.randn(5, 32)
-    w = mapping(z)
-    torch.testing.assert_close(mapping(z, psi=0.0), mapping.w_avg.expand(5, -1), atol=0, rtol=0)
-    assert torch.equal(mapping(z, psi=1.0), w)
-    torch.testing.assert_close(mapping(z, psi=0.3), mapping.w_avg + 0.3 * (w - mapping.w_avg))
-    per_sample = mapping(z, psi=torch.tensor([0.0, 1.0, 0.5, 0.5, 0.5]))
-    torch.testing.assert_close(per_sample[0], mapping.w_avg)
-    torch.testing.assert_close(per_sample[1], w[1])
+    with torch.no_grad():
+        w = G.mapping(z)
+    assert torch.equal(truncate(w, w_avg, 0.0), w_avg.expand(5, -1))  # exact at both ends
+    assert torch.equal(truncate(w, w_avg, 1.0), w)
+    torch.testing.assert_close(truncate(w, w_avg, 0.3), w_avg + 0.3 * (w - w_avg))
+    per_sample = truncate(w, w_avg, torch.tensor([0.0, 1.0, 0.5, 0.5, 0.5]))
+    assert torch.equal(per_sample[0], w_avg) and torch.equal(per_sample[1], w[1])
+    torch.testing.assert_close(per_sample[2], (w[2] + w_avg) / 2)
+    centers = torch.randn(5, 32)  # multi-modal: each sample its own center
+    assert torch.equal(truncate(w, centers, 0.0), centers)
+    torch.testing.assert_close(truncate(w, centers, 0.5)[3], (w[3] + centers[3]) / 2)
 
 
 def test_w_avg_updates_only_when_asked():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 import subprocess
 import sys
@@ -109,16 +108,29 @@ def test_this_environment_holds_the_locked_versions_of_the_direct_dependencies()
             f"{name} {installed} is installed, the lock says {wanted}: install with the README's command")
 
 
-def test_every_cli_target_and_job_module_resolves():
+def test_every_command_and_job_module_resolves_to_a_function():
+    from sdsg_ray.stages import STAGES
+
     for name, command in COMMANDS.items():
-        module_name, func_name = command.target.split(":")
-        assert callable(getattr(importlib.import_module(module_name), func_name)), name
+        assert callable(command.run()), name
+    assert all(callable(stage) for stage in STAGES.values()) and set(STAGES) <= set(COMMANDS)
     for job in sorted((REPO / "jobs").glob("*.py")):
         if job.stem == "__init__":
             continue
         text = job.read_text()
         (name,) = re.findall(r'main\(\["([a-z-]+)"', text)
         assert name in COMMANDS, f"{job.name} calls unknown command {name}"
+
+
+def test_the_library_calls_functions_not_strings_and_never_imports_the_cli():
+    """One way to reach a stage: the function itself (sdsg_ray.stages); only jobs/ wrap the CLI."""
+    for path in [*(REPO / "sdsg_ray").rglob("*.py"), *(REPO / "serve_app").glob("*.py")]:
+        text = path.read_text()
+        assert "import_module" not in text, path
+        assert "ray.serve._private" not in text, path
+        assert "import s3fs" not in text, path
+        if path.name not in ("cli.py", "__main__.py"):  # the command line and `python -m sdsg_ray`
+            assert not re.search(r"^\s*(from sdsg_ray\.cli|import sdsg_ray\.cli)", text, re.M), path
 
 
 def test_flags_override_set_which_overrides_yaml(tmp_path):

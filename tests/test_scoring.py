@@ -22,9 +22,9 @@ from PIL import Image
 
 from sdsg_ray.checkpoint import export_inference
 from sdsg_ray.config import ModelConfig, load_config
-from sdsg_ray.filtering.pipeline import footer_actors, run_scoring
-from sdsg_ray.filtering.selection import run_selection
-from sdsg_ray.filtering.writer import iter_score_batches, score_shard_uri
+from sdsg_ray.filtering.score import footer_actors, run_scoring
+from sdsg_ray.filtering.scores import iter_score_batches, score_shard_uri
+from sdsg_ray.filtering.select import run_selection
 from sdsg_ray.models.networks import build_networks
 from sdsg_ray.storage import get_storage, join
 
@@ -163,14 +163,14 @@ def test_rerun_after_crash_is_exactly_once(ray_cluster, corpus, reference, tmp_p
         """
         import json, os, signal, sys
         from sdsg_ray.config import load_config
-        from sdsg_ray.filtering import pipeline, writer
+        from sdsg_ray.filtering import score, writer
 
         write = writer.ShardAssembler._write
         def write_then_die(self, shard_id):
             write(self, shard_id)
             os.kill(os.getpid(), signal.SIGKILL)  # a hard crash right after one shard is durable
         writer.ShardAssembler._write = write_then_die
-        pipeline.run_scoring(load_config(None, json.loads(sys.argv[1])))
+        score.run_scoring(load_config(None, json.loads(sys.argv[1])))
         """
     )
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}

@@ -17,10 +17,11 @@ from sdsg_ray.filtering.selection import (
     DistanceToReference,
     apply_rule,
     mean_cov,
-    run_selection,
     threshold_grid,
 )
-from sdsg_ray.filtering.writer import SUMMARY_FILE, ShardAssembler
+from sdsg_ray.filtering.scores import SUMMARY_FILE
+from sdsg_ray.filtering.select import run_selection
+from sdsg_ray.filtering.writer import ShardAssembler
 from sdsg_ray.storage import get_storage, join
 
 

@@ -245,3 +245,25 @@ def test_a_short_joint_run_lowers_reconstruction_lpips_and_writes_its_outputs(tm
     assert recon.shape == (32, 8 * 16, 3)  # reals on top, reconstructions below
     bundle = load_inference(str(tmp_path / "run"))
     assert bundle.E is not None and bundle.meta["step"] == steps and bundle.meta["metric"] == "stlpips-alex"
+    assert read_tensorboard_scalars(tmp_path / "run" / "tensorboard")["loss/G_adv"] == {
+        row["step"]: pytest.approx(row["loss/G_adv"]) for row in rows if "loss/G_adv" in row}
+
+
+def read_tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
+    """Scalars of every event file in a directory: TFRecord framing (length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    files = sorted(directory.glob("events.out.tfevents.*"))
+    assert files, f"no event files in {directory}"
+    for path in files:
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars

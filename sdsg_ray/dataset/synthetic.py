@@ -435,9 +435,7 @@ def read_labels(uri: str, storage: Storage) -> list[dict]:
     return rows
 
 
-def run_make_dataset(config: SDSGConfig, args=None) -> int:
+def run_make_dataset(config: SDSGConfig) -> dict:
     """``sdsg make-dataset``: reads ``config.dataset`` and ``config.storage``."""
     ds = config.dataset
-    summary = make_dataset(ds.out, ds.n, ds.resolution, ds.outlier_fraction, ds.seed, Storage(config.storage))
-    print(json.dumps(summary, indent=2))
-    return 0
+    return make_dataset(ds.out, ds.n, ds.resolution, ds.outlier_fraction, ds.seed, Storage(config.storage))

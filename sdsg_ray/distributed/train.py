@@ -19,7 +19,7 @@ import torch
 
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.ray_utils import ensure_ray, worker_env
-from sdsg_ray.storage import get_storage, join, normalize
+from sdsg_ray.storage import ObjectNotFound, get_storage, join, normalize
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,17 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return run_loop(config, device=device, wrap=wrap, resume=resume, report=report)
 
 
+def _check_data(config: SDSGConfig) -> None:
+    """Fail on the driver, before any worker starts, when train.data holds nothing to train on (one HEAD
+    request for a manifest, the first page of a listing otherwise)."""
+    from sdsg_ray.manifest import is_manifest, list_images
+
+    storage = get_storage(config.storage)
+    data = config.train.data
+    if not is_manifest(data, storage) and next(iter(list_images(data, storage)), None) is None:
+        raise ObjectNotFound(f"{data}: no images and no manifest here (train.data)")
+
+
 def build_trainer(config: SDSGConfig):
     """The TorchTrainer for ``config`` (exposed so tests and tools can inspect it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -101,10 +112,11 @@ def build_trainer(config: SDSGConfig):
     )
 
 
-def run_training(config: SDSGConfig, args=None) -> dict[str, Any]:
+def run_training(config: SDSGConfig) -> dict[str, Any]:
     """``sdsg train``: fit (or resume) the run under ``train.out``; returns its summary."""
-    ensure_ray(config.storage)
     config = _absolute_uris(config)
+    _check_data(config)
+    ensure_ray(config.storage)
     tc = config.train
     log.info(
         "training stage=%s on %s -> %s: %d worker(s), %.1f kimg, batch %d",
@@ -119,8 +131,8 @@ def run_training(config: SDSGConfig, args=None) -> dict[str, Any]:
     # As a URI of the project's storage (Ray gives a path inside its filesystem, no s3:// scheme).
     checkpoint = result.checkpoint
     summary["checkpoint"] = join(tc.out, RUN_NAME, Path(checkpoint.path).name) if checkpoint is not None else None
-    print(f"training finished at step {summary.get('step')} (kimg {summary.get('kimg', 0):.3f}); "
-          f"inference bundle: {summary['inference']}", flush=True)
+    log.info("training finished at step %s (kimg %.3f); inference bundle: %s", summary.get("step"),
+             summary.get("kimg", 0), summary["inference"])
     return summary
 
 

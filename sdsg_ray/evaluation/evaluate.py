@@ -13,7 +13,6 @@ Sampling goes through the truncation Sampler, the same code path as the HTTP ser
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -24,8 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sdsg_ray import figures
 from sdsg_ray.config import EvalModel, EvaluateConfig, SDSGConfig
-from sdsg_ray.storage import Storage, get_storage, join
+from sdsg_ray.pretrained import distance_labels
+from sdsg_ray.storage import ObjectNotFound, Storage, get_storage, join
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,6 @@ def distances(feats_a: np.ndarray, feats_b: np.ndarray) -> Distances:
     return Distances(fd, kd)
 
 
-def distance_labels(feature_name: str, is_inception: bool) -> tuple[str, str]:
-    """('FID', 'KID') for Inception features, else ('FD (<net>)', 'KD (<net>)')."""
-    if is_inception:
-        return "FID", "KID"
-    return f"FD ({feature_name})", f"KD ({feature_name})"
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Features of real sets and of samples
 
@@ -99,7 +93,7 @@ class FeatureBank:
 
         keys = resolve_images(uri, self.storage)
         if not keys:
-            raise ValueError(f"no images found at {uri}")
+            raise ObjectNotFound(f"{uri}: no images found")
         self.sizes[uri] = len(keys)
         if self.max_real is not None and len(keys) > self.max_real:
             keys = sorted(random.Random(self.seed).sample(keys, self.max_real))
@@ -214,7 +208,7 @@ def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: 
     from sklearn.metrics import roc_auc_score
 
     from sdsg_ray.dataset.synthetic import read_labels
-    from sdsg_ray.filtering.writer import iter_score_batches
+    from sdsg_ray.filtering.scores import iter_score_batches
     from sdsg_ray.manifest import read_manifest
 
     label_by_key = {row["key"]: row for row in read_labels(labels_uri, storage)}
@@ -256,54 +250,10 @@ def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Figures
-
-
-def plot_fid_vs_psi(curve: dict, label: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for mode, style in (("mean", "o--"), ("multimodal", "s-")):
-        if mode in curve:
-            ax.plot(curve["psis"], curve[mode]["fd"], style, label=f"{mode} truncation")
-    ax.set_xlabel("ψ")
-    ax.set_ylabel(f"{label} (vs training set)")
-    ax.set_title("Distance against ψ (paper Fig. 7)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def plot_grid(grid: np.ndarray, row_labels: Sequence[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    height = grid.shape[0] / grid.shape[1] * 8
-    fig, ax = plt.subplots(figsize=(8, max(2.0, height)))
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([(i + 0.5) * grid.shape[0] / len(row_labels) for i in range(len(row_labels))])
-    ax.set_yticklabels(row_labels)
-    ax.set_title("Same seeds: no truncation / mean / multi-modal (paper Fig. 4)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Entry point
 
 
-def run_evaluation(config: SDSGConfig, args=None) -> dict:
+def run_evaluation(config: SDSGConfig) -> dict:
     """``sdsg evaluate``: write ``<out>/results.json``, fid_vs_psi.png and truncation_grid.png."""
     from sdsg_ray.checkpoint import load_inference
     from sdsg_ray.pretrained import build_fid_features, build_metric
@@ -342,9 +292,10 @@ def run_evaluation(config: SDSGConfig, args=None) -> dict:
                    if first["checkpoint"] == cfg.checkpoint else None)
     results["truncation"] = truncation_curve(sampler, bank, reference, seeds, cfg.psis, untruncated)
     results["truncation"]["reference"] = models[0].train_data
-    storage.write_bytes(join(cfg.out, FIG7_FILE), plot_fid_vs_psi(results["truncation"], fd_label))
+    storage.write_bytes(join(cfg.out, FIG7_FILE), figures.distance_vs_psi(results["truncation"], fd_label))
     grid, row_labels = truncation_grid(sampler, list(range(cfg.seed, cfg.seed + cfg.grid_seeds)), cfg.grid_psi)
-    storage.write_bytes(join(cfg.out, FIG4_FILE), plot_grid(grid, row_labels))
+    storage.write_bytes(join(cfg.out, FIG4_FILE), figures.labelled_grid(
+        grid, row_labels, "Same seeds: no truncation / mean / multi-modal (paper Fig. 4)"))
     results["figures"] = {"fid_vs_psi": FIG7_FILE, "truncation_grid": FIG4_FILE}
     results["real_sets"] = {uri: {"size": n, "unreadable": bank.failed.get(uri, 0)} for uri, n in bank.sizes.items()}
 
@@ -355,17 +306,15 @@ def run_evaluation(config: SDSGConfig, args=None) -> dict:
                                 if k not in ("curve", "best", "worst")}
 
     storage.write_text(join(cfg.out, RESULTS_FILE), json.dumps(results, indent=2))
-    _print_summary(results)
+    _log_summary(results)
     return results
 
 
-def _print_summary(results: dict) -> None:
+def _log_summary(results: dict) -> None:
     fd = results["labels"]["fd"]
-    print(f"{'model':<10} {fd + ' vs train':>22} {fd + ' vs raw':>22}")
-    for row in results["models"]:
-        print(f"{row['model']:<10} {row['fd_vs_train']:>22.4g} {row['fd_vs_raw']:>22.4g}")
+    lines = [f"{'model':<10} {fd + ' vs train':>22} {fd + ' vs raw':>22}"]
+    lines += [f"{row['model']:<10} {row['fd_vs_train']:>22.4g} {row['fd_vs_raw']:>22.4g}" for row in results["models"]]
     curve = results["truncation"]
-    for mode in TRUNCATION_MODES:
-        if mode in curve:
-            print(f"{mode:<10} " + " ".join(f"ψ={p}:{v:.4g}" for p, v in zip(curve["psis"], curve[mode]["fd"])))
-
+    lines += [f"{mode:<10} " + " ".join(f"ψ={p}:{v:.4g}" for p, v in zip(curve["psis"], curve[mode]["fd"]))
+              for mode in TRUNCATION_MODES if mode in curve]
+    log.info("evaluation:\n%s", "\n".join(lines))

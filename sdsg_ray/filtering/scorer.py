@@ -13,19 +13,13 @@ import torch
 from torch import Tensor
 
 from sdsg_ray.config import StorageConfig
+from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import to_tensor
-
+from sdsg_ray.models import reconstruct
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@torch.no_grad()
-def reconstruct(G, E, x: Tensor) -> Tensor:
-    """G(E(x)): the encoder's w (or W+) through the synthesis network alone, constant noise so that a
-    score does not depend on the batch it was computed in or on a re-run."""
-    return G.synthesis(E(x), noise_mode="const")
 
 
 class ReconstructionScorer:
@@ -33,7 +27,7 @@ class ReconstructionScorer:
 
     def __init__(self, bundle, metric, features, device: torch.device) -> None:
         if bundle.E is None:
-            raise ValueError(
+            raise InvalidRequest(
                 f"checkpoint {bundle.identity} has no encoder E: scoring needs a stage-1 (joint) checkpoint"
             )
         self.G = bundle.G_ema.to(device).eval()
@@ -49,7 +43,7 @@ class ReconstructionScorer:
         n = images.shape[0]
         assert images.shape[1:] == (self.resolution, self.resolution, 3), images.shape
         x = to_tensor(images).to(self.device)
-        recon = reconstruct(self.G, self.E, x).float()
+        recon = reconstruct(self.G.synthesis, self.E, x).image.float()
         assert recon.shape == x.shape, (recon.shape, x.shape)
         d_lpips = self.metric(x, recon).reshape(n)
         d_l1 = (x - recon).abs().mean(dim=(1, 2, 3))

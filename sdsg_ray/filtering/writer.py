@@ -1,50 +1,19 @@
-"""Score shards: their layout, their atomic writing, and streaming them back.
+"""Writing score shards: each in one atomic put, only when all of its rows have arrived.
 
-Score shard i holds the scores of manifest shard i, every key exactly once. It is written in one
-atomic put (Storage.open_write) only when all of its rows have arrived, so a shard file that exists is
-complete and a crashed run resumes by skipping the shards already on storage.
+Score shard i holds the scores of manifest shard i, every key exactly once (layout and reading:
+:mod:`sdsg_ray.filtering.scores`). Because a shard appears only complete, a crashed run resumes by
+skipping the shards already on storage.
 """
 
 from __future__ import annotations
-
-import json
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdsg_ray.storage import ObjectNotFound, Storage, join
+from sdsg_ray.storage import Storage
 
-
-SCORES_DIR = "scores"
-SUMMARY_FILE = "summary.json"
-SCORE_COLUMNS = ("key", "status", "error", "d_lpips", "d_l1", "feat_real", "feat_recon")
-SCORE_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("d_lpips", pa.float32()),
-        ("d_l1", pa.float32()),
-        ("feat_real", pa.list_(pa.float32())),
-        ("feat_recon", pa.list_(pa.float32())),
-    ]
-)
-
-
-def score_shard_uri(out: str, shard_id: int) -> str:
-    return join(out, SCORES_DIR, f"scores-{shard_id:05d}.parquet")
-
-
-def written_shards(out: str, storage: Storage) -> set[int]:
-    """Ids of the score shards already on storage (one listing, not one request per shard)."""
-    done = set()
-    for uri in storage.list(join(out, SCORES_DIR), suffixes=(".parquet",)):
-        name = uri.rsplit("/", 1)[-1]
-        if name.startswith("scores-"):
-            done.add(int(name[len("scores-"):-len(".parquet")]))
-    return done
+from .scores import SCORE_COLUMNS, SCORE_SCHEMA, score_shard_uri
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -97,53 +66,3 @@ class ShardAssembler:
     def incomplete(self) -> dict[int, int]:
         """shard id -> rows received, for shards still waiting (non-empty only if the stream lost rows)."""
         return {s: len(rows) for s, rows in self.pending.items()}
-
-
-def iter_score_batches(out: str, storage: Storage, columns: list[str], batch_rows: int = 8192) -> Iterator[dict]:
-    """Stream the score shards under a scoring --out URI as dicts of numpy arrays, row group by row group.
-
-    Memory is one batch, whatever the number of images. List columns (features) come back as object
-    arrays of float32 arrays (None on error rows).
-    """
-    shard_uris = list(storage.list(join(out, SCORES_DIR), suffixes=(".parquet",)))
-    if not shard_uris:
-        raise ObjectNotFound(f"{join(out, SCORES_DIR)}: no score shards (run `sdsg score --out {out}` first)")
-    for uri in shard_uris:
-        with storage.open_read(uri) as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
-                yield {name: _to_numpy(record_batch.column(name)) for name in columns}
-
-
-def _to_numpy(column: pa.Array) -> np.ndarray:
-    if pa.types.is_list(column.type):
-        # offsets index into the (unsliced) child array; slicing per row avoids a Python float per element
-        offsets = column.offsets.to_numpy()
-        values = column.values.to_numpy(zero_copy_only=False)
-        valid = column.is_valid().to_numpy(zero_copy_only=False)
-        out = np.empty(len(column), dtype=object)
-        for i in range(len(column)):
-            out[i] = values[offsets[i] : offsets[i + 1]] if valid[i] else None
-        return out
-    if pa.types.is_floating(column.type):
-        return column.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls -> nan
-    return column.to_numpy(zero_copy_only=False)
-
-
-def write_parquet_stream(batches: Iterable[pa.RecordBatch], schema: pa.Schema, uri: str, storage: Storage) -> int:
-    """Write record batches into one parquet file, streamed; the file appears only when complete."""
-    rows = 0
-    with storage.open_write(uri) as f:
-        with pq.ParquetWriter(f, schema) as writer:
-            for batch in batches:
-                if batch.num_rows:
-                    writer.write_batch(batch.cast(schema) if batch.schema != schema else batch)
-                    rows += batch.num_rows
-    return rows
-
-
-def read_summary(out: str, storage: Storage) -> dict:
-    uri = join(out, SUMMARY_FILE)
-    try:
-        return json.loads(storage.read_text(uri))
-    except ObjectNotFound:
-        raise ObjectNotFound(f"{uri}: no scoring summary; is {out} the --out of `sdsg score`?") from None

@@ -5,9 +5,12 @@ from sdsg_ray.models.networks import (
     Encoder,
     Generator,
     MappingNetwork,
+    Reconstruction,
     SynthesisNetwork,
     build_generator,
     build_networks,
+    reconstruct,
+    truncate,
 )
 
 __all__ = [
@@ -15,7 +18,10 @@ __all__ = [
     "Encoder",
     "Generator",
     "MappingNetwork",
+    "Reconstruction",
     "SynthesisNetwork",
     "build_generator",
     "build_networks",
+    "reconstruct",
+    "truncate",
 ]

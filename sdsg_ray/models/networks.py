@@ -12,7 +12,7 @@ CPU model (32 px, 64 channels) and the paper-scale one (512/512/32768/512).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -217,7 +217,7 @@ class MappingNetwork(nn.Module):
         )
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
-    def forward(self, z: Tensor, psi: float | Tensor = 1.0, update_w_avg: bool = False) -> Tensor:
+    def forward(self, z: Tensor, update_w_avg: bool = False) -> Tensor:
         assert_shape(z, [None, self.z_dim], "z")
         x = normalize_2nd_moment(z.to(torch.float32))
         for layer in self.layers:
@@ -225,17 +225,24 @@ class MappingNetwork(nn.Module):
         if update_w_avg:
             batch_mean = x.detach().float().mean(dim=0)
             self.w_avg.copy_(batch_mean.lerp(self.w_avg, self.w_avg_beta))
-        if not (isinstance(psi, (int, float)) and psi == 1):
-            return truncate(x, self.w_avg, psi)
         return x
 
 
 def truncate(w: Tensor, center: Tensor, psi: float | Tensor) -> Tensor:
-    """w_t = center + psi * (w - center); psi may be a float or a per-sample tensor [B]."""
+    """The truncation trick toward ``center``: w_t = psi * w + (1 - psi) * center.
+
+    The one truncation of the project: the global mean (StyleGAN's trick) and multi-modal truncation
+    (Mokady et al. 2022, Sec. 4: each sample's nearest cluster center) differ only in ``center``.
+    Written as psi * w + (1 - psi) * c, not c + psi * (w - c), so that both ends are exact in floats:
+    psi = 1 gives w and psi = 0 gives c bit for bit. ``w`` [B, w_dim]; ``center`` [w_dim] or
+    [B, w_dim]; ``psi`` a float or a per-sample tensor [B].
+    """
+    assert_shape(w, [None, None], "w")
     if isinstance(psi, Tensor) and psi.ndim == 1:
-        psi = psi.reshape([-1] + [1] * (w.ndim - 1))
+        assert_shape(psi, [w.shape[0]], "psi")
+        psi = psi.to(w.dtype).reshape(-1, 1)
     center = center.to(w.dtype)
-    return center + psi * (w - center)
+    return psi * w + (1 - psi) * center
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,8 +453,9 @@ class Generator(nn.Module):
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers)
 
-    def forward(self, z: Tensor, psi: float | Tensor = 1.0, noise_mode: NoiseMode = "random") -> Tensor:
-        return self.synthesis(self.mapping(z, psi=psi), noise_mode=noise_mode)
+    def forward(self, z: Tensor, noise_mode: NoiseMode = "random") -> Tensor:
+        """An untruncated sample; truncated sampling is the Sampler's (sdsg_ray.truncation)."""
+        return self.synthesis(self.mapping(z), noise_mode=noise_mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,6 +581,33 @@ class Encoder(nn.Module):
         if self.w_plus:
             offset = offset.reshape(-1, self.num_ws, self.w_dim)
         return self.w_avg.to(offset.dtype) + offset
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction: the one definition of G(E(x))
+
+# d(x) must be a deterministic function of x (independent of its batch and of re-runs) and exactly what
+# stage 1 optimised: both use constant noise.
+RECONSTRUCTION_NOISE: NoiseMode = "const"
+
+
+class Reconstruction(NamedTuple):
+    w: Tensor  # E(x): [B, w_dim] (or [B, num_ws, w_dim] for a W+ encoder)
+    image: Tensor  # G(E(x)) in [-1, 1], not clamped: [B, C, R, R]
+
+
+def reconstruct(synthesis: nn.Module, encoder: nn.Module, images: Tensor,
+                noise_mode: NoiseMode = RECONSTRUCTION_NOISE) -> Reconstruction:
+    """x -> (E(x), G(E(x))), G the synthesis network alone (the paper's G(w) skips the mapping).
+
+    The training loss, the scorer's d(x), the reconstruction grids and the selection's examples all
+    call this, so the filtering score is the quantity stage 1 trained. Gradients flow when the caller
+    allows them (training); wrap in ``torch.no_grad()`` for inference.
+    """
+    w = encoder(images)
+    image = synthesis(w, noise_mode=noise_mode)
+    assert image.shape == images.shape, f"G(E(x)) has shape {tuple(image.shape)}, x {tuple(images.shape)}"
+    return Reconstruction(w, image)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import decode_image, load_batch
 from sdsg_ray.storage import Storage
 
@@ -29,7 +30,7 @@ LOAD_CHUNK = 512  # images decoded per thread-pool call while filling the cache
 FAILURES_LOGGED = 5
 
 
-class NoTrainingImages(ValueError):
+class NoTrainingImages(InvalidRequest):
     """The data URI resolved to no readable image."""
 
 

@@ -17,7 +17,9 @@ import copy
 import json
 import logging
 import math
+import os
 import random
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +35,8 @@ from sdsg_ray.imaging import encode_png, image_grid, to_uint8
 from sdsg_ray.models.networks import build_networks
 from sdsg_ray.storage import Storage, get_storage, join
 from sdsg_ray.training.data import ImageDataset, StepBatchSampler, seed_for, cache_fits, make_loader
-from sdsg_ray.training.losses import SDSGLoss, Wrapped, broadcast_ws, ema_beta, lazy_regularization_adam
+from sdsg_ray.models.networks import reconstruct
+from sdsg_ray.training.losses import SDSGLoss, Wrapped, ema_beta, lazy_regularization_adam
 
 log = logging.getLogger(__name__)
 
@@ -278,9 +281,9 @@ class TrainingRun:
 
     @torch.no_grad()
     def reconstruct(self, real: Tensor) -> Tensor:
-        """G_ema(E(x)) with constant noise: what scoring and the inference bundle compute."""
+        """G_ema(E(x)): what scoring computes from the inference bundle."""
         assert self.E is not None, "stage 'generator' has no encoder"
-        return self.G_ema.synthesis(broadcast_ws(self.E(real), self.G_ema.num_ws), noise_mode="const")
+        return reconstruct(self.G_ema.synthesis, self.E, real).image
 
     @torch.no_grad()
     def recon_lpips(self, real: Tensor, batch: int = 32) -> float:
@@ -346,8 +349,34 @@ def load_dataset(config: SDSGConfig, storage: Storage, progress: bool) -> ImageD
     return ImageDataset(uris, config.model.resolution, storage, cache=cache, progress=progress)
 
 
+class _TensorBoard:
+    """TensorBoard event files under ``<out>/tensorboard/``, so ``tensorboard --logdir <out>`` works on a run
+    as StyleGAN2 users expect. tensorboardX writes them into a local directory; they are copied to storage
+    (local or S3) at every metrics flush. A resumed run adds its own event file; TensorBoard merges them."""
+
+    DIR = "tensorboard"
+
+    def __init__(self, storage: Storage, out: str) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.storage, self.out = storage, out
+        self.local = tempfile.mkdtemp(prefix="sdsg-tensorboard-")
+        self.writer = SummaryWriter(self.local, flush_secs=3600)
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        for name, value in metrics.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(name, value, metrics["step"])
+
+    def upload(self) -> None:
+        self.writer.flush()
+        for name in sorted(os.listdir(self.local)):
+            with open(os.path.join(self.local, name), "rb") as f:
+                self.storage.write_bytes(join(self.out, self.DIR, name), f.read())
+
+
 class _Artifacts:
-    """Rank 0's outputs under ``train.out``: grids, metrics.jsonl, inference.pt."""
+    """Rank 0's outputs under ``train.out``: grids, metrics.jsonl, TensorBoard events, inference.pt."""
 
     def __init__(self, run: TrainingRun, dataset: ImageDataset, storage: Storage, out: str, metric_name: str | None):
         self.run, self.storage, self.out, self.metric_name = run, storage, out, metric_name
@@ -357,6 +386,7 @@ class _Artifacts:
         n_eval = min(RECON_EVAL_IMAGES, len(dataset))
         self.real = torch.stack([dataset[i][0] for i in range(n_eval)]) if run.joint else None
         self.pending: list[dict[str, Any]] = []
+        self.tensorboard = _TensorBoard(storage, out)
 
     def eval_metrics(self) -> dict[str, float]:
         if not self.run.joint:
@@ -390,6 +420,9 @@ class _Artifacts:
             lines = [l for l in self.storage.read_text(uri).splitlines() if l.strip() and json.loads(l)["step"] < first]
         lines += [json.dumps(m) for m in self.pending]
         self.storage.write_text(uri, "\n".join(lines) + "\n")
+        for metrics in self.pending:
+            self.tensorboard.add(metrics)
+        self.tensorboard.upload()
         self.pending = []
 
 
@@ -400,18 +433,6 @@ def _format_log(metrics: dict[str, Any]) -> str:
         f"step {metrics['step']} kimg {metrics['kimg']:.3f} | {losses}{extra} | "
         f"{metrics.get('images_per_s_per_worker', 0.0):.1f} img/s/worker"
     )
-
-
-def _maybe_fail(config: SDSGConfig, storage: Storage, step: int, rank: int, world_size: int) -> None:
-    """Testing hook (train.fail_at_step): the last rank raises once, remembered by a marker file."""
-    target = config.train.fail_at_step
-    if target is None or step != target or rank != world_size - 1:
-        return
-    marker = join(config.train.out, f".injected-failure-step-{target}")
-    if storage.exists(marker):
-        return
-    storage.write_text(marker, "failure injected once by train.fail_at_step\n")
-    raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 
 def run_loop(
@@ -459,7 +480,6 @@ def run_loop(
     loader = make_loader(dataset, sampler, tc.data_workers, pin_memory=run.device.type == "cuda")
     window = _Window()
     for real, skipped in loader:
-        _maybe_fail(config, storage, run.step_count, rank, world_size)
         window.add(run.step(real), int(skipped.sum()))
         done = run.step_count
         checkpoint = done % checkpoint_every == 0 or done == total_steps

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdsg_ray.models.networks import reconstruct
+
 Phase = Literal["Gmain", "Greg", "Dmain", "Dreg"]
-NoiseMode = Literal["random", "const", "none"]
 
 
 # --- maths, one function per term -------------------------------------------------------------------
@@ -183,7 +184,6 @@ class SDSGLoss:
         lambda_l1: float = 0.1,
         lambda_lpips: float = 0.1,
         autocast: Callable[[], ContextManager] = nullcontext,
-        recon_noise_mode: NoiseMode = "const",
     ):
         if nets.E is not None and metric is None:
             raise ValueError("stage 'joint' needs a perceptual metric for L_rec,LPIPS")
@@ -197,7 +197,6 @@ class SDSGLoss:
         self.style_mixing_prob = style_mixing_prob
         self.lambda_w, self.lambda_l1, self.lambda_lpips = lambda_w, lambda_l1, lambda_lpips
         self.autocast = autocast
-        self.recon_noise_mode = recon_noise_mode
 
     # forward helpers ---------------------------------------------------------------------------
 
@@ -216,13 +215,6 @@ class SDSGLoss:
     def run_D(self, img: Tensor, sync: bool) -> Tensor:
         with ddp_sync(self.nets.D, sync):
             return self.nets.D(img)
-
-    def reconstruct(self, img: Tensor) -> tuple[Tensor, Tensor]:
-        """img -> (E(img), G(E(img))) with G the synthesis alone and fixed noise, so the
-        reconstruction (and the filtering score d(x) built on it) is a deterministic function of x."""
-        assert self.nets.E is not None
-        w_enc = self.nets.E(img)
-        return w_enc, self.nets.synthesis(broadcast_ws(w_enc, self.num_ws), noise_mode=self.recon_noise_mode)
 
     # phases ------------------------------------------------------------------------------------
 
@@ -260,10 +252,10 @@ class SDSGLoss:
             w_sample = self.nets.mapping(torch.randn_like(gen_z))
             sample = self.nets.synthesis(broadcast_ws(w_sample, self.num_ws), noise_mode="random")
         # Real images and samples go through E, G and the metric as one batch (E has no minibatch-std
-        # layer, so this is exact): one large pass instead of two halves is ~12% of a CPU step.
+        # layer, so this is exact): one large pass costs less than two halves.
         batch = real_img.shape[0]
         targets = torch.cat([real_img.float(), sample.float()])
-        w_enc, rec = self.reconstruct(targets)
+        w_enc, rec = reconstruct(self.nets.synthesis, self.nets.E, targets)
         rec = rec.float()
         w_enc_sample = w_enc[batch:]
         w_target = broadcast_ws(w_sample, self.num_ws) if w_enc_sample.ndim == 3 else w_sample

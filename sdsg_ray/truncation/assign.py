@@ -38,7 +38,7 @@ class PassRows:
     """The row counts forward passes run at, so that an image never depends on what shared its batch.
 
     Conv and matmul kernels pick their reduction order by tensor shape, so the same w can give other
-    bits in a 1-row pass than in a 16-row one (measured on CPU: 1 and 2 rows differ from 3 and up).
+    bits in a 1-row pass than in a 16-row one (docs/benchmarks.md has what was seen on a CPU).
     Every pass is therefore padded, by repeating its last row, up to one of ``sizes``: row counts whose
     outputs were checked bit-identical on this device. Padding every pass to B is safe anywhere and
     free on a GPU, but makes a lone request on a CPU pay for a whole batch; ``powers_of_two(B)``

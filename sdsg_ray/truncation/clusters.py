@@ -18,6 +18,7 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 from sdsg_ray.config import SDSGConfig
+from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.storage import Storage, get_storage, join
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def load_clusters(uri: str, storage: Storage | None = None) -> ClusterSet:
     data = (storage or get_storage()).read_bytes(target)
     payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{target}: not a clusters file (expected format {FORMAT!r})")
+        raise InvalidRequest(f"{target}: not a clusters file (expected format {FORMAT!r})")
     return ClusterSet(
         centers=payload["centers"].float(),
         sizes=payload["sizes"].long(),
@@ -120,7 +121,7 @@ def fit_centers(w: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor
     return centers, sizes
 
 
-def run_clustering(config: SDSGConfig, args=None) -> str:
+def run_clustering(config: SDSGConfig) -> str:
     """``sdsg cluster``: fit the centers for a checkpoint's G_ema and write ``<out>/clusters.pt``."""
     from sdsg_ray.checkpoint import load_inference
     from sdsg_ray.pretrained import resolve_metric
@@ -141,5 +142,4 @@ def run_clustering(config: SDSGConfig, args=None) -> str:
     target = save_clusters(result, cfg.out, storage)
     log.info("wrote %s (identity %s); cluster sizes min %d max %d", target, result.identity,
              int(sizes.min()), int(sizes.max()))
-    print(target)
     return target

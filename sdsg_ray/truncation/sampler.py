@@ -21,13 +21,23 @@ from typing import Literal, Sequence, get_args
 import numpy as np
 import torch
 
+from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import encode_png, image_grid, to_uint8
+from sdsg_ray.models import truncate
 from sdsg_ray.truncation.assign import AssignBy, PassRows, build_assigner, render
 from sdsg_ray.truncation.clusters import ClusterSet
 
 Mode = Literal["none", "mean", "multimodal"]
 MODES: tuple[str, ...] = get_args(Mode)
 SEED_MAX = 2**32 - 1
+
+
+class InvalidSample(InvalidRequest):
+    """A sample outside the model's limits; ``field`` names the offending SampleSpec field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 @dataclass(frozen=True)
@@ -39,11 +49,28 @@ class SampleSpec:
     mode: Mode = "none"
     cluster: int | None = None  # force this center (multimodal only); None = nearest
 
+    def check(self, num_clusters: int) -> None:
+        """The one validation of a sample (the Sampler and the HTTP service both call it): raises
+        InvalidSample naming the field. ``num_clusters``: centers loaded (0 = no multi-modal)."""
+        if not 0 <= self.seed <= SEED_MAX:
+            raise InvalidSample("seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
+        if not 0.0 <= self.psi <= 1.0:
+            raise InvalidSample("psi", f"must be in [0, 1], got {self.psi}")
+        if self.mode not in MODES:
+            raise InvalidSample("truncation", f"must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "multimodal" and num_clusters == 0:
+            raise InvalidSample("truncation", "'multimodal' needs clusters (run `sdsg cluster`); use 'mean' or 'none'")
+        if self.cluster is not None:
+            if self.mode != "multimodal":
+                raise InvalidSample("cluster", "a cluster can only be forced with truncation 'multimodal'")
+            if not 0 <= self.cluster < num_clusters:
+                raise InvalidSample("cluster", f"must be in [0, {num_clusters - 1}], got {self.cluster}")
+
 
 def seed_latent(seed: int, z_dim: int) -> torch.Tensor:
     """z [z_dim] for one seed, independent of every other sample."""
     if not 0 <= seed <= SEED_MAX:
-        raise ValueError(f"seed must be in [0, {SEED_MAX}], got {seed}")
+        raise InvalidSample("seed", f"must be in [0, {SEED_MAX}], got {seed}")
     return torch.randn(z_dim, generator=torch.Generator().manual_seed(seed))
 
 
@@ -69,16 +96,16 @@ class Sampler:
         self.assigner = None
         if clusters is not None:
             if clusters.centers.shape[1] != self.G.w_dim:
-                raise ValueError(
+                raise InvalidRequest(
                     f"clusters have w_dim {clusters.centers.shape[1]} but the generator has {self.G.w_dim}"
                 )
             if clusters.checkpoint != bundle.identity:
-                raise ValueError(
+                raise InvalidRequest(
                     f"clusters were fitted on checkpoint {clusters.checkpoint}, not {bundle.identity}: "
                     "run `sdsg cluster` for this checkpoint"
                 )
             if assign_resolution is not None and assign_resolution not in self.G.synthesis.block_resolutions:
-                raise ValueError(f"assign_resolution must be one of this generator's block resolutions "
+                raise InvalidRequest(f"assign_resolution must be one of this generator's block resolutions "
                                  f"{self.G.synthesis.block_resolutions}, got {assign_resolution}")
             self.centers = clusters.centers.to(self.device).float()
             self.assigner = build_assigner(assign_by, self.G.synthesis, self.centers, self.rows, metric,
@@ -93,20 +120,8 @@ class Sampler:
         return self.clusters.count if self.clusters is not None else 0
 
     def validate(self, spec: SampleSpec) -> None:
-        """Raise ValueError naming the bad field (the HTTP layer checks the same things first)."""
-        if not 0 <= spec.seed <= SEED_MAX:
-            raise ValueError(f"seed must be in [0, {SEED_MAX}], got {spec.seed}")
-        if not 0.0 <= spec.psi <= 1.0:
-            raise ValueError(f"psi must be in [0, 1], got {spec.psi}")
-        if spec.mode not in MODES:
-            raise ValueError(f"truncation must be one of {MODES}, got {spec.mode!r}")
-        if spec.mode == "multimodal" and self.assigner is None:
-            raise ValueError("truncation 'multimodal' needs clusters (run `sdsg cluster`)")
-        if spec.cluster is not None:
-            if spec.mode != "multimodal":
-                raise ValueError("cluster can only be forced with truncation 'multimodal'")
-            if not 0 <= spec.cluster < self.num_clusters:
-                raise ValueError(f"cluster must be in [0, {self.num_clusters - 1}], got {spec.cluster}")
+        """Raise InvalidSample naming the bad field (:meth:`SampleSpec.check` with this model's clusters)."""
+        spec.check(self.num_clusters if self.assigner is not None else 0)
 
     def _map(self, z: torch.Tensor) -> torch.Tensor:
         return self.G.mapping(z.to(self.device)).float()
@@ -133,9 +148,8 @@ class Sampler:
             targets[forced] = self.centers[[specs[i].cluster for i in forced]]
         if nearest:  # the assigner pads its own passes: a center never depends on the rest of the chunk
             targets[nearest] = self.centers[self.assigner.assign(w)[nearest]]
-        psi = torch.tensor([s.psi if s.mode != "none" else 1.0 for s in specs], device=self.device)[:, None]
-        # psi*w + (1-psi)*c rather than c + psi*(w-c): exact at both ends (psi=1 -> w, psi=0 -> c) in floats.
-        return psi * w + (1 - psi) * targets
+        psi = torch.tensor([s.psi if s.mode != "none" else 1.0 for s in specs], device=self.device)
+        return truncate(w, targets, psi)
 
     @torch.no_grad()
     def render_specs(self, specs: Sequence[SampleSpec]) -> np.ndarray:

@@ -5,8 +5,8 @@
 
 Score shard i holds exactly the keys of manifest shard i and is written in one atomic put when its last
 row reaches the driver. A re-run (after a crash, a kill, a lost node) reads only the manifest shards
-whose score shard does not exist yet, so every key ends up in the output exactly once. (Ray Data's own
-checkpointing is not used: its filter actors deadlocked a resumed run on a 2-CPU cluster.)
+whose score shard does not exist yet, so every key ends up in the output exactly once. Ray Data's own
+checkpointing is not used: it deadlocked a resumed run on a small cluster (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,17 +21,21 @@ import ray
 from tqdm import tqdm
 
 from sdsg_ray.config import ScoreConfig, SDSGConfig
+from sdsg_ray.errors import InvalidRequest
+from sdsg_ray.manifest import ManifestShard, ensure_manifest
 from sdsg_ray.ray_utils import ensure_ray
 from sdsg_ray.storage import Storage, get_storage, join, normalize
 
-from .listing import ManifestShard, ensure_manifest
-from .reader import read_and_decode
+from .decode import read_and_decode
 from .scorer import ScoreActor
-from .writer import SCORES_DIR, SUMMARY_FILE, ShardAssembler, iter_score_batches, written_shards
+from .scores import SCORES_DIR, SUMMARY_FILE, iter_score_batches, written_shards
+from .writer import ShardAssembler
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "_RUN.json"  # what the scores in <out> were computed with; a resume must match it
+DECODE_WORKER_BYTES = 160 * 1024**2  # a decode task's process: Python, pyarrow, PIL (measured ~130 MiB)
+ENCODED_IMAGE_BYTES = 64 * 1024  # budget per encoded web image held while decoding
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _USER_FOOTER_ACTORS = os.environ.get(FOOTER_ACTORS_ENV)
 
@@ -46,20 +50,20 @@ def build_dataset(pending: list[ManifestShard], storage: Storage, config: SDSGCo
     cfg = config.score
     fs, _ = storage.arrow_filesystem(pending[0].uri)
     paths = [storage.arrow_filesystem(s.uri)[1] for s in pending]
-    # read_parquet (ray 2.60) starts a pool of FooterReader actors per read, 32 by default: 32 worker
-    # processes that took 35-55 s to start on a 2-core machine to read one small manifest footer. The
-    # pool is sized from this variable, read on the driver when the plan is built; a user's value wins.
+    # read_parquet starts a pool of footer-reading actors per read, 32 by default: far more processes than
+    # a few small manifest footers need, and slow to start on a small node (docs/benchmarks.md). The pool
+    # is sized from this variable, read on the driver when the plan is built; a user's value wins.
     os.environ[FOOTER_ACTORS_ENV] = _USER_FOOTER_ACTORS or str(footer_actors(len(paths)))
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["key"], include_paths=True)
-    # Keys are ~100 bytes, so Ray Data's 1 MiB minimum block size packs ~10,000 of them into one read
-    # block: decoding then ran as one task per block, in series with scoring. Batch-sized blocks let
-    # decode tasks run side by side and stream into the actors (streaming split, no shuffle).
+    # Keys are ~100 bytes, so Ray Data's 1 MiB minimum block size would pack ~10,000 of them into one
+    # read block, and decoding would run as one task per block, in series with scoring. Batch-sized
+    # blocks let decode tasks run side by side and stream into the actors (streaming split, no shuffle).
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    # Decode tasks reserve their worker's footprint (~130 MiB measured: Python, pyarrow, PIL) plus a batch
-    # of decoded images and encoded bytes (~64 KiB each). The distinct resource request also keeps Ray Data
-    # from fusing decoding into the scoring actors: decoding stays a CPU task pool that runs alongside
-    # the (GPU) actors instead of in series with them.
-    decode_memory = 160 * 1024**2 + cfg.batch_size * (resolution * resolution * 3 + 64 * 1024)
+    # Decode tasks reserve their worker's footprint (Python, pyarrow, PIL: DECODE_WORKER_BYTES) plus a
+    # batch of decoded images and encoded bytes. The distinct resource request also keeps Ray Data from
+    # fusing decoding into the scoring actors: decoding stays a CPU task pool that runs alongside the
+    # (GPU) actors instead of in series with them.
+    decode_memory = DECODE_WORKER_BYTES + cfg.batch_size * (resolution * resolution * 3 + ENCODED_IMAGE_BYTES)
     ds = ds.map_batches(
         read_and_decode,
         fn_kwargs={"storage": storage, "resolution": resolution},
@@ -89,7 +93,7 @@ def check_cpu_budget(cfg: ScoreConfig, cluster_cpus: float) -> None:
     decode tasks (num_cpus=1 each) would then never be scheduled; Ray Data waits on them forever."""
     held = cfg.actors * cfg.cpus_per_actor
     if held > cluster_cpus - 1:
-        raise ValueError(
+        raise InvalidRequest(
             f"score.actors={cfg.actors} x score.cpus_per_actor={cfg.cpus_per_actor} = {held:g} CPUs leaves less "
             f"than the 1 CPU that reading and decoding need on this cluster of {cluster_cpus:g} CPUs; lower "
             f"--actors, or --cpus-per-actor (fractions are allowed, e.g. "
@@ -104,7 +108,7 @@ def _check_run(out: str, storage: Storage, run: dict) -> None:
         previous = json.loads(storage.read_text(uri))
         changed = {k: (previous.get(k), v) for k, v in run.items() if previous.get(k) != v}
         if changed:
-            raise ValueError(f"{out} holds scores computed with different settings {changed}; use another --out")
+            raise InvalidRequest(f"{out} holds scores computed with different settings {changed}; use another --out")
     else:
         storage.write_text(uri, json.dumps(run, indent=2))
 
@@ -116,7 +120,7 @@ def count_status(out: str, storage: Storage) -> Counter:
     return counts
 
 
-def run_scoring(config: SDSGConfig, args=None) -> dict:
+def run_scoring(config: SDSGConfig) -> dict:
     """Score every image of score.data with the stage-1 checkpoint; write score shards and summary.json."""
     from sdsg_ray.checkpoint import load_inference
     from sdsg_ray.pretrained import build_fid_features, resolve_metric
@@ -124,10 +128,10 @@ def run_scoring(config: SDSGConfig, args=None) -> dict:
     # Ray workers run in other working directories: local paths are made absolute here on the driver.
     cfg = config.score.model_copy(update={"checkpoint": normalize(config.score.checkpoint)})
     storage = get_storage(config.storage)
+    bundle = load_inference(cfg.checkpoint, storage, device="cpu")  # identity and resolution; the actors load their own
     ensure_ray(config.storage)
     check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
 
-    bundle = load_inference(cfg.checkpoint, storage, device="cpu")  # identity and resolution; the actors load their own
     resolution = bundle.model.resolution
     features = build_fid_features(cfg.fid_features, device="cpu")  # resolves "auto" to the network actually used
     metric = resolve_metric(cfg.metric)
@@ -193,5 +197,6 @@ def run_scoring(config: SDSGConfig, args=None) -> dict:
     assert summary["scored"] + summary["failed"] == total, (counts, total)
     storage.write_text(join(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2))
     rate = f"{summary['images_per_s']} images/s" if summary["images_per_s"] else "nothing left to score"
-    print(f"scored {summary['scored']} images, {summary['failed']} failed ({rate}); summary in {join(cfg.out, SUMMARY_FILE)}")
+    log.info("scored %d images, %d failed (%s); summary in %s", summary["scored"], summary["failed"], rate,
+             join(cfg.out, SUMMARY_FILE))
     return summary

@@ -1,0 +1,204 @@
+"""The two Serve deployments: a FastAPI ingress in front of an autoscaled, batched Sampler.
+
+  client --HTTP--> Ingress (validates, splits into <= max_batch_size chunks, encodes the images)
+                   --handle--> SamplerDeployment.sample (per-item psi/mode/cluster)
+                               --@serve.batch--> one forward pass for many concurrent requests
+
+Multi-sample responses (POST /v1/samples): ``format=png`` -> JSON ``{"seeds": [...], "images": [base64 PNG,
+...]}``; ``format=grid`` -> one PNG grid (row-major in seed order); ``format=npy`` -> one .npy uint8 [N, R, R, 3].
+"""
+
+# No `from __future__ import annotations` here: Serve's ingress rebuilds the endpoint functions and FastAPI
+# could then no longer resolve string annotations (a body model silently became a required query param).
+import asyncio
+import base64
+import io
+import math
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from sdsg_ray.config import SDSGConfig
+from sdsg_ray.imaging import encode_png, image_grid
+from sdsg_ray.truncation.sampler import InvalidSample, Mode, SampleSpec
+
+from .schemas import FieldError, ImageFormat, SamplesRequest, on_field_error, on_validation_error
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _jsonable(meta: dict) -> dict:
+    return {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in meta.items()}
+
+
+def _images_in(requests: list[list[SampleSpec]]) -> int:
+    """@serve.batch counts images, not calls, so one batch is one bounded forward pass."""
+    return sum(len(r) for r in requests)
+
+
+@serve.deployment
+class SamplerDeployment:
+    """Holds G_ema, the centers and the metric; renders batches of specs in one forward pass."""
+
+    def __init__(self, config: dict) -> None:
+        import torch
+
+        from sdsg_ray.storage import get_storage
+        from sdsg_ray.truncation.sampler import load_sampler
+
+        cfg = SDSGConfig.model_validate(config)
+        s = cfg.serve
+        device = "cuda" if torch.cuda.is_available() and s.num_gpus > 0 else "cpu"
+        self.sampler = load_sampler(s.checkpoint, s.clusters or None, get_storage(cfg.storage), s.assign_by,
+                                    device, batch_size=s.max_batch_size, assign_resolution=s.assign_resolution)
+        bundle, clusters = self.sampler.bundle, self.sampler.clusters
+        self.info_dict = {
+            "resolution": self.sampler.resolution,
+            "z_dim": int(bundle.G_ema.z_dim),
+            "w_dim": int(bundle.G_ema.w_dim),
+            "checkpoint": {"uri": s.checkpoint, "identity": bundle.identity, "meta": _jsonable(bundle.meta)},
+            "metric": clusters.metric if clusters else None,
+            "assign_by": s.assign_by,
+            "assign_resolution": s.assign_resolution or self.sampler.resolution,
+            "device": device,
+            "pass_sizes": list(self.sampler.pass_sizes),  # forward-pass row counts verified bit-exact here
+            "clusters": None if clusters is None else {
+                "uri": s.clusters, "identity": clusters.identity, "count": clusters.count,
+                "sizes": clusters.sizes.tolist(), "seed": clusters.seed,
+            },
+        }
+        self._render_batch.set_max_batch_size(s.max_batch_size)
+        self._render_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        return self.info_dict
+
+    def center_grid(self) -> bytes:
+        return self.sampler.center_grid()
+
+    async def sample(self, specs: list[SampleSpec]) -> np.ndarray:
+        """uint8 [len(specs), R, R, 3]. Validated before batching so one bad call cannot fail its batch."""
+        for spec in specs:
+            self.sampler.validate(spec)
+        return await self._render_batch(specs)
+
+    @serve.batch(batch_size_fn=_images_in)
+    async def _render_batch(self, requests: list[list[SampleSpec]]) -> list[np.ndarray]:
+        flat = [spec for request in requests for spec in request]
+        # Off the event loop: the replica keeps collecting the next batch while this one renders.
+        images = await asyncio.to_thread(self.sampler.render_specs, flat)
+        out, start = [], 0
+        for request in requests:
+            out.append(images[start:start + len(request)])
+            start += len(request)
+        return out
+
+
+api = FastAPI(
+    title="sdsg-ray sampler",
+    description="Self-Distilled StyleGAN samples with multi-modal truncation (Mokady et al. 2022).",
+    version="1",
+)
+api.add_exception_handler(RequestValidationError, on_validation_error)
+api.add_exception_handler(FieldError, on_field_error)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: checks each sample against the model (SampleSpec.check), fans out chunks, encodes."""
+
+    def __init__(self, sampler: DeploymentHandle, max_samples_per_request: int, max_batch_size: int,
+                 default_psi: float) -> None:
+        self.sampler = sampler
+        self.max_samples = max_samples_per_request
+        self.chunk = max_batch_size
+        self.default_psi = default_psi
+        self._info: dict[str, Any] | None = None
+
+    async def model_info(self) -> dict[str, Any]:
+        if self._info is None:  # fetched once: the model behind a deployment never changes
+            self._info = await self.sampler.info.remote()
+        return self._info
+
+    async def _specs(self, seeds: list[int], psi: float | None, truncation: str, cluster: int | None,
+                     seed_field=lambda i: "seed") -> list[SampleSpec]:
+        """SampleSpecs checked against the loaded model; an InvalidSample names the request field."""
+        clusters = (await self.model_info())["clusters"]
+        psi = self.default_psi if psi is None else psi
+        specs = [SampleSpec(seed, psi, truncation, cluster) for seed in seeds]
+        for i, spec in enumerate(specs):
+            try:
+                spec.check(clusters["count"] if clusters else 0)
+            except InvalidSample as err:
+                raise FieldError(seed_field(i) if err.field == "seed" else err.field, err.message) from None
+        return specs
+
+    async def _render(self, specs: list[SampleSpec]) -> np.ndarray:
+        chunks = [specs[i:i + self.chunk] for i in range(0, len(specs), self.chunk)]
+        parts = await asyncio.gather(*(self.sampler.sample.remote(c) for c in chunks))
+        return np.concatenate(parts)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/model")
+    async def model(self) -> dict[str, Any]:
+        """Resolution, checkpoint identity, metric, w_dim and the clusters' identity."""
+        return await self.model_info()
+
+    @api.get("/v1/clusters")
+    async def clusters(self) -> dict[str, Any]:
+        clusters = (await self.model_info())["clusters"]
+        if clusters is None:
+            raise FieldError("clusters", "no clusters loaded", status_code=404)
+        return {"count": clusters["count"], "sizes": clusters["sizes"], "identity": clusters["identity"]}
+
+    @api.get("/v1/clusters/grid.png", response_class=Response)
+    async def clusters_grid(self) -> Response:
+        if (await self.model_info())["clusters"] is None:
+            raise FieldError("clusters", "no clusters loaded", status_code=404)
+        return Response(await self.sampler.center_grid.remote(), media_type="image/png")
+
+    @api.get("/v1/sample", response_class=Response)
+    async def sample(
+        self,
+        seed: int = Query(..., description="Random seed of z, in [0, 2^32-1]."),
+        psi: float | None = Query(None, description="Truncation strength in [0, 1] (1 = none)."),
+        truncation: Mode = Query("multimodal"),
+        cluster: int | None = Query(None, description="Force this center (multimodal)."),
+        format: ImageFormat = Query("png"),
+    ) -> Response:
+        """One image: PNG, or a .npy uint8 [R, R, 3]."""
+        images = await self._render(await self._specs([seed], psi, truncation, cluster))
+        if format == "npy":
+            return Response(_npy(images[0]), media_type="application/octet-stream")
+        return Response(encode_png(images[0]), media_type="image/png")
+
+    @api.post("/v1/samples")
+    async def samples(self, spec: SamplesRequest) -> Response:
+        """Many images; see the module docstring for the three formats."""
+        seeds = spec.seed_list()
+        if len(seeds) > self.max_samples:
+            raise FieldError("seeds" if spec.seeds is not None else "count",
+                             f"at most {self.max_samples} samples per request, got {len(seeds)}")
+        if not seeds:
+            raise FieldError("seeds", "give at least one seed")
+        specs = await self._specs(seeds, spec.psi, spec.truncation, spec.cluster, spec.seed_field)
+        images = await self._render(specs)
+        if spec.format == "npy":
+            return Response(_npy(images), media_type="application/octet-stream")
+        if spec.format == "grid":
+            return Response(encode_png(image_grid(images, ncols=math.ceil(math.sqrt(len(images))))),
+                            media_type="image/png")
+        return JSONResponse({"seeds": seeds, "images": [base64.b64encode(encode_png(im)).decode() for im in images]})
