@@ -123,3 +123,22 @@ def labelled_grid(grid: np.ndarray, row_labels: Sequence[str], title: str) -> by
     ax.set_yticklabels(row_labels)
     ax.set_title(title)
     return to_png(fig)
+
+
+# ----- measurements -------------------------------------------------------------------------------------
+
+
+def curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
+           title: str) -> bytes:
+    """One line per labelled (x, y) series: benchmark sweeps and resource traces."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, "o-" if len(x) <= 30 else "-", ms=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    return to_png(fig)

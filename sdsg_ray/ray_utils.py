@@ -11,12 +11,12 @@ from sdsg_ray.config import StorageConfig
 
 log = logging.getLogger(__name__)
 
-# Variables the workers need to reach the same object store as the driver.
+# Variables the workers need to reach the same object store and pretrained weights as the driver.
+# Never credentials: a runtime_env is recorded in Ray's logs, its job table and the dashboard, so keys
+# forwarded through it would be written down in plain text. Workers take credentials from their own
+# environment (inherited from the node that started them), a profile or an instance role.
 _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_PROFILE",
     "TORCH_HOME",
@@ -25,7 +25,7 @@ _FORWARDED_ENV = (
 
 
 def worker_env(storage: StorageConfig | None = None) -> dict[str, str]:
-    """Environment for Ray workers: storage endpoint and credentials, pretrained-weight locations."""
+    """Environment for Ray workers: storage endpoint and region, pretrained-weight locations (no secrets)."""
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     if storage is not None and storage.endpoint_url:
         env["AWS_ENDPOINT_URL"] = storage.endpoint_url

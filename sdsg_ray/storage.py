@@ -273,7 +273,7 @@ class S3Objects:
             try:
                 self.client.head_bucket(Bucket=bucket)
             except Exception as err:
-                code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+                code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
                 if code in ("404", "NoSuchBucket"):
                     raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {self.where()}") from None
                 raise
@@ -325,7 +325,7 @@ class S3Objects:
                 head = self.client.head_object(Bucket=bucket, Key=key)
                 return ObjectInfo(uri, int(head["ContentLength"]), head.get("LastModified"))
             except Exception as err:
-                code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+                code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
                 if code not in _MISSING_KEY_CODES:
                     raise
         self._check_bucket(uri)

@@ -21,13 +21,23 @@ from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.imaging import encode_png, image_grid
 from sdsg_ray.truncation.sampler import InvalidSample, Mode, SampleSpec
 
-from .schemas import FieldError, ImageFormat, SamplesRequest, on_field_error, on_validation_error
+from .schemas import (
+    FieldError,
+    ImageFormat,
+    SamplesRequest,
+    ServiceUnavailable,
+    on_field_error,
+    on_unavailable,
+    on_validation_error,
+)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -110,6 +120,7 @@ api = FastAPI(
 )
 api.add_exception_handler(RequestValidationError, on_validation_error)
 api.add_exception_handler(FieldError, on_field_error)
+api.add_exception_handler(ServiceUnavailable, on_unavailable)
 
 
 @serve.deployment
@@ -144,8 +155,13 @@ class Ingress:
         return specs
 
     async def _render(self, specs: list[SampleSpec]) -> np.ndarray:
+        """The images, or ServiceUnavailable (503) when the sampler replica died with the request in flight
+        (Serve restarts it; the client retries): never a 500, never a hung connection."""
         chunks = [specs[i:i + self.chunk] for i in range(0, len(specs), self.chunk)]
-        parts = await asyncio.gather(*(self.sampler.sample.remote(c) for c in chunks))
+        try:
+            parts = await asyncio.gather(*(self.sampler.sample.remote(c) for c in chunks))
+        except (RayActorError, DeploymentUnavailableError) as err:
+            raise ServiceUnavailable(f"the sampler replica is restarting ({type(err).__name__}); retry") from None
         return np.concatenate(parts)
 
     @api.get("/healthz")

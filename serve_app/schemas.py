@@ -20,6 +20,13 @@ ImageFormat = Literal["png", "npy"]
 BatchFormat = Literal["png", "grid", "npy"]
 
 
+RETRY_AFTER_S = 1  # what a 503 asks clients to wait: about the time Serve needs to notice a dead replica
+
+
+class ServiceUnavailable(Exception):
+    """The sampler could not finish the request (its replica died or is restarting): 503, retry later."""
+
+
 class FieldError(Exception):
     """Input that passed type checks but not the service's limits; becomes a 4xx naming ``field``."""
 
@@ -80,3 +87,9 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
 
 async def on_field_error(request: Request, exc: FieldError) -> JSONResponse:
     return error_response(exc.status_code, [{"field": exc.field, "message": exc.message}])
+
+
+async def on_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+    response = error_response(503, [{"field": "service", "message": str(exc)}])
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -106,12 +107,12 @@ TINY = {
 }
 
 
-def start_head(log_path: Path, temp_dir: str) -> tuple[subprocess.Popen, int]:
+def start_head(log_path: Path, temp_dir: str, extra_env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     """`ray start --head --block` with every port explicit: the defaults of the client server (10001) and
     the dashboard agent (52365) are fixed numbers another Ray on the machine may hold, and with --block
     one failed process stops them all. Returns (process, dashboard port) once the runtime is up."""
     gcs_port, dashboard_port, client_port, agent_port = free_port(), free_port(), free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **extra_env}
     env.pop("RAY_ADDRESS", None)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -140,8 +141,13 @@ def stop_head(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+# Credentials only this test's Ray head knows (moto accepts any): they must never be written anywhere.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIASDSGJOBTEST" + uuid.uuid4().hex[:8].upper(),
+               "AWS_SECRET_ACCESS_KEY": "sdsg-secret-" + uuid.uuid4().hex}
+
+
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, s3_endpoint):
     """A real head node in its own process tree, stopped by terminating that tree.
 
     Never `ray stop`: it would also stop the session cluster and anyone else's. Its own --temp-dir keeps
@@ -152,11 +158,11 @@ def ray_head(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     try:
         try:
-            proc, dashboard_port = start_head(tmp_path / "ray-head.log", temp_dir)
+            proc, dashboard_port = start_head(tmp_path / "ray-head.log", temp_dir, CREDENTIALS)
         except RuntimeError:
-            proc, dashboard_port = start_head(tmp_path / "ray-head-retry.log", temp_dir)
+            proc, dashboard_port = start_head(tmp_path / "ray-head-retry.log", temp_dir, CREDENTIALS)
         try:
-            yield f"http://127.0.0.1:{dashboard_port}"
+            yield {"address": f"http://127.0.0.1:{dashboard_port}", "temp_dir": temp_dir}
         finally:
             stop_head(proc)
     finally:
@@ -176,15 +182,31 @@ def wait_for_job(client, job_id: str, timeout_s: float) -> str:
     return "TIMEOUT"
 
 
+def files_containing(root: Path, secrets: list[str]) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = path.read_bytes()
+            except OSError:  # sockets and files a live process holds exclusively
+                continue
+            found += [f"{path}: {secret[:6]}..." for secret in secrets if secret.encode() in data]
+    return found
+
+
 @pytest.mark.slow
-def test_tiny_pipeline_runs_as_a_ray_job(ray_head, tmp_path):
+def test_tiny_pipeline_runs_as_a_ray_job_on_s3_and_writes_no_credentials(ray_head, tmp_path, s3_bucket, s3_endpoint):
+    """The pipeline submitted through the Ray Jobs API to a real head node, reading and writing S3 (the
+    endpoint given in the config). The head runs with credentials of its own in its environment: afterwards
+    neither key appears in the job's logs, any file of the head's Ray session, or any object it wrote."""
     import yaml
     from ray.job_submission import JobSubmissionClient
 
-    root = tmp_path / "run"
+    root = join(s3_bucket, "run")
     config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump({**TINY, "pipeline": {**TINY["pipeline"], "root": str(root)}}))
-    client = JobSubmissionClient(ray_head)
+    config_path.write_text(yaml.safe_dump({**TINY, "pipeline": {**TINY["pipeline"], "root": root},
+                                           "storage": {"endpoint_url": s3_endpoint}}))
+    client = JobSubmissionClient(ray_head["address"])
     job_id = client.submit_job(
         entrypoint=f"{sys.executable} -m jobs.pipeline --config {config_path}",
         runtime_env={
@@ -197,18 +219,26 @@ def test_tiny_pipeline_runs_as_a_ray_job(ray_head, tmp_path):
     logs = client.get_job_logs(job_id)
     assert status == "SUCCEEDED", logs[-4000:]
 
-    summary = json.loads((root / "pipeline.json").read_text())
+    storage = get_storage()
+    summary = json.loads(storage.read_text(join(root, "pipeline.json")))
     assert [s["name"] for s in summary["stages"]] == ["dataset", "stage1", "score", "select", "stage2", "cluster",
                                                       "evaluate"]
     assert all(s["status"] == "ran" for s in summary["stages"])
     for rel in ("data/labels.csv", "stage1/inference.pt", "scores/summary.json", "selection/kept.parquet",
                 "stage2/inference.pt", "clusters/clusters.pt", "eval/results.json", "eval/fid_vs_psi.png",
-                "eval/truncation_grid.png"):
-        assert (root / rel).is_file(), rel
-    results = json.loads((root / "eval" / "results.json").read_text())
+                "eval/truncation_grid.png", "stage1/tensorboard"):
+        assert any(True for _ in storage.list(join(root, rel))) or storage.exists(join(root, rel)), rel
+    results = json.loads(storage.read_text(join(root, "eval", "results.json")))
     assert [m["model"] for m in results["models"]] == ["filtered"]
     assert set(results["truncation"]) >= {"mean", "multimodal", "psis"}
     assert "outliers" in results
+
+    secrets = list(CREDENTIALS.values())
+    assert not [s for s in secrets if s in logs], "a credential is in the job's logs"
+    assert files_containing(Path(ray_head["temp_dir"]), secrets) == []  # every log of the head's session
+    leaked = [uri for uri in storage.list(root) if any(s.encode() in storage.read_bytes(uri) for s in secrets)]
+    assert leaked == []
+    assert files_containing(tmp_path, secrets) == []  # the head's own stdout/stderr log
 
     # Submitting the same pipeline again finds every stage finished (no Ray work at all: in-process).
     again = run_pipeline(load_config(config_path))

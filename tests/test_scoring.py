@@ -134,6 +134,7 @@ def test_scoring_on_gpu_nodes_records_corrupt_images(ray_cluster, corpus, refere
     # Scores stream to the driver batch by batch; when the read packed every key into one block (Ray
     # Data's 1 MiB minimum), decoding ran as one task and all rows arrived at once: no steady state.
     assert summary["images_per_s_steady"], summary
+    assert summary["actor_busy_s"] > 0 and 0 <= summary["actor_idle_share_steady"] <= 1, summary
     for name in CORRUPT:
         row = rows[join(corpus["data"], name)]
         assert row["status"] == "error" and row["error"], name

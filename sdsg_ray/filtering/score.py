@@ -154,6 +154,7 @@ def run_scoring(config: SDSGConfig) -> dict:
 
     placements: Counter = Counter()
     first_batch_at, rows_after_first = None, 0
+    busy_s = busy_after_first_s = 0.0
     started = time.perf_counter()
     if pending:
         scored_config = config.model_copy(update={"score": cfg.model_copy(update={"metric": metric, "fid_features": features.name})})
@@ -163,17 +164,24 @@ def run_scoring(config: SDSGConfig) -> dict:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 assembler.add(batch)
                 placements.update(batch["scorer"].tolist())
+                batch_busy = float(batch["busy_s"].sum())
+                busy_s += batch_busy
                 bar.update(len(batch["key"]))
                 if first_batch_at is None:
                     first_batch_at = time.perf_counter()
                 else:
                     rows_after_first += len(batch["key"])
+                    busy_after_first_s += batch_busy
         if assembler.incomplete:
             raise RuntimeError(f"scoring stream ended with incomplete shards (shard: rows received) {assembler.incomplete}")
     finished = time.perf_counter()
     elapsed = finished - started
     # Steady state: from the first scored batch on, i.e. without listing, plan and actor start-up.
     steady = rows_after_first / (finished - first_batch_at) if first_batch_at and finished > first_batch_at else None
+    # Share of the actors' steady-state time spent waiting for input rather than scoring (an upper bound
+    # when the pool ran below score.actors for part of the run).
+    idle = (1.0 - busy_after_first_s / (cfg.actors * (finished - first_batch_at))
+            if first_batch_at and finished > first_batch_at else None)
 
     counts = count_status(cfg.out, storage)
     summary = {
@@ -192,6 +200,8 @@ def run_scoring(config: SDSGConfig) -> dict:
         "gpus_per_actor": cfg.gpus_per_actor,
         "batch_size": cfg.batch_size,
         "scorers": [{**json.loads(p), "rows": n} for p, n in sorted(placements.items())],
+        "actor_busy_s": round(busy_s, 3),
+        "actor_idle_share_steady": round(max(idle, 0.0), 4) if idle is not None else None,
         "scores": join(cfg.out, SCORES_DIR),
     }
     assert summary["scored"] + summary["failed"] == total, (counts, total)

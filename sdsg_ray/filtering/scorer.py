@@ -7,6 +7,7 @@ actor pool instantiates once per actor, so G, E and the metric load once and ser
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -78,6 +79,7 @@ class ScoreActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         n = len(batch["key"])
         ok = batch["status"] == "ok"
         d_lpips = np.full(n, np.nan, np.float32)
@@ -98,4 +100,7 @@ class ScoreActor:
             "feat_real": feat_real,
             "feat_recon": feat_recon,
             "scorer": np.full(n, self.placement, dtype=object),
+            # This call's compute time spread over its rows: the driver's sum is the actors' busy time,
+            # against which their idle time (waiting for decoded batches) is measured.
+            "busy_s": np.full(n, (time.perf_counter() - started) / max(n, 1), np.float64),
         }
