@@ -49,6 +49,7 @@ class ImageServer:
 
     def __init__(self) -> None:
         self.requests: Counter = Counter()
+        self.slower_s = 2.0  # /slower/i.png
         self.lock = threading.Lock()
         server = self
 
@@ -71,6 +72,8 @@ class ImageServer:
                     body = body[: len(body) // 2]
                 elif kind == "slow":
                     time.sleep(0.3)
+                elif kind == "slower":
+                    time.sleep(server.slower_s)
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", str(len(body)))
@@ -231,6 +234,7 @@ def _score_select_and_read_kept(data: str, work: str, checkpoint: str) -> dict:
     return {"summary": summary, "report": report}
 
 
+@pytest.mark.slow  # ~1 min quiet, most of it selection's per-θ eigendecompositions
 def test_ingest_tar_then_score_select_stage2_and_resume(ray_cluster, server, checkpoint, tmp_path) -> None:
     """URL list -> 4 tar shards with a status per URL -> scored and selected end to end -> kept samples
     load as training data; a run that died after some shards resumes without re-fetching finished ones."""
@@ -270,6 +274,7 @@ def test_ingest_tar_then_score_select_stage2_and_resume(ray_cluster, server, che
     assert _statuses(out) == status
 
 
+@pytest.mark.slow  # ~1 min quiet, most of it selection's per-θ eigendecompositions
 def test_ingest_parquet_on_s3_then_score_and_select(ray_cluster, server, checkpoint, s3_bucket, tmp_path) -> None:
     """The paper's JSON list (boxes) -> image-bytes parquet shards in S3 -> score -> select -> stage-2 data;
     img2dataset's failed rows are error rows in the scores."""
@@ -288,3 +293,50 @@ def test_ingest_parquet_on_s3_then_score_and_select(ray_cluster, server, checkpo
     result = _score_select_and_read_kept(out, join(s3_bucket, "work"), checkpoint)
     assert result["summary"]["images"] == len(urls)
     assert result["summary"]["failed"] == N_MISSING + N_TRUNCATED
+
+
+@pytest.mark.slow
+def test_ingest_killed_mid_run_resumes_without_refetching(ray_cluster, server, tmp_path) -> None:
+    """`sdsg ingest` in a subprocess (joined to the test cluster) is SIGKILLed once its first shard is
+    finished and while the next is downloading; the re-run fetches no URL of the finished shard again and
+    ends with the same statuses as a clean run would have."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    urls = [f"{server.url}/img/{300 + i}.png" for i in range(SHARD_SIZE)]
+    urls += [f"{server.url}/slower/{400 + i}.png" for i in range(2 * SHARD_SIZE)]
+    (tmp_path / "urls.txt").write_text("\n".join(urls))
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "sdsg_ray", "ingest", "--urls", str(tmp_path / "urls.txt"), "--out", str(out),
+           "--resolution", "32", "--shard-size", str(SHARD_SIZE), "--tasks", "1", "--threads", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "00000_stats.json").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "first shard never finished"
+            time.sleep(0.2)
+        while not any("/slower/" in p for p in server.requests):  # the next shard is downloading
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "00002_stats.json").exists(), "killed too late: every shard finished"
+    first_shard = {u[len(server.url):] for u in urls[:SHARD_SIZE]}
+    before = Counter(server.requests)
+    server.slower_s = 0.0
+    from sdsg_ray.ingest import run_ingest
+
+    summary = run_ingest(ingest_config(str(tmp_path / "urls.txt"), str(out), **{"ingest.threads": 2, "ingest.tasks": 1}))
+    fetched = server.requests - before
+    assert not (set(fetched) & first_shard), "a finished shard was downloaded again"
+    assert summary["shards_resumed"] >= 1 and summary["successes"] == len(urls)
+    assert set(_statuses(str(out))) == set(urls)
