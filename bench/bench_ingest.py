@@ -6,7 +6,8 @@ Why: at scale the images live in shards; this shows what the shard path costs or
 objects on the same bytes. A loopback HTTP server (tests/test_ingest.py's ImageServer) serves --images
 generated 48-px PNGs; the store is a moto S3 server in its own process (default) or a local directory.
 
-- ingest: `run_ingest` (Ray Data tasks, tasks x threads downloads) writes tar shards; the baseline
+- ingest: `run_ingest` (Ray Data tasks, tasks x threads downloads) writes tar shards, cold (first Ray Data
+  job: task workers start and import the project) and warm (a second run into another prefix); the baseline
   downloads the same URLs through the same fetch/crop/resize code with the same number of threads
   (tasks x threads) and writes one JPEG object per image. URLs/s each, ratio shards / single.
 - scoring: `run_scoring` (random weights of the default 32-px model, 1 actor) over the shard prefix and
@@ -92,7 +93,10 @@ def run(args, root: str, workdir: Path, server) -> dict:
     config = load_config(None, {
         "ingest.urls": str(workdir / "urls.txt"), "ingest.out": join(root, "shards"), "ingest.resolution": 32,
         "ingest.shard_size": args.shard_size, "ingest.tasks": args.tasks, "ingest.threads": args.threads})
-    shards_summary = run_ingest(config)
+    shards_summary = run_ingest(config)  # cold: includes starting Ray Data's task workers
+    # Warm: the same URLs into another prefix, task workers already running (the steady state of a long run).
+    warm_summary = run_ingest(config.model_copy(update={"ingest": config.ingest.model_copy(
+        update={"out": join(root, "shards-warm")})}))
 
     # Baseline: same fetch/crop/resize, same concurrency, one object per image.
     single = join(root, "single")
@@ -136,6 +140,8 @@ def run(args, root: str, workdir: Path, server) -> dict:
         "concurrency": f"{args.tasks} tasks x {args.threads} threads",
         "ingest_shards": {"urls_per_s": shards_summary["urls_per_s"], "seconds": shards_summary["seconds_this_run"],
                           "successes": shards_summary["successes"]},
+        "ingest_shards_warm": {"urls_per_s": warm_summary["urls_per_s"], "seconds": warm_summary["seconds_this_run"]},
+        "ingest_ratio_warm_shards_vs_single": round(warm_summary["urls_per_s"] / single_rate, 2),
         "ingest_single_objects": {"urls_per_s": round(single_rate, 2), "seconds": round(single_s, 2)},
         "ingest_ratio_shards_vs_single": round(shards_summary["urls_per_s"] / single_rate, 2),
         "score_from_shards": from_shards,
