@@ -10,6 +10,8 @@ generated 48-px PNGs; the store is a moto S3 server in its own process (default)
   job: task workers start and import the project) and warm (a second run into another prefix); the baseline
   downloads the same URLs through the same fetch/crop/resize code with the same number of threads
   (tasks x threads) and writes one JPEG object per image. URLs/s each, ratio shards / single.
+- read + decode alone: `imaging.load_batch` in batches of 32 over the shard samples' addresses and over
+  the single objects, 3 alternating rounds, images/s and the ratio of medians.
 - scoring: `run_scoring` (random weights of the default 32-px model, 1 actor) over the shard prefix and
   over the prefix of single JPEGs extracted from the shards (the same bytes): images/s end to end
   (listing included) and steady, ratio shards / single.
@@ -72,6 +74,7 @@ def main() -> None:
 
 
 def run(args, root: str, workdir: Path, server) -> dict:
+    import numpy as np
     import ray
     import torch
 
@@ -119,6 +122,22 @@ def run(args, root: str, workdir: Path, server) -> dict:
         list(pool.map(lambda i: storage.write_bytes(join(extracted, f"{parse_address(addresses[i]).key}.jpg"), blobs[i]),
                       range(len(addresses))))
 
+    # Read + decode alone (the scoring pipeline's CPU stage, load_batch), batches of 32, the I/O shards change.
+    from sdsg_ray.imaging import load_batch
+
+    def decode_rate(keys: list[str]) -> float:
+        started = time.perf_counter()
+        for i in range(0, len(keys), 32):
+            assert (load_batch(keys[i:i + 32], storage, 32)["status"] == "ok").all()
+        return len(keys) / (time.perf_counter() - started)
+
+    singles = sorted(storage.list(extracted))
+    decode = {"shards_images_per_s": [], "single_images_per_s": []}
+    for _ in range(3):  # alternating, to spread the load's noise over both
+        decode["shards_images_per_s"].append(round(decode_rate(addresses), 1))
+        decode["single_images_per_s"].append(round(decode_rate(singles), 1))
+    decode["ratio_median"] = round(float(np.median(decode["shards_images_per_s"]) / np.median(decode["single_images_per_s"])), 2)
+
     torch.manual_seed(0)
     model = ModelConfig()
     G, _, E = build_networks(model)
@@ -144,6 +163,7 @@ def run(args, root: str, workdir: Path, server) -> dict:
         "ingest_ratio_warm_shards_vs_single": round(warm_summary["urls_per_s"] / single_rate, 2),
         "ingest_single_objects": {"urls_per_s": round(single_rate, 2), "seconds": round(single_s, 2)},
         "ingest_ratio_shards_vs_single": round(shards_summary["urls_per_s"] / single_rate, 2),
+        "read_decode_only": decode,
         "score_from_shards": from_shards,
         "score_from_single_objects": from_single,
         "score_ratio_shards_vs_single": round(from_shards["images_per_s"] / from_single["images_per_s"], 2),
