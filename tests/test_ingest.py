@@ -156,6 +156,18 @@ def test_samples_inside_tar_and_parquet_shards_read_with_a_status_each(tmp_path)
     # a single image-bytes parquet is data, not a manifest
     assert len(resolve_images(str(tmp_path / "00001.parquet"), storage)) == 2
 
+    # training reads them: stage 1 on the shard prefix, stage 2 on a kept manifest of addresses
+    from sdsg_ray.distributed.train import _check_data
+    from sdsg_ray.manifest import write_manifest
+    from sdsg_ray.training.loop import load_dataset
+
+    write_manifest([keys[0], keys[4]], str(tmp_path / "sel" / "kept.parquet"), storage)
+    for data, readable in ((str(tmp_path), 5), (str(tmp_path / "sel" / "kept.parquet"), 2)):  # 4 samples + ref.png
+        config = load_config(None, {"train.data": data})
+        _check_data(config)
+        dataset = load_dataset(config, storage, progress=False)
+        assert len(dataset) == readable and set(dataset.failed) <= {keys[3], keys[5]}
+
 
 def test_url_lists_and_the_papers_crop(tmp_path) -> None:
     """The paper's JSON (image_name + [y0, y1, x0, x1]), CSV and text lists; crop takes img[y0:y1, x0:x1]."""
