@@ -88,9 +88,10 @@ def parse_address(text: str) -> SampleAddress | None:
 
 
 def is_manifest_file(uri: str) -> bool:
-    """Our own parquet files (manifest shards, kept.parquet, score shards) are never image shards."""
+    """Our own parquet shards (manifest-*, scores-*) and hidden/underscore files are never image shards,
+    so listing skips their footers; any other parquet without an image-bytes column yields no samples."""
     name = os.path.basename(uri)
-    return name.startswith(("manifest-", "scores-", "kept")) or name.startswith((".", "_"))
+    return name.startswith(("manifest-", "scores-", ".", "_"))
 
 
 def image_column(schema: pa.Schema) -> str | None:
