@@ -109,6 +109,15 @@ COMMANDS: dict[str, Command] = {
         _stage("select"),
         _flags("select", ("scores", str), ("out", str), ("target-threshold", float), ("min-size", int)),
     ),
+    "ingest": Command(
+        "Download a URL list (or the paper's JSON with boxes) into webdataset/parquet shards, resumable.",
+        _stage("ingest"),
+        _flags(
+            "ingest",
+            ("urls", str), ("out", str), ("format", str), ("resolution", int), ("shard-size", int),
+            ("threads", int), ("tasks", int), ("retries", int), ("timeout-s", float),
+        ),
+    ),
     "cluster": Command(
         "Fit the multi-modal truncation centers (KMeans on mapped latents).",
         _stage("cluster"),

@@ -131,6 +131,22 @@ class ScoreConfig(Section):
     )
 
 
+class IngestConfig(Section):
+    """`sdsg ingest`: a URL list -> webdataset/parquet shards (img2dataset's layout), cropped and resized."""
+
+    urls: str = Field("data/urls.txt", description="URL list: one URL per line, a .csv/.parquet with a 'url' column, "
+                      "or the paper's .json list of {image_name, bounding_box: [y0, y1, x0, x1]}.")
+    out: str = Field("data/shards", description="Prefix for 00000.tar (or .parquet) + 00000_stats.json per shard.")
+    format: Literal["tar", "parquet"] = Field("tar", description="webdataset .tar shards or image-bytes .parquet.")
+    resolution: int = Field(256, ge=8, description="Square side the (cropped) image is resized to with LANCZOS.")
+    shard_size: int = Field(1000, gt=0, description="URLs per shard = the unit of resume.")
+    threads: int = Field(16, ge=1, description="Concurrent downloads per shard task (the paper's script: 16).")
+    tasks: int = Field(2, ge=1, description="Shard tasks running at once (Ray Data): at most tasks x threads requests.")
+    retries: int = Field(2, ge=0, description="Extra attempts on a timeout, connection error or HTTP 5xx/429.")
+    timeout_s: float = Field(10.0, gt=0, description="Seconds per HTTP request.")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the stored images.")
+
+
 class SelectConfig(Section):
     """Self-filtering step 2: choose theta with the paper's diversity and size bounds."""
 
@@ -271,6 +287,7 @@ class SDSGConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

@@ -117,22 +117,29 @@ def load_batch(
     """Read and decode many images with a thread pool (I/O bound on object stores; PIL's decoders
     release the GIL). Returns columns ``key``, ``status``, ``error`` ("" when ok) and ``image``
     (uint8 [N, R, R, 3], zeros on error rows). A read failure (missing object, access denied) is an
-    error row like a corrupt file."""
+    error row like a corrupt file. ``uris`` may hold sample addresses inside shards (sdsg_ray.shards)."""
 
-    def one(uri: str) -> Decoded:
+    from sdsg_ray.shards import read_samples
+
+    uris = list(uris)
+    # Samples inside shards (sample addresses) are read grouped by shard, in a few ranged reads.
+    in_shards = read_samples(uris, storage)
+
+    def one(i: int) -> Decoded:
         try:
-            data = storage.read_bytes(uri)
+            data = in_shards[i] if i in in_shards else storage.read_bytes(uris[i])
+            if isinstance(data, Exception):
+                raise data
         except Exception as err:
             return _error(f"read failed: {err}")
         return decode_image(data, resolution)
 
-    uris = list(uris)
     images = np.zeros((len(uris), resolution, resolution, 3), dtype=np.uint8)
     status = np.empty(len(uris), dtype=object)
     errors = np.empty(len(uris), dtype=object)
     if uris:
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
-            for i, decoded in enumerate(pool.map(one, uris)):
+            for i, decoded in enumerate(pool.map(one, range(len(uris)))):
                 status[i] = decoded.status
                 errors[i] = decoded.error or ""
                 if decoded.image is not None:

@@ -5,6 +5,10 @@ every stage is slower still, so a set of images is listed once and recorded as a
 file, or a prefix of shards ``manifest-00000.parquet``, ``manifest-00001.parquet``..., with a ``key``
 column of full URIs (the same strings :meth:`Storage.list` yields) and optional extra columns.
 
+A prefix may also hold img2dataset shards (webdataset ``.tar``, image-bytes ``.parquet``): listing
+then yields one sample address per image inside them (:mod:`sdsg_ray.shards`), so scores, selections and
+training address samples as ``<shard>#key=...`` strings in the same ``key`` column.
+
 Scoring lists its input once into ``<out>/manifest/`` (:func:`ensure_manifest`): shards of
 ``manifest_shard_size`` keys and ``_SHARDS.json``, written last, which records the source and every
 shard's row count; a re-run reuses the listing instead of repeating it (an interrupted listing is
@@ -25,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from sdsg_ray import shards
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import IMAGE_SUFFIXES
 from sdsg_ray.storage import ObjectNotFound, Storage, StorageError, get_storage, is_s3, join, normalize
@@ -45,14 +50,22 @@ def is_manifest(uri: str, storage: Storage | None = None) -> bool:
     Checking for the first shard by name is one HEAD request, where listing an image prefix to look for
     parquet files could mean millions of keys.
     """
+    storage = storage or get_storage()
     if uri.lower().endswith(".parquet"):
-        return True
-    return (storage or get_storage()).exists(join(uri, shard_name(0)))
+        try:  # an img2dataset parquet shard (image bytes inside) is data, not a manifest
+            return not shards.is_image_parquet(uri, storage)
+        except (StorageError, pa.ArrowException, OSError):
+            return True
+    return storage.exists(join(uri, shard_name(0)))
 
 
 def list_images(uri: str, storage: Storage) -> Iterator[str]:
-    """Image URIs under a prefix (by suffix, case-insensitive), sorted, streamed page by page."""
-    return storage.list(uri, suffixes=IMAGE_SUFFIXES)
+    """Image URIs under a prefix (by suffix, case-insensitive), sorted, streamed page by page; webdataset
+    ``.tar`` and image-bytes ``.parquet`` shards (one shard, or a prefix holding them) are replaced by
+    the sample addresses of their images (sdsg_ray.shards), in shard order."""
+    if shards.is_shard_uri(uri):
+        return shards.expand_shards(iter([normalize(uri) if not is_s3(uri) else uri]), storage)
+    return shards.expand_shards(storage.list(uri, suffixes=IMAGE_SUFFIXES + shards.SHARD_SUFFIXES), storage)
 
 
 def resolve_images(uri: str, storage: Storage) -> list[str]:

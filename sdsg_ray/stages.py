@@ -16,6 +16,7 @@ from sdsg_ray.distributed.train import run_training
 from sdsg_ray.evaluation.evaluate import run_evaluation
 from sdsg_ray.filtering.score import run_scoring
 from sdsg_ray.filtering.select import run_selection
+from sdsg_ray.ingest import run_ingest
 from sdsg_ray.truncation.clusters import run_clustering
 
 Stage = Callable[[SDSGConfig], Any]
@@ -25,6 +26,7 @@ STAGES: dict[str, Stage] = {
     "train": run_training,
     "score": run_scoring,
     "select": run_selection,
+    "ingest": run_ingest,
     "cluster": run_clustering,
     "evaluate": run_evaluation,
     "serve": run_serve,

@@ -5,7 +5,8 @@ permutation of the dataset per epoch (permutation e seeded by (seed, e)); rank r
 contiguous slice of B/W. So every rank sees a disjoint part of the same global batch, and a run resumed
 at step k reads exactly the batches an uninterrupted run would, whatever happened before.
 
-Small sets are decoded once into memory (the demo's 2000 images at 32 px are 6 MB); larger ones are
+Images are URIs or sample addresses inside webdataset/parquet shards (sdsg_ray.shards), e.g. the
+kept.parquet of a selection over shards. Small sets are decoded once into memory (the demo's 2000 images at 32 px are 6 MB); larger ones are
 read through Storage in DataLoader worker processes. Unreadable images never stop training: cached, they
 are dropped at load time; streamed, the next readable index stands in (deterministic) and the skip is
 counted in the batch.
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import decode_image, load_batch
+from sdsg_ray.shards import read_bytes
 from sdsg_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class ImageDataset(Dataset):
         for skipped in range(len(self.uris)):
             uri = self.uris[(index + skipped) % len(self.uris)]
             try:
-                decoded = decode_image(self.storage.read_bytes(uri), self.resolution)
+                decoded = decode_image(read_bytes(uri, self.storage), self.resolution)
             except Exception as err:  # a missing/denied object is one bad image, not a failed run
                 log.warning("skipping %s: read failed: %s", uri, err)
                 continue

@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python -m jobs.ingest [flags]`: the same as `sdsg ingest [flags]`."""
+
+import sys
+
+from sdsg_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["ingest", *sys.argv[1:]]))

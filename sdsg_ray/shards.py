@@ -1,0 +1,262 @@
+"""Images inside shards: img2dataset's webdataset ``.tar`` and image-bytes ``.parquet`` layouts.
+
+At millions of images nobody keeps one object per photo: img2dataset writes shards ``00000.tar`` (members
+``<key>.jpg`` + ``<key>.json``, one sample per key, only the successes) or ``00000.parquet`` (one row per
+URL: ``key``, ``url``, ``status``, ``error_message``, ..., and the image bytes in a column named after
+the encode format, ``jpg``/``png``/``webp``; failed rows have null bytes), each with ``00000_stats.json``.
+
+Every sample gets a **sample address**, a string used wherever the project uses an image URI (manifest
+``key`` column, score shards, ``kept.parquet``, training)::
+
+    <shard uri>#key=<sample key>&offset=<byte offset>&size=<bytes>      a tar member (the image file)
+    <shard uri>#key=<sample key>&row=<row>&column=<image column>         a parquet row
+
+It is self-contained: reading a sample needs no index, only one ranged read (tar) or one row group
+(parquet), so stage 2 and the selection figures read kept samples without re-reading whole shards.
+:func:`read_samples` groups a batch's addresses by shard and reads each contiguous run of tar members
+in one ranged read (the listing keeps samples in shard order, so a scoring batch is one or two reads).
+
+Why not Ray Data's ``read_webdataset``/``read_parquet`` for the image bytes: ``read_webdataset`` reads a
+tar as one unit (a truncated shard fails its whole read task), decodes with webdataset's decoder unless
+told not to, and yields no byte offsets, so a sample could not be read again later without its whole
+shard. Scoring keeps its plan (``read_parquet`` over the listing, own read+decode UDF with a status per
+row, exactly-once score shards); only listing (:func:`index_shard`) and reading learn about shards.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+from urllib.parse import parse_qsl, urlencode
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sdsg_ray.storage import Storage
+
+log = logging.getLogger(__name__)
+
+TAR_SUFFIX = ".tar"
+PARQUET_SUFFIX = ".parquet"
+SHARD_SUFFIXES = (TAR_SUFFIX, PARQUET_SUFFIX)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar member extensions / parquet column names holding images
+MAX_GAP_BYTES = 1024 * 1024  # tar members closer than this are read in one ranged request
+
+
+class SampleReadError(ValueError):
+    """A sample that has no image bytes (an img2dataset row that failed to download) or a bad address."""
+
+
+@dataclass(frozen=True)
+class SampleAddress:
+    shard: str
+    key: str
+    offset: int | None = None  # tar: the image member's data
+    size: int | None = None
+    row: int | None = None  # parquet: row index in the file, and the image column
+    column: str | None = None
+
+    def __str__(self) -> str:
+        if self.row is not None:
+            fields = {"key": self.key, "row": self.row, "column": self.column}
+        else:
+            fields = {"key": self.key, "offset": self.offset, "size": self.size}
+        return f"{self.shard}#{urlencode(fields)}"
+
+
+def is_shard_uri(uri: str) -> bool:
+    return uri.lower().endswith(SHARD_SUFFIXES)
+
+
+def parse_address(text: str) -> SampleAddress | None:
+    """The address in ``text``, or None when ``text`` is a plain object URI (even one holding a '#')."""
+    shard, sep, fragment = text.rpartition("#")
+    if not sep or not is_shard_uri(shard) or not fragment.startswith("key="):
+        return None
+    fields = dict(parse_qsl(fragment, keep_blank_values=True))
+    try:
+        if "row" in fields:
+            return SampleAddress(shard, fields["key"], row=int(fields["row"]), column=fields["column"])
+        return SampleAddress(shard, fields["key"], offset=int(fields["offset"]), size=int(fields["size"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def is_manifest_file(uri: str) -> bool:
+    """Our own parquet shards (manifest-*, scores-*) and hidden/underscore files are never image shards,
+    so listing skips their footers; any other parquet without an image-bytes column yields no samples."""
+    name = os.path.basename(uri)
+    return name.startswith(("manifest-", "scores-", ".", "_"))
+
+
+def image_column(schema: pa.Schema) -> str | None:
+    """The image-bytes column of an img2dataset parquet (None: a metadata/manifest parquet)."""
+    for name in IMAGE_EXTENSIONS + ("image",):
+        if name in schema.names and (pa.types.is_binary(schema.field(name).type) or pa.types.is_large_binary(schema.field(name).type)):
+            return name
+    return None
+
+
+def is_image_parquet(uri: str, storage: Storage) -> bool:
+    with storage.open_read(uri) as f:
+        return image_column(pq.ParquetFile(f).schema_arrow) is not None
+
+
+# ----- listing: shard -> sample addresses ----------------------------------------------------------
+
+
+def index_tar(uri: str, storage: Storage) -> list[str]:
+    """Addresses of the image members of a webdataset tar, in file order. Headers are read, data skipped
+    (seeks within the storage layer's read buffer). A damaged tail ends the listing with a warning: the
+    members before it stay readable."""
+    out: list[str] = []
+    seen: set[str] = set()
+    with storage.open_read(uri) as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = os.path.basename(member.name)
+                    stem, _, ext = base.partition(".")
+                    if ext.lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    key = os.path.join(os.path.dirname(member.name), stem)  # webdataset: dir/stem is the sample
+                    if key in seen:
+                        continue  # one image per sample (e.g. both .jpg and .png): the first
+                    seen.add(key)
+                    out.append(str(SampleAddress(uri, key, offset=member.offset_data, size=member.size)))
+        except tarfile.TarError as err:
+            log.warning("%s: tar unreadable after %d samples (%s); listing those", uri, len(out), err)
+    return out
+
+
+def index_parquet(uri: str, storage: Storage) -> list[str]:
+    """Addresses of every row of an img2dataset parquet shard (failed rows too: they score as errors)."""
+    with storage.open_read(uri) as f:
+        pf = pq.ParquetFile(f)
+        column = image_column(pf.schema_arrow)
+        if column is None:
+            return []
+        names = pf.schema_arrow.names
+        keys = pf.read(columns=["key"]).column("key").to_pylist() if "key" in names else None
+    n = len(keys) if keys is not None else pf.metadata.num_rows
+    return [str(SampleAddress(uri, str(keys[i]) if keys is not None else str(i), row=i, column=column)) for i in range(n)]
+
+
+def index_shard(uri: str, storage: Storage) -> list[str]:
+    return index_tar(uri, storage) if uri.lower().endswith(TAR_SUFFIX) else index_parquet(uri, storage)
+
+
+def expand_shards(uris: Iterator[str], storage: Storage, threads: int = 8) -> Iterator[str]:
+    """Image URIs as they are, shard URIs replaced by their samples' addresses (shards indexed in parallel,
+    yielded in listing order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: list = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for uri in uris:
+            if is_shard_uri(uri):
+                if uri.lower().endswith(PARQUET_SUFFIX) and is_manifest_file(uri):
+                    continue
+                pending.append(pool.submit(index_shard, uri, storage))
+            else:
+                pending.append(uri)
+            while len(pending) > 2 * threads or (pending and isinstance(pending[0], str)):
+                head = pending.pop(0)
+                yield from ([head] if isinstance(head, str) else head.result())
+        for head in pending:
+            yield from ([head] if isinstance(head, str) else head.result())
+
+
+# ----- reading samples ---------------------------------------------------------------------------
+
+
+def _read_tar_run(shard: str, run: list[tuple[int, SampleAddress]], storage: Storage, out: dict) -> None:
+    start = run[0][1].offset
+    end = max(a.offset + a.size for _, a in run)
+    with storage.open_read(shard) as f:
+        f.seek(start)
+        data = f.read(end - start)
+    for i, a in run:
+        blob = data[a.offset - start : a.offset - start + a.size]
+        out[i] = blob if len(blob) == a.size else SampleReadError(f"{a.key}: shard ends inside the sample")
+
+
+def _read_tar(shard: str, items: list[tuple[int, SampleAddress]], storage: Storage, out: dict) -> None:
+    items = sorted(items, key=lambda t: t[1].offset)
+    run = [items[0]]
+    for item in items[1:]:
+        prev = run[-1][1]
+        if item[1].offset - (prev.offset + prev.size) <= MAX_GAP_BYTES:
+            run.append(item)
+        else:
+            _read_tar_run(shard, run, storage, out)
+            run = [item]
+    _read_tar_run(shard, run, storage, out)
+
+
+def _read_parquet(shard: str, items: list[tuple[int, SampleAddress]], storage: Storage, out: dict) -> None:
+    with storage.open_read(shard) as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        extra = [c for c in ("status", "error_message") if c in names]
+        starts, total = [], 0
+        for g in range(pf.metadata.num_row_groups):
+            starts.append(total)
+            total += pf.metadata.row_group(g).num_rows
+        by_group: dict[int, list[tuple[int, SampleAddress]]] = defaultdict(list)
+        for i, a in items:
+            if not 0 <= a.row < total:
+                out[i] = SampleReadError(f"{a.key}: row {a.row} outside the shard's {total} rows")
+                continue
+            group = max(g for g, s in enumerate(starts) if s <= a.row)
+            by_group[group].append((i, a))
+        for group, members in by_group.items():
+            columns = sorted({a.column for _, a in members}) + extra
+            table = pf.read_row_group(group, columns=columns)
+            for i, a in members:
+                r = a.row - starts[group]
+                blob = table.column(a.column)[r].as_py()
+                if blob is None:
+                    why = ", ".join(f"{c}={table.column(c)[r].as_py()}" for c in extra)
+                    out[i] = SampleReadError(f"no image bytes in the shard's row ({why or 'null'})")
+                else:
+                    out[i] = blob
+
+
+def read_samples(keys: Sequence[str], storage: Storage) -> dict[int, bytes | Exception]:
+    """index -> bytes (or the exception) for every key of ``keys`` that is a sample address; plain URIs
+    are left out (the caller reads them). One ranged read per contiguous run of tar members, one row group
+    read per parquet row group; a failing shard is an error on each of its samples, never a raise."""
+    groups: dict[str, list[tuple[int, SampleAddress]]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        a = parse_address(key)
+        if a is not None:
+            groups[a.shard].append((i, a))
+    out: dict[int, bytes | Exception] = {}
+    for shard, items in groups.items():
+        try:
+            if items[0][1].row is not None:
+                _read_parquet(shard, items, storage, out)
+            else:
+                _read_tar(shard, items, storage, out)
+        except Exception as err:  # missing shard, damaged parquet: one error per sample
+            for i, _ in items:
+                out.setdefault(i, err)
+    return out
+
+
+def read_bytes(key: str, storage: Storage) -> bytes:
+    """The bytes of one image: a plain object, or a sample inside a shard."""
+    if parse_address(key) is None:
+        return storage.read_bytes(key)
+    result = read_samples([key], storage)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
