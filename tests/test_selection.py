@@ -165,6 +165,18 @@ def test_run_selection_reaches_target_and_writes_outputs(tmp_path) -> None:
     assert report["worst"][0]["d_lpips"] == pytest.approx(float(fake["d"].max()))
 
 
+def test_scores_that_name_no_checkpoint_still_select(tmp_path) -> None:
+    # Score shards written by hand or by bench/bench_scale.py carry "checkpoint": null; the figure that needs
+    # G and E is skipped with a reason, and the selection itself does not need them.
+    scores = tmp_path / "scores"
+    write_fake_scores(str(scores), n_in=300, n_out=60, dim=8, recon_shrink=0.9)
+    summary = json.loads((scores / SUMMARY_FILE).read_text())
+    (scores / SUMMARY_FILE).write_text(json.dumps({**summary, "checkpoint": None}))
+    report = run_selection(load_config(None, {"select.scores": str(scores), "select.out": str(tmp_path / "sel"),
+                                              "select.target_threshold": 0.3, "select.min_size": 50}))
+    assert report["size_kept"] > 0 and report["best_worst"] == "skipped: checkpoint None unavailable"
+
+
 def test_diversity_bound_stops_selection(tmp_path) -> None:
     # Faithful reconstructions give a tight bound: removing the outlier mode moves Y too far from X.
     report, _ = select(tmp_path, recon_shrink=0.02, min_size=50)

@@ -189,6 +189,8 @@ def run_selection(config: SDSGConfig) -> dict:
     checkpoint = cfg.checkpoint or summary["checkpoint"]
     examples_note = "best_worst.png"
     try:
+        if checkpoint is None:
+            raise FileNotFoundError("the scores name no checkpoint and select.checkpoint is not set")
         bundle = load_inference(checkpoint, storage)
     except (FileNotFoundError, CheckpointError) as err:  # the figure is optional; selection needs no G or E
         log.warning("best_worst.png skipped: checkpoint %s unavailable (%s)", checkpoint, err)
