@@ -87,10 +87,12 @@ def check_config(args: argparse.Namespace, device: str):
 
     if args.tiny:
         overrides = {"model.resolution": 32, "model.z_dim": 32, "model.w_dim": 32, "model.mapping_layers": 2,
-                     "model.channel_base": 256, "model.channel_max": 16, "train.metric": "stlpips-alex"}
+                     "model.channel_base": 256, "model.channel_max": 16, "train.metric": "stlpips-alex",
+                     "score.metric": "stlpips-alex", "cluster.metric": "stlpips-alex"}
         config = load_config(None, overrides)
     else:
-        config = load_config(args.config, {"train.metric": "auto"})
+        # fid_features auto: Inception when its file is there, else stlpips-alex-pool (a bare GPU box has no Inception)
+        config = load_config(args.config, {"train.metric": "auto", "score.fid_features": "auto"})
     return config.model_copy(update={"train": config.train.model_copy(update={
         "stage": "joint", "batch_size": args.batch, "workers": 1, "gpus_per_worker": 1.0 if device != "cpu" else 0.0})})
 
