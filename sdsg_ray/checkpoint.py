@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from sdsg_ray.config import ModelConfig
 from sdsg_ray.errors import UserError
-from sdsg_ray.models.networks import Encoder, Generator, build_generator
+from sdsg_ray.models.networks import Encoder, Generator, build_encoder, build_generator
 from sdsg_ray.storage import Storage, get_storage, join
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def load_inference(uri: str, storage: Storage | None = None, device: str | torch
     G_ema = build_generator(model)
     E = None
     if payload["E"] is not None:
-        E = Encoder(model.resolution, model.channel_base, model.channel_max, model.w_dim, G_ema.num_ws, model.encoder_w_plus)
+        E = build_encoder(model, G_ema.num_ws)
     try:
         G_ema.load_state_dict(payload["G_ema"])
         if E is not None:

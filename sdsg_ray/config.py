@@ -55,6 +55,15 @@ class ModelConfig(Section):
     channel_base: int = Field(2048, gt=0, description="Channels at resolution r are min(channel_base // r, channel_max).")
     channel_max: int = Field(64, gt=0, description="Most channels of any layer (512 in the paper).")
     encoder_w_plus: bool = Field(False, description="Encoder predicts one w per layer (W+) instead of one w.")
+    num_fp16_res: int = Field(
+        4, ge=0, description="Mixed precision (NVIDIA's policy): the N highest-resolution blocks of G, D and E compute in "
+        "precision_dtype when train.mixed_precision is on; mapping, 4x4 blocks, losses and regularisers stay fp32. 0 disables.")
+    conv_clamp: float | None = Field(
+        256.0, gt=0, description="Clamp conv outputs of G, D and E to +-conv_clamp (times the layer's gain), NVIDIA's "
+        "guard for reduced precision; null disables.")
+    precision_dtype: Literal["bf16", "fp16"] = Field(
+        "bf16", description="Reduced dtype of those blocks: bf16 (fp32's range: no overflow, no loss scaling; Ampere+ "
+        "GPUs and CPUs) or fp16 (V100 and older tensor cores; relies on conv_clamp).")
 
     @field_validator("resolution")
     @classmethod
@@ -103,7 +112,8 @@ class TrainConfig(Section):
     num_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept (older ones are deleted).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
     log_every: int = Field(10, ge=1, description="Report metrics every N steps.")
-    mixed_precision: bool = Field(True, description="bf16 autocast and channels_last on CUDA; ignored on CPU.")
+    mixed_precision: bool = Field(True, description="On CUDA: the model section's precision policy (num_fp16_res blocks in "
+        "precision_dtype) and channels_last; CPU training stays fp32.")
     threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads per worker.")
     seed: int = Field(0, description="Initial weights and data order; step k is a function of (seed, k).")
     cache_max_mb: float = Field(1024.0, ge=0, description="Decode the whole set into memory when it fits in this many MB.")

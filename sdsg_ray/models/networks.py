@@ -69,6 +69,44 @@ def channels_at(resolution: int, channel_base: int, channel_max: int) -> int:
     return min(channel_base // resolution, channel_max)
 
 
+# ----------------------------------------------------------------------------------------------
+# Mixed precision (NVIDIA's policy): the one place that decides which block runs in which dtype.
+# Only the num_fp16_res highest-resolution blocks of G, D and E compute in reduced precision (they hold
+# most of the FLOPs and the activations); the mapping network, the low-resolution blocks, D/E's 4x4
+# epilogue, the image skip sum, every loss and the regularisers' penalties stay float32. Weights stay
+# float32 (cast per call), so the optimizer and EMA never see reduced precision.
+
+REDUCED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+REDUCED_MIN_RESOLUTION = 8  # NVIDIA never runs the 4x4 block in reduced precision
+
+
+def reduced_precision_from(resolution: int, num_fp16_res: int) -> int | None:
+    """Lowest block resolution eligible for reduced precision (NVIDIA's ``fp16_resolution``); None: no block.
+
+    Blocks at this resolution and above are eligible; e.g. 256 px with num_fp16_res=4 -> 32..256.
+    """
+    if num_fp16_res <= 0:
+        return None
+    return max(2 ** (log2_resolution(resolution) + 1 - num_fp16_res), REDUCED_MIN_RESOLUTION)
+
+
+def set_reduced_precision(module: nn.Module, dtype: torch.dtype | None) -> list[int]:
+    """Make every eligible block under ``module`` compute in ``dtype`` (None: back to float32).
+
+    Eligibility was fixed at construction from ``num_fp16_res``; this only switches it on or off, so the
+    same weights run either way. Returns the resolutions of the blocks now in reduced precision.
+    """
+    if dtype is not None and dtype not in REDUCED_DTYPES.values():
+        raise ValueError(f"reduced precision dtype must be one of {list(REDUCED_DTYPES.values())}, got {dtype}")
+    switched = []
+    for block in module.modules():
+        if isinstance(block, (SynthesisBlock, DiscriminatorBlock)) and block.reduced_eligible:
+            block.compute_dtype = dtype if dtype is not None else torch.float32
+            if dtype is not None:
+                switched.append(block.resolution)
+    return switched
+
+
 def log2_resolution(resolution: int) -> int:
     log2 = int(math.log2(resolution))
     if resolution != 2**log2 or not 16 <= resolution <= 1024:
@@ -169,10 +207,12 @@ class Conv2dLayer(nn.Module):
     """Equalized conv (discriminator/encoder); down=2 blurs with the FIR filter, then strides."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, lrelu: bool = True, bias: bool = True, down: int = 1
+        self, in_channels: int, out_channels: int, kernel_size: int, lrelu: bool = True, bias: bool = True, down: int = 1,
+        conv_clamp: float | None = None,
     ):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.conv_clamp = conv_clamp
         self.lrelu, self.down, self.padding = lrelu, down, kernel_size // 2
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
@@ -194,7 +234,8 @@ class Conv2dLayer(nn.Module):
                 x = F.conv2d(upfirdn2d(x, self.resample_filter, down=d, padding=pad), w)
             else:
                 x = F.conv2d(upfirdn2d(x, self.resample_filter, padding=pad), w, stride=d)
-        return bias_act(x, self.bias, self.lrelu, self.act_gain * gain)
+        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None  # NVIDIA: clamp scales with gain
+        return bias_act(x, self.bias, self.lrelu, self.act_gain * gain, clamp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +329,11 @@ def modulated_conv2d(
     assert_shape(weight, [out_channels, in_channels, kh, kw], "modulated_conv2d weight")
     assert_shape(styles, [batch, in_channels], "styles")
     padding = kh // 2
+    if x.dtype == torch.float16 and demodulate:
+        # NVIDIA's guard against fp16 overflow: scale weight and styles to max-norm 1 first; demodulation
+        # divides the scale out again, so only the rounding changes (bf16 has fp32's range: not needed)
+        weight = weight * (1 / math.sqrt(in_channels * kh * kw) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
+        styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
 
     dcoefs = None
     if demodulate or fused:
@@ -365,10 +411,13 @@ class ToRGBLayer(nn.Module):
 class SynthesisBlock(nn.Module):
     """One resolution of the skip architecture: [const | 2x-up conv] -> conv -> toRGB, img summed."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int, conv_clamp: float | None = None):
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
+                 conv_clamp: float | None = None, reduced_eligible: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.resolution = in_channels, out_channels, resolution
         self.img_channels = img_channels
+        self.reduced_eligible = reduced_eligible  # see set_reduced_precision
+        self.compute_dtype = torch.float32
         self.is_first = resolution == INIT_RESOLUTION
         if self.is_first:
             self.const = nn.Parameter(torch.randn(out_channels, resolution, resolution))
@@ -382,16 +431,17 @@ class SynthesisBlock(nn.Module):
 
     def forward(self, x: Tensor | None, img: Tensor | None, ws: Tensor, noise_mode: NoiseMode, fused: bool) -> tuple[Tensor, Tensor]:
         assert_shape(ws, [None, self.num_conv + self.num_torgb, None], "block ws")
-        layer_ws = iter(ws.unbind(dim=1))
+        layer_ws = iter(ws.float().unbind(dim=1))  # styles are computed in float32 (affine layers)
+        dtype = self.compute_dtype
         if self.is_first:
-            x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
         else:
             half = self.resolution // 2
             assert_shape(x, [None, self.in_channels, half, half], "SynthesisBlock x")
-            x = self.conv0(x, next(layer_ws), noise_mode, fused)
+            x = self.conv0(x.to(dtype), next(layer_ws), noise_mode, fused)
         x = self.conv1(x, next(layer_ws), noise_mode, fused)
-        y = self.torgb(x, next(layer_ws), fused)
-        img = y if img is None else upsample2d(img, self.resample_filter) + y.to(img.dtype)
+        y = self.torgb(x, next(layer_ws), fused).to(torch.float32)  # the image skip sum stays float32
+        img = y if img is None else upsample2d(img, self.resample_filter) + y
         assert_shape(img, [None, self.img_channels, self.resolution, self.resolution], "SynthesisBlock img")
         return x, img
 
@@ -403,16 +453,19 @@ class SynthesisNetwork(nn.Module):
     uses two conv ws and shares its toRGB w with the next block's first conv, as in NVIDIA's code.
     """
 
-    def __init__(self, w_dim: int, resolution: int, channel_base: int, channel_max: int, img_channels: int = 3, conv_clamp: float | None = None):
+    def __init__(self, w_dim: int, resolution: int, channel_base: int, channel_max: int, img_channels: int = 3,
+                 conv_clamp: float | None = None, num_fp16_res: int = 0):
         super().__init__()
         self.w_dim, self.resolution, self.img_channels = w_dim, resolution, img_channels
         log2 = log2_resolution(resolution)
         self.block_resolutions = [2**i for i in range(2, log2 + 1)]
         blocks, self.num_ws = [], 0
+        reduced_from = reduced_precision_from(resolution, num_fp16_res)
         for res in self.block_resolutions:
             in_ch = channels_at(res // 2, channel_base, channel_max) if res > INIT_RESOLUTION else 0
             out_ch = channels_at(res, channel_base, channel_max)
-            block = SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, conv_clamp)
+            eligible = reduced_from is not None and res >= reduced_from
+            block = SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, conv_clamp, eligible)
             blocks.append(block)
             self.num_ws += block.num_conv
         self.num_ws += blocks[-1].num_torgb
@@ -446,10 +499,11 @@ class SynthesisNetwork(nn.Module):
 class Generator(nn.Module):
     """G(z) = synthesis(mapping(z)). Style mixing is the training loop's (it builds [B, num_ws, w_dim])."""
 
-    def __init__(self, z_dim: int, w_dim: int, resolution: int, channel_base: int, channel_max: int, mapping_layers: int, img_channels: int = 3):
+    def __init__(self, z_dim: int, w_dim: int, resolution: int, channel_base: int, channel_max: int, mapping_layers: int,
+                 img_channels: int = 3, conv_clamp: float | None = None, num_fp16_res: int = 0):
         super().__init__()
         self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
-        self.synthesis = SynthesisNetwork(w_dim, resolution, channel_base, channel_max, img_channels)
+        self.synthesis = SynthesisNetwork(w_dim, resolution, channel_base, channel_max, img_channels, conv_clamp, num_fp16_res)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers)
 
@@ -465,18 +519,22 @@ class Generator(nn.Module):
 class DiscriminatorBlock(nn.Module):
     """Residual block: (conv3x3 -> conv3x3 down) + 1x1 down skip, sum scaled by 1/sqrt(2)."""
 
-    def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int):
+    def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
+                 conv_clamp: float | None = None, reduced_eligible: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.resolution = in_channels, out_channels, resolution
         self.img_channels = img_channels
+        self.reduced_eligible = reduced_eligible  # see set_reduced_precision
+        self.compute_dtype = torch.float32
         if in_channels == 0:  # the first block reads the image
-            self.fromrgb = Conv2dLayer(img_channels, tmp_channels, kernel_size=1)
-        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, kernel_size=3)
-        self.conv1 = Conv2dLayer(tmp_channels, out_channels, kernel_size=3, down=2)
+            self.fromrgb = Conv2dLayer(img_channels, tmp_channels, kernel_size=1, conv_clamp=conv_clamp)
+        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, kernel_size=3, conv_clamp=conv_clamp)
+        self.conv1 = Conv2dLayer(tmp_channels, out_channels, kernel_size=3, down=2, conv_clamp=conv_clamp)
         self.skip = Conv2dLayer(tmp_channels, out_channels, kernel_size=1, lrelu=False, bias=False, down=2)
 
     def forward(self, x: Tensor) -> Tensor:
         r = self.resolution
+        x = x.to(self.compute_dtype)
         if self.in_channels == 0:
             assert_shape(x, [None, self.img_channels, r, r], "image")
             x = self.fromrgb(x)
@@ -514,16 +572,20 @@ class MinibatchStdLayer(nn.Module):
 class _ResidualTrunk(nn.Module):
     """fromRGB + DiscriminatorBlocks from `resolution` down to 4x4 (shared by D and E)."""
 
-    def __init__(self, resolution: int, channel_base: int, channel_max: int, img_channels: int):
+    def __init__(self, resolution: int, channel_base: int, channel_max: int, img_channels: int,
+                 conv_clamp: float | None = None, num_fp16_res: int = 0):
         super().__init__()
         log2 = log2_resolution(resolution)
         self.resolution, self.img_channels = resolution, img_channels
         block_resolutions = [2**i for i in range(log2, 2, -1)]
+        reduced_from = reduced_precision_from(resolution, num_fp16_res)
         blocks = []
         for res in block_resolutions:
             in_ch = channels_at(res, channel_base, channel_max) if res < resolution else 0
+            eligible = reduced_from is not None and res >= reduced_from
             blocks.append(
-                DiscriminatorBlock(in_ch, channels_at(res, channel_base, channel_max), channels_at(res // 2, channel_base, channel_max), res, img_channels)
+                DiscriminatorBlock(in_ch, channels_at(res, channel_base, channel_max), channels_at(res // 2, channel_base, channel_max), res,
+                                   img_channels, conv_clamp, eligible)
             )
         self.blocks = nn.ModuleList(blocks)
         self.out_channels = channels_at(INIT_RESOLUTION, channel_base, channel_max)
@@ -532,6 +594,7 @@ class _ResidualTrunk(nn.Module):
         x = img
         for block in self.blocks:
             x = block(x)
+        x = x.to(torch.float32)  # the 4x4 epilogue (and so every logit and w) is float32
         assert_shape(x, [None, self.out_channels, INIT_RESOLUTION, INIT_RESOLUTION], "trunk output")
         return x
 
@@ -539,12 +602,13 @@ class _ResidualTrunk(nn.Module):
 class Discriminator(nn.Module):
     """Residual D; epilogue at 4x4: minibatch-std -> conv3x3 -> FC -> FC to one logit per image."""
 
-    def __init__(self, resolution: int, channel_base: int, channel_max: int, img_channels: int = 3, mbstd_group: int = 4):
+    def __init__(self, resolution: int, channel_base: int, channel_max: int, img_channels: int = 3, mbstd_group: int = 4,
+                 conv_clamp: float | None = None, num_fp16_res: int = 0):
         super().__init__()
-        self.trunk = _ResidualTrunk(resolution, channel_base, channel_max, img_channels)
+        self.trunk = _ResidualTrunk(resolution, channel_base, channel_max, img_channels, conv_clamp, num_fp16_res)
         c = self.trunk.out_channels
         self.mbstd = MinibatchStdLayer(mbstd_group)
-        self.conv = Conv2dLayer(c + MBSTD_CHANNELS, c, kernel_size=3)
+        self.conv = Conv2dLayer(c + MBSTD_CHANNELS, c, kernel_size=3, conv_clamp=conv_clamp)
         self.fc = FullyConnectedLayer(c * INIT_RESOLUTION**2, c, lrelu=True)
         self.out = FullyConnectedLayer(c, 1)
 
@@ -565,12 +629,13 @@ class Encoder(nn.Module):
     and learns offsets from it. It is saved in the state dict, so an exported E is self-contained.
     """
 
-    def __init__(self, resolution: int, channel_base: int, channel_max: int, w_dim: int, num_ws: int, w_plus: bool = False, img_channels: int = 3):
+    def __init__(self, resolution: int, channel_base: int, channel_max: int, w_dim: int, num_ws: int, w_plus: bool = False,
+                 img_channels: int = 3, conv_clamp: float | None = None, num_fp16_res: int = 0):
         super().__init__()
         self.w_dim, self.num_ws, self.w_plus = w_dim, num_ws, w_plus
-        self.trunk = _ResidualTrunk(resolution, channel_base, channel_max, img_channels)
+        self.trunk = _ResidualTrunk(resolution, channel_base, channel_max, img_channels, conv_clamp, num_fp16_res)
         c = self.trunk.out_channels
-        self.conv = Conv2dLayer(c, c, kernel_size=3)
+        self.conv = Conv2dLayer(c, c, kernel_size=3, conv_clamp=conv_clamp)
         self.fc = FullyConnectedLayer(c * INIT_RESOLUTION**2, c, lrelu=True)
         self.out = FullyConnectedLayer(c, w_dim * (num_ws if w_plus else 1))
         self.register_buffer("w_avg", torch.zeros(w_dim))
@@ -615,12 +680,21 @@ def reconstruct(synthesis: nn.Module, encoder: nn.Module, images: Tensor,
 
 
 def build_generator(model: "ModelConfig") -> Generator:
-    return Generator(model.z_dim, model.w_dim, model.resolution, model.channel_base, model.channel_max, model.mapping_layers)
+    return Generator(model.z_dim, model.w_dim, model.resolution, model.channel_base, model.channel_max, model.mapping_layers,
+                     conv_clamp=model.conv_clamp, num_fp16_res=model.num_fp16_res)
+
+
+def build_encoder(model: "ModelConfig", num_ws: int) -> Encoder:
+    """E for one model config (num_ws: its generator's)."""
+    return Encoder(model.resolution, model.channel_base, model.channel_max, model.w_dim, num_ws, w_plus=model.encoder_w_plus,
+                   conv_clamp=model.conv_clamp, num_fp16_res=model.num_fp16_res)
 
 
 def build_networks(model: "ModelConfig") -> tuple[Generator, Discriminator, Encoder]:
-    """Freshly initialised (G, D, E) for one model config; E's num_ws matches G's."""
+    """Freshly initialised (G, D, E) for one model config; E's num_ws matches G's. Every block computes in
+    float32 until :func:`set_reduced_precision` switches the eligible ones (the training loop does)."""
     G = build_generator(model)
-    D = Discriminator(model.resolution, model.channel_base, model.channel_max)
-    E = Encoder(model.resolution, model.channel_base, model.channel_max, model.w_dim, G.num_ws, w_plus=model.encoder_w_plus)
+    D = Discriminator(model.resolution, model.channel_base, model.channel_max, conv_clamp=model.conv_clamp,
+                      num_fp16_res=model.num_fp16_res)
+    E = build_encoder(model, G.num_ws)
     return G, D, E

@@ -21,18 +21,17 @@ import os
 import random
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from sdsg_ray.checkpoint import export_inference
-from sdsg_ray.config import SDSGConfig
+from sdsg_ray.config import ModelConfig, SDSGConfig
 from sdsg_ray.imaging import encode_png, image_grid, to_uint8
-from sdsg_ray.models.networks import build_networks
+from sdsg_ray.models.networks import REDUCED_DTYPES, build_networks, set_reduced_precision
 from sdsg_ray.storage import Storage, get_storage, join
 from sdsg_ray.training.data import ImageDataset, StepBatchSampler, seed_for, cache_fits, make_loader
 from sdsg_ray.models.networks import reconstruct
@@ -103,7 +102,10 @@ class TrainingRun:
         wrap: Wrap = _identity,
         world_size: int = 1,
         metric: nn.Module | None = None,
+        reduced_precision: bool | None = None,
     ):
+        """``reduced_precision``: run the model section's precision policy (None: on CUDA when
+        ``train.mixed_precision``; True also on CPU, where bf16 works: tests and ``gpu_check --tiny``)."""
         tc, model = config.train, config.model
         self.config = config
         self.device = torch.device(device)
@@ -113,7 +115,10 @@ class TrainingRun:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.workers={world_size}")
         self.local_batch = tc.batch_size // world_size
         cuda = self.device.type == "cuda"
-        self.amp = cuda and tc.mixed_precision
+        if reduced_precision is None:
+            reduced_precision = cuda and tc.mixed_precision
+        self.reduced_dtype = REDUCED_DTYPES[model.precision_dtype] if reduced_precision else None
+        self.amp = cuda and self.reduced_dtype is not None  # channels_last goes with it on CUDA
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
         G, D, E = build_networks(model)
@@ -123,7 +128,11 @@ class TrainingRun:
             for module in (self.G.synthesis, self.D, self.E):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)  # float32: grids, eval, export
+        self.reduced_blocks = {
+            name: set_reduced_precision(module, self.reduced_dtype)
+            for name, module in (("G", self.G), ("D", self.D), ("E", self.E)) if module is not None
+        }
 
         wrapped = Wrapped(
             mapping=wrap(self.G.mapping),
@@ -150,9 +159,6 @@ class TrainingRun:
         if d_interval:
             self.phases.append(Phase("Dreg", [self.D], [self.opt_D], d_interval))
 
-        autocast: Callable[[], ContextManager] = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.amp else nullcontext
-        )
         self.metric = metric
         self.loss = SDSGLoss(
             wrapped,
@@ -164,7 +170,6 @@ class TrainingRun:
             lambda_w=tc.lambda_w,
             lambda_l1=tc.lambda_l1,
             lambda_lpips=tc.lambda_lpips,
-            autocast=autocast,
         )
         self.loss.pl_mean.to(self.device)
         self.ema_beta = ema_beta(tc.batch_size, tc.ema_kimg)
@@ -257,7 +262,8 @@ class TrainingRun:
             raise ValueError(f"not a training state of format {STATE_FORMAT}: {state.get('format')!r}")
         saved = state["config"]
         mine = self.config.model_dump(mode="json")
-        if saved["model"] != mine["model"] or saved["train"]["stage"] != mine["train"]["stage"]:
+        saved_model = ModelConfig.model_validate(saved["model"]).model_dump(mode="json")  # fields added since: defaults
+        if saved_model != mine["model"] or saved["train"]["stage"] != mine["train"]["stage"]:
             raise ValueError(
                 "the checkpoint under train.out was trained with another model or stage: "
                 f"saved model={saved['model']} stage={saved['train']['stage']}, "

@@ -183,7 +183,6 @@ class SDSGLoss:
         lambda_w: float = 0.1,
         lambda_l1: float = 0.1,
         lambda_lpips: float = 0.1,
-        autocast: Callable[[], ContextManager] = nullcontext,
     ):
         if nets.E is not None and metric is None:
             raise ValueError("stage 'joint' needs a perceptual metric for L_rec,LPIPS")
@@ -196,7 +195,6 @@ class SDSGLoss:
         self.pl_mean = PathLengthMean(pl_decay)
         self.style_mixing_prob = style_mixing_prob
         self.lambda_w, self.lambda_l1, self.lambda_lpips = lambda_w, lambda_l1, lambda_lpips
-        self.autocast = autocast
 
     # forward helpers ---------------------------------------------------------------------------
 
@@ -219,16 +217,18 @@ class SDSGLoss:
     # phases ------------------------------------------------------------------------------------
 
     def accumulate_gradients(self, phase: Phase, real_img: Tensor, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
-        """Forward + backward for one phase; returns detached per-term means for logging."""
-        with self.autocast():
-            if phase == "Gmain":
-                return self._g_main(real_img, gen_z, gain)
-            if phase == "Greg":
-                return self._g_reg(gen_z, gain)
-            if phase == "Dmain":
-                return self._d_main(real_img, gen_z, gain)
-            if phase == "Dreg":
-                return self._d_reg(real_img, gain)
+        """Forward + backward for one phase; returns detached per-term means for logging.
+
+        No autocast: the networks' blocks pick their own dtype (``models.networks.set_reduced_precision``),
+        and every tensor reaching a loss or regulariser here (images, logits, w) is float32."""
+        if phase == "Gmain":
+            return self._g_main(real_img, gen_z, gain)
+        if phase == "Greg":
+            return self._g_reg(gen_z, gain)
+        if phase == "Dmain":
+            return self._d_main(real_img, gen_z, gain)
+        if phase == "Dreg":
+            return self._d_reg(real_img, gain)
         raise ValueError(f"unknown phase {phase!r}")
 
     def _g_main(self, real_img: Tensor, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
