@@ -38,11 +38,36 @@ def shares(batch: int, kimg: float, ema_kimg: float, rampup: float | None) -> tu
     return float(np.prod(betas[1:])), float(np.prod(betas[steps // 2:]))
 
 
+def untrained_control(model_overrides: dict, steps: int, batch: int, latents: int) -> None:
+    """The same w_avg call pattern (G phase, path length every 4th step at half batch, D phase) on the
+    untrained demo mapping network: the bias of the update rule alone, without training moving w."""
+    from sdsg_ray.models.networks import build_generator
+
+    config = load_config(None, model_overrides)
+    torch.manual_seed(0)
+    mapping = build_generator(config.model).mapping
+    with torch.no_grad():
+        w_ref = mapping(torch.randn(latents, mapping.z_dim, generator=torch.Generator().manual_seed(1))).mean(0)
+        old, calls = torch.zeros_like(mapping.w_avg), 0
+        for k in range(steps):
+            for phase in ["Gmain"] + (["Greg"] if k % 4 == 0 else []) + ["Dmain"]:
+                w = mapping(torch.randn(batch if phase != "Greg" else batch // 2, mapping.z_dim), update_w_avg=True)
+                calls += 1
+                if phase == "Gmain":
+                    old = w.mean(0).lerp(old, mapping.w_avg_beta)
+    print(f"\n# Control: untrained mapping, {steps} steps = {calls} update calls, |w_mean of {latents}| = "
+          f"{float(w_ref.norm()):.4f}")
+    for name, value in (("old (G phase only, from 0)", old), ("new (every call, debiased)", mapping.w_avg)):
+        cos = float(torch.nn.functional.cosine_similarity(value, w_ref, dim=0))
+        print(f"{name:28s}  cosine {cos:.4f}   norm ratio {float(value.norm() / w_ref.norm()):.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kimg", type=float, default=1.0, help="length of the short run (demo stage 2: 1.0)")
     parser.add_argument("--latents", type=int, default=4096)
     parser.add_argument("--images", type=int, default=400, help="demo images rendered for the run")
+    parser.add_argument("--control-only", action="store_true", help="parts 1 and the untrained control only (seconds)")
     args = parser.parse_args()
 
     t = DEMO_DEFAULTS["train"]
@@ -57,6 +82,10 @@ def main() -> None:
     overrides = {f"model.{k}": v for k, v in DEMO_DEFAULTS["model"].items()}
     overrides.update({"train.stage": "generator", "train.batch_size": batch, "train.ema_kimg": ema_kimg,
                       "train.r1_gamma": t["r1_gamma"], "train.seed": 0})
+    untrained_control({f"model.{k}": v for k, v in DEMO_DEFAULTS["model"].items()},
+                      int(np.ceil(args.kimg * 1000 / batch)), batch, args.latents)
+    if args.control_only:
+        return
     config = load_config(None, overrides)
     res = config.model.resolution
     items = plan(args.images, DEMO_DEFAULTS["dataset"]["outlier_fraction"], 0)
