@@ -105,8 +105,10 @@ def main() -> None:
     steps = int(np.ceil(args.kimg * 1000 / batch))
     rng = np.random.default_rng(0)
     started = time.perf_counter()
-    for _ in range(steps):
+    for k in range(steps):
         run.step(torch.from_numpy(images[rng.choice(len(images), batch, replace=False)]))
+        if (k + 1) % 10 == 0:
+            print(f"step {k + 1}/{steps} ({time.perf_counter() - started:.0f} s)", flush=True)
     elapsed = time.perf_counter() - started
 
     with torch.no_grad():
