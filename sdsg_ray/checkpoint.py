@@ -1,4 +1,4 @@
-"""The single-file inference bundle: G_ema (+ E) and the model config, loadable anywhere.
+"""The single-file inference bundle: G_ema (+ E, E_ema and the live G) and the model config, loadable anywhere.
 
 Scoring, clustering, evaluation and Serve all start from ``inference.pt``; training exports it at every
 checkpoint. The file is plain ``torch.save`` of tensors, dicts and JSON-like values, so it loads with
@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Literal
 
 import torch
 from pydantic import ValidationError
@@ -44,6 +45,33 @@ class InferenceBundle:
     model: ModelConfig
     identity: str  # sha256 of the file's bytes, first 16 hex chars
     meta: dict = field(default_factory=dict)  # stage, step, kimg, metric, created_at
+    E_ema: Encoder | None = None  # EMA of E with G_ema's beta (stage 1); None in bundles that predate it
+    G: Generator | None = None  # the live G that E was trained against (stage 1); None when not exported
+
+
+ScoringPairName = Literal["ema", "live"]
+
+
+def scoring_pair(bundle: InferenceBundle, pair: ScoringPairName) -> tuple[Generator, Encoder]:
+    """The (G, E) that computes G(E(x)) for scoring, evaluation and examples (config ``score.pair``).
+
+    'ema': (G_ema, E_ema), 'live': (G, E): each pair was trained together. A bundle written before E_ema
+    existed falls back to (G_ema, E) with a warning; one without the live G refuses 'live'.
+    """
+    if bundle.E is None:
+        raise CheckpointError(f"checkpoint {bundle.identity} has no encoder E: scoring needs a stage-1 (joint) checkpoint")
+    if pair == "live":
+        if bundle.G is None:
+            raise CheckpointError(f"checkpoint {bundle.identity} has no live G (exported before it was kept): "
+                                  "use score.pair=ema or re-export from the training state")
+        return bundle.G, bundle.E
+    if pair != "ema":
+        raise CheckpointError(f"unknown scoring pair {pair!r}: 'ema' or 'live'")
+    if bundle.E_ema is None:
+        log.warning("checkpoint %s has no E_ema (exported by an older version): scoring with (G_ema, E)",
+                    bundle.identity)
+        return bundle.G_ema, bundle.E
+    return bundle.G_ema, bundle.E_ema
 
 
 def inference_uri(uri: str) -> str:
@@ -69,9 +97,12 @@ def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
 
 
 def export_inference(
-    G_ema: Generator, E: Encoder | None, model: ModelConfig, meta: dict, uri: str, storage: Storage
+    G_ema: Generator, E: Encoder | None, model: ModelConfig, meta: dict, uri: str, storage: Storage,
+    G_live: Generator | None = None, E_ema: Encoder | None = None,
 ) -> str:
     """Write the bundle atomically to ``uri`` (a .pt file or a directory); returns its identity.
+
+    ``G_live`` and ``E_ema`` (stage 1) make both scoring pairs available (:func:`scoring_pair`).
 
     ``meta`` must hold JSON-like values only (they are stored as plain data so weights_only loading works);
     ``created_at`` (UTC, ISO 8601) is added when absent.
@@ -87,6 +118,8 @@ def export_inference(
         "model": model.model_dump(mode="json"),
         "G_ema": _cpu_state(G_plain),
         "E": _cpu_state(E) if E is not None else None,
+        "E_ema": _cpu_state(E_ema) if E_ema is not None else None,
+        "G": _cpu_state(G_live) if G_live is not None else None,
         "w_avg": G_plain.mapping.w_avg.detach().to("cpu", copy=True),
         "meta": meta,
     }
@@ -131,18 +164,32 @@ def load_inference(uri: str, storage: Storage | None = None, device: str | torch
         raise CheckpointError(f"{target}: stored model config is invalid: {err}") from None
 
     G_ema = build_generator(model)
-    E = None
-    if payload["E"] is not None:
+
+    def encoder(state: dict | None) -> Encoder | None:
+        if state is None:
+            return None
         E = build_encoder(model, G_ema.num_ws)
+        E.load_state_dict(state)
+        return _frozen(E, device)
+
+    G_live = None
     try:
         G_ema.load_state_dict(payload["G_ema"])
-        if E is not None:
-            E.load_state_dict(payload["E"])
+        E, E_ema = encoder(payload["E"]), encoder(payload.get("E_ema"))
+        if payload.get("G") is not None:
+            G_live = build_generator(model)
+            G_live.load_state_dict(payload["G"])
+            G_live = _frozen(G_live, device)
     except RuntimeError as err:  # shape or key mismatch between weights and config
         raise CheckpointError(f"{target}: weights do not match the stored model config: {err}") from None
+    if E is not None and E_ema is None:
+        log.warning("%s: no E_ema in this bundle (written by an older version); pair 'ema' falls back to (G_ema, E)",
+                    target)
     return InferenceBundle(
         G_ema=_frozen(G_ema, device),
-        E=_frozen(E, device) if E is not None else None,
+        E=E,
+        E_ema=E_ema,
+        G=G_live,
         w_avg=payload["w_avg"].to(device),
         model=model,
         identity=identity_of(data),

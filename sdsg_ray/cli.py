@@ -101,7 +101,7 @@ COMMANDS: dict[str, Command] = {
         _flags(
             "score",
             ("data", str), ("checkpoint", str), ("out", str), ("metric", str), ("batch-size", int),
-            ("actors", int), ("gpus-per-actor", float), ("cpus-per-actor", float),
+            ("actors", int), ("gpus-per-actor", float), ("cpus-per-actor", float), ("pair", str),
         ),
     ),
     "select": Command(

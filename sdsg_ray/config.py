@@ -107,6 +107,9 @@ class TrainConfig(Section):
     pl_interval: int = Field(4, ge=1, description="Lazy path-length regularisation: every this many steps.")
     style_mixing_prob: float = Field(0.9, ge=0, le=1, description="Probability of style mixing per batch.")
     ema_kimg: float = Field(0.5, gt=0, description="EMA half-life of G_ema in kimg (10 at paper scale).")
+    ema_rampup: float | None = Field(
+        0.05, gt=0, description="Cap the EMA half-life at this fraction of the images shown so far (0.05 in "
+        "NVIDIA stylegan2-ada-pytorch's auto config); null: fixed half-life ema_kimg from the start.")
     metric: MetricName = Field("auto", description="Perceptual metric for the LPIPS reconstruction loss.")
     checkpoint_every_kimg: float = Field(0.5, gt=0, description="Checkpoint, grids and inference.pt this often.")
     num_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept (older ones are deleted).")
@@ -127,6 +130,9 @@ class ScoreConfig(Section):
     checkpoint: str = Field("runs/stage1", description="Training --out directory or an inference.pt.")
     out: str = Field("runs/scores", description="Manifest shards, score shards and summary.json go here.")
     metric: MetricName = Field("auto", description="Perceptual metric of d(x); use the one stage 1 trained with.")
+    pair: Literal["ema", "live"] = Field(
+        "ema", description="Which (G, E) computes G(E(x)): 'ema' (G_ema, E_ema), 'live' (G, E); both pairs "
+        "were trained together, unlike G_ema with the live E.")
     fid_features: FeatureName = Field("auto", description="Features for FD(Y, X): Inception when present.")
     batch_size: int = Field(32, gt=0, description="Images per scoring call.")
     actors: int = Field(1, ge=1, description="Scoring actors (each holds G, E and the metric).")

@@ -79,6 +79,7 @@ def build_dataset(pending: list[ManifestShard], storage: Storage, config: SDSGCo
             "metric": cfg.metric,
             "fid_features": cfg.fid_features,
             "storage": config.storage,
+            "pair": cfg.pair,
         },
         compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, cfg.actors), max_size=cfg.actors),
         num_gpus=cfg.gpus_per_actor,
@@ -122,13 +123,14 @@ def count_status(out: str, storage: Storage) -> Counter:
 
 def run_scoring(config: SDSGConfig) -> dict:
     """Score every image of score.data with the stage-1 checkpoint; write score shards and summary.json."""
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.checkpoint import load_inference, scoring_pair
     from sdsg_ray.pretrained import build_fid_features, resolve_metric
 
     # Ray workers run in other working directories: local paths are made absolute here on the driver.
     cfg = config.score.model_copy(update={"checkpoint": normalize(config.score.checkpoint)})
     storage = get_storage(config.storage)
     bundle = load_inference(cfg.checkpoint, storage, device="cpu")  # identity and resolution; the actors load their own
+    scoring_pair(bundle, cfg.pair)  # fail here, not in every actor, when the bundle lacks the pair
     ensure_ray(config.storage)
     check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
 
@@ -139,6 +141,7 @@ def run_scoring(config: SDSGConfig) -> dict:
         "checkpoint": cfg.checkpoint,
         "checkpoint_identity": bundle.identity,
         "metric": metric,
+        "pair": cfg.pair,
         "features": features.name,
         "features_is_inception": features.is_inception,
         "resolution": resolution,

@@ -24,15 +24,18 @@ def default_device() -> torch.device:
 
 
 class ReconstructionScorer:
-    """Scores uint8 images with a stage-1 bundle (G_ema + E), a perceptual metric and an FID feature net."""
+    """Scores uint8 images with a stage-1 bundle (the `score.pair` of G and E), a perceptual metric and an FID feature net."""
 
-    def __init__(self, bundle, metric, features, device: torch.device) -> None:
+    def __init__(self, bundle, metric, features, device: torch.device, pair: str = "ema") -> None:
+        from sdsg_ray.checkpoint import scoring_pair
+
         if bundle.E is None:
             raise InvalidRequest(
                 f"checkpoint {bundle.identity} has no encoder E: scoring needs a stage-1 (joint) checkpoint"
             )
-        self.G = bundle.G_ema.to(device).eval()
-        self.E = bundle.E.to(device).eval()
+        G, E = scoring_pair(bundle, pair)  # (G_ema, E_ema) or (G, E): a pair trained together
+        self.G = G.to(device).eval()
+        self.E = E.to(device).eval()
         self.metric = metric
         self.features = features
         self.device = device
@@ -59,7 +62,7 @@ class ReconstructionScorer:
 class ScoreActor:
     """Ray Data actor: rows with status "ok" are scored; error rows pass through with NaN scores."""
 
-    def __init__(self, checkpoint: str, metric: str, fid_features: str, storage: StorageConfig) -> None:
+    def __init__(self, checkpoint: str, metric: str, fid_features: str, storage: StorageConfig, pair: str = "ema") -> None:
         import ray
 
         from sdsg_ray.checkpoint import load_inference
@@ -69,7 +72,8 @@ class ScoreActor:
         device = default_device()
         bundle = load_inference(checkpoint, get_storage(storage), device="cpu")
         self.scorer = ReconstructionScorer(
-            bundle, build_metric(metric, device=device), build_fid_features(fid_features, device=device), device
+            bundle, build_metric(metric, device=device), build_fid_features(fid_features, device=device), device,
+            pair=pair,
         )
         self.feature_dim = self.scorer.features.dim
         # Where this actor ran, so the driver can report (and tests can check) the placement.

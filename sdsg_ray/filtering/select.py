@@ -124,8 +124,11 @@ def kept_batches(scores_uri: str, storage: Storage, theta: float) -> Iterator[pa
         )
 
 
-def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Storage) -> tuple[list[float], np.ndarray, np.ndarray]:
-    """(scores, originals, G(E(x))) as uint8 NHWC for the readable images among ``items`` (score, key)."""
+def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Storage,
+                            pair: str = "ema") -> tuple[list[float], np.ndarray, np.ndarray]:
+    """(scores, originals, G(E(x))) as uint8 NHWC for the readable images among ``items`` (score, key);
+    G and E are the scoring ``pair`` that computed the scores."""
+    from sdsg_ray.checkpoint import scoring_pair
     from sdsg_ray.imaging import load_batch, to_tensor, to_uint8
     from sdsg_ray.models import reconstruct
 
@@ -135,7 +138,8 @@ def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Sto
     if not good.any():
         return [], originals, originals
     with torch.no_grad():
-        recon = reconstruct(bundle.G_ema.synthesis, bundle.E, to_tensor(originals)).image
+        G, E = scoring_pair(bundle, pair)
+        recon = reconstruct(G.synthesis, E, to_tensor(originals)).image
     return [d for (d, _), ok in zip(items, good) if ok], originals, to_uint8(recon)
 
 
@@ -199,7 +203,8 @@ def run_selection(config: SDSGConfig) -> dict:
         if bundle.identity != summary.get("checkpoint_identity", bundle.identity):
             log.warning("%s is not the checkpoint that computed the scores (%s): best_worst.png uses it anyway",
                         checkpoint, summary.get("checkpoint_identity"))
-        rows = [(name, *reconstruction_examples(items, bundle, storage)) for name, items in (("best", ov.best),
+        pair = summary.get("pair", "ema")  # scores written before score.pair existed used G_ema (+ E)
+        rows = [(name, *reconstruction_examples(items, bundle, storage, pair)) for name, items in (("best", ov.best),
                                                                                                ("worst", ov.worst))]
         storage.write_bytes(join(out, "best_worst.png"), figures.originals_over_reconstructions(rows))
 

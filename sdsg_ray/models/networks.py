@@ -246,7 +246,12 @@ class MappingNetwork(nn.Module):
     """z -> w: normalise z, then `num_layers` leaky-ReLU FC layers at lr multiplier 0.01.
 
     Tracks ``w_avg`` (the mean latent used by truncation) only when the caller asks with
-    ``update_w_avg=True``: the training loop decides, so inference or E's losses never move it.
+    ``update_w_avg=True``: the training loss passes it in every training call (G phase, D phase, path
+    length), as NVIDIA's ``update_emas``; inference, style mixing's second latent and E's losses never
+    move it. The EMA (decay ``w_avg_beta`` = 0.995, NVIDIA's) is debiased: the n-th update moves w_avg by
+    max(1 - beta, 1/n) of the way to the batch mean, so w_avg is the running mean of every mapped batch
+    until 1/n < 1 - beta, never a shrunk copy of it (a plain EMA from zero holds 1 - 0.995^n of the mean:
+    0.27 after stage 2's 63 demo steps). ``w_avg_count`` (updates so far) travels in the state dict.
     """
 
     def __init__(self, z_dim: int, w_dim: int, num_layers: int, lr_mul: float = MAPPING_LR_MUL, w_avg_beta: float = W_AVG_BETA):
@@ -257,6 +262,7 @@ class MappingNetwork(nn.Module):
             FullyConnectedLayer(features[i], features[i + 1], lrelu=True, lr_mul=lr_mul) for i in range(num_layers)
         )
         self.register_buffer("w_avg", torch.zeros(w_dim))
+        self.register_buffer("w_avg_count", torch.zeros([], dtype=torch.int64))
 
     def forward(self, z: Tensor, update_w_avg: bool = False) -> Tensor:
         assert_shape(z, [None, self.z_dim], "z")
@@ -264,9 +270,20 @@ class MappingNetwork(nn.Module):
         for layer in self.layers:
             x = layer(x)
         if update_w_avg:
-            batch_mean = x.detach().float().mean(dim=0)
-            self.w_avg.copy_(batch_mean.lerp(self.w_avg, self.w_avg_beta))
+            with torch.no_grad():
+                batch_mean = x.detach().float().mean(dim=0)
+                self.w_avg_count += 1
+                rate = max(1.0 - self.w_avg_beta, 1.0 / float(self.w_avg_count))
+                self.w_avg.copy_(self.w_avg.lerp(batch_mean, rate))
         return x
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Bundles and training states written before w_avg_count existed: their w_avg is a plain EMA that
+        # has already run; continue it as one (count large enough that the rate is 1 - beta).
+        key = prefix + "w_avg_count"
+        if key not in state_dict and prefix + "w_avg" in state_dict:
+            state_dict[key] = torch.tensor(int(1.0 / (1.0 - self.w_avg_beta)) + 1, dtype=torch.int64)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
 def truncate(w: Tensor, center: Tensor, psi: float | Tensor) -> Tensor:

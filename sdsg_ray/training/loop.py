@@ -129,6 +129,8 @@ class TrainingRun:
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)  # float32: grids, eval, export
+        # E_ema follows E as G_ema follows G (same beta): scoring can then use a pair trained together.
+        self.E_ema = copy.deepcopy(self.E).eval().requires_grad_(False) if self.E is not None else None
         self.reduced_blocks = {
             name: set_reduced_precision(module, self.reduced_dtype)
             for name, module in (("G", self.G), ("D", self.D), ("E", self.E)) if module is not None
@@ -172,7 +174,6 @@ class TrainingRun:
             lambda_lpips=tc.lambda_lpips,
         )
         self.loss.pl_mean.to(self.device)
-        self.ema_beta = ema_beta(tc.batch_size, tc.ema_kimg)
         self.step_count = 0
         self.nimg = 0
 
@@ -210,8 +211,9 @@ class TrainingRun:
                         torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
             for opt in phase.optimizers:
                 opt.step()
-            if phase.name == "Gmain":
-                self._sync_w_avg()
+        # Every phase updated w_avg with its local batch; the updates are linear in the batch means and
+        # identical in weight on every rank, so one average at the end equals averaging after each.
+        self._sync_w_avg()
         self._update_ema()
         self.step_count += 1
         self.nimg += self.config.train.batch_size
@@ -231,10 +233,15 @@ class TrainingRun:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, self.ema_beta))
-        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            b_ema.copy_(b.detach())
+        tc = self.config.train
+        beta = ema_beta(tc.batch_size, tc.ema_kimg, self.nimg, tc.ema_rampup)  # nimg: before this step's
+        for ema, live in ((self.G_ema, self.G), (self.E_ema, self.E)):
+            if ema is None:
+                continue
+            for p_ema, p in zip(ema.parameters(), live.parameters()):
+                p_ema.copy_(p.detach().lerp(p_ema, beta))
+            for b_ema, b in zip(ema.buffers(), live.buffers()):
+                b_ema.copy_(b.detach())
 
     # --- state -----------------------------------------------------------------------------
 
@@ -250,6 +257,7 @@ class TrainingRun:
             "G_ema": cpu(self.G_ema),
             "D": cpu(self.D),
             "E": cpu(self.E) if self.E is not None else None,
+            "E_ema": cpu(self.E_ema) if self.E_ema is not None else None,
             "opt_G": self.opt_G.state_dict(),
             "opt_D": self.opt_D.state_dict(),
             "opt_E": self.opt_E.state_dict() if self.opt_E is not None else None,
@@ -277,6 +285,11 @@ class TrainingRun:
         if self.E is not None:
             self.E.load_state_dict(state["E"])
             self.opt_E.load_state_dict(state["opt_E"])
+            if state.get("E_ema") is not None:
+                self.E_ema.load_state_dict(state["E_ema"])
+            else:  # a state saved before E_ema existed
+                log.warning("training state has no E_ema (saved by an older version): E_ema starts as a copy of E")
+                self.E_ema.load_state_dict(state["E"])
         self.loss.pl_mean.value.copy_(state["pl_mean"])
         self.step_count, self.nimg = int(state["step"]), int(state["nimg"])
         # Steps re-seed torch themselves; restoring the rest keeps any other consumer of these RNGs
@@ -285,11 +298,21 @@ class TrainingRun:
 
     # --- evaluation ------------------------------------------------------------------------
 
+    def scoring_pair(self) -> tuple[nn.Module, nn.Module]:
+        """(G, E) that scoring will use (``score.pair``): (G_ema, E_ema) or the live (G, E)."""
+        assert self.E is not None, "stage 'generator' has no encoder"
+        return (self.G_ema, self.E_ema) if self.config.score.pair == "ema" else (self.G, self.E)
+
     @torch.no_grad()
     def reconstruct(self, real: Tensor) -> Tensor:
-        """G_ema(E(x)): what scoring computes from the inference bundle."""
-        assert self.E is not None, "stage 'generator' has no encoder"
-        return reconstruct(self.G_ema.synthesis, self.E, real).image
+        """G(E(x)) with the scoring pair: what scoring computes from the inference bundle."""
+        G, E = self.scoring_pair()
+        return reconstruct(G.synthesis, E, real).image
+
+    def export_inference(self, meta: dict, uri: str, storage) -> str:
+        """Write inference.pt: G_ema, E, and for stage 1 also E_ema and the live G (both scoring pairs)."""
+        return export_inference(self.G_ema, self.E, self.config.model, meta, uri, storage,
+                                G_live=self.G if self.E is not None else None, E_ema=self.E_ema)
 
     @torch.no_grad()
     def recon_lpips(self, real: Tensor, batch: int = 32) -> float:
@@ -411,7 +434,7 @@ class _Artifacts:
         self._flush_metrics()
         meta = {"stage": run.config.train.stage, "step": run.step_count, "kimg": run.kimg, "metric": self.metric_name}
         uri = join(out, "inference.pt")
-        export_inference(run.G_ema, run.E, run.config.model, meta, uri, storage)
+        run.export_inference(meta, uri, storage)
         return uri
 
     def _flush_metrics(self) -> None:

@@ -103,9 +103,18 @@ def lazy_regularization_adam(lr: float, betas: tuple[float, float], interval: in
     return lr * mb_ratio, (betas[0] ** mb_ratio, betas[1] ** mb_ratio)
 
 
-def ema_beta(global_batch: int, ema_kimg: float) -> float:
-    """Per-step EMA decay so that the half-life is ``ema_kimg`` thousand images (no ramp-up)."""
-    return 0.5 ** (global_batch / max(ema_kimg * 1000.0, 1e-8))
+def ema_beta(global_batch: int, ema_kimg: float, cur_nimg: int, ema_rampup: float | None) -> float:
+    """Per-step EMA decay of G_ema (and E_ema), as NVIDIA's stylegan2-ada-pytorch training_loop.
+
+    The half-life is ``ema_kimg`` thousand images, capped at ``cur_nimg * ema_rampup`` images while
+    training is young, so that G_ema forgets the random initialisation at any length (without the cap, a
+    2 kimg run with a 0.5 kimg half-life keeps 6 % of it). ``cur_nimg`` counts the images shown before
+    this step; at 0 with a ramp-up the EMA copies G. ``ema_rampup=None``: fixed half-life.
+    """
+    ema_nimg = ema_kimg * 1000.0
+    if ema_rampup is not None:
+        ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
+    return 0.5 ** (global_batch / max(ema_nimg, 1e-8))
 
 
 def l1(x: Tensor, y: Tensor) -> Tensor:
@@ -281,7 +290,7 @@ class SDSGLoss:
 
     def _g_reg(self, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
         batch = max(1, gen_z.shape[0] // self.pl_batch_shrink)
-        gen_img, gen_ws = self.run_G(gen_z[:batch], sync=True)
+        gen_img, gen_ws = self.run_G(gen_z[:batch], sync=True, update_w_avg=True)
         lengths = path_lengths(gen_img.float(), gen_ws)
         pl_mean = self.pl_mean.update(lengths)
         penalty = (lengths - pl_mean).square()
@@ -293,7 +302,7 @@ class SDSGLoss:
 
     def _d_main(self, real_img: Tensor, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
         with torch.no_grad():
-            gen_img, _ = self.run_G(gen_z, sync=False)
+            gen_img, _ = self.run_G(gen_z, sync=False, update_w_avg=True)
         loss_fake = discriminator_logistic(self.run_D(gen_img, sync=True).float(), real=False).mean()
         real_logits = self.run_D(real_img.detach(), sync=True).float()
         loss_real = discriminator_logistic(real_logits, real=True).mean()

@@ -38,6 +38,7 @@ class ClusterSet:
     checkpoint: str  # InferenceBundle.identity of the generator the w came from
     config: dict = field(default_factory=dict)  # the ClusterConfig used
     identity: str = ""  # sha256 of the file's bytes, first 16 hex chars (set on save/load)
+    w_mean: torch.Tensor | None = None  # [w_dim] mean of the mapped w clustered: mean truncation's centre
 
     def __post_init__(self) -> None:
         assert self.centers.ndim == 2, f"centers must be [K, w_dim], got {tuple(self.centers.shape)}"
@@ -57,6 +58,8 @@ class ClusterSet:
             "checkpoint": self.checkpoint,
             "config": dict(self.config),
         }
+        if self.w_mean is not None:
+            payload["w_mean"] = self.w_mean.detach().cpu().float().contiguous()
         buf = io.BytesIO()
         torch.save(payload, buf)
         return buf.getvalue()
@@ -95,6 +98,7 @@ def load_clusters(uri: str, storage: Storage | None = None) -> ClusterSet:
         checkpoint=str(payload["checkpoint"]),
         config=dict(payload["config"]),
         identity=_identity(data),
+        w_mean=payload["w_mean"].float() if "w_mean" in payload else None,  # absent in older files
     )
 
 
@@ -137,7 +141,7 @@ def run_clustering(config: SDSGConfig) -> str:
     centers, sizes = fit_centers(w, cfg.clusters, cfg.seed)
     result = ClusterSet(
         centers=centers, sizes=sizes, seed=cfg.seed, metric=metric, checkpoint=bundle.identity,
-        config=cfg.model_dump(mode="json"),
+        config=cfg.model_dump(mode="json"), w_mean=w.mean(dim=0),
     )
     target = save_clusters(result, cfg.out, storage)
     log.info("wrote %s (identity %s); cluster sizes min %d max %d", target, result.identity,

@@ -2,7 +2,7 @@
 
 Truncation (w_t = psi * w + (1 - psi) * target):
   none        target = w (psi is ignored)
-  mean        target = w_avg, the global mean (StyleGAN's truncation trick)
+  mean        target = the global mean: the clusters file's w_mean when present, else w_avg (StyleGAN's trick)
   multimodal  target = the center nearest to w (paper: by LPIPS between G(w) and G(c)), or a forced one
 
 Reproducibility: each sample's z comes from its own torch.Generator seeded with its seed, the noise
@@ -88,7 +88,10 @@ class Sampler:
         self.bundle = bundle
         self.clusters = clusters
         self.batch_size = batch_size
-        self.w_avg = bundle.w_avg.to(self.device).float()
+        # Mean truncation's centre: the mean of the clusters' mapped latents when the clusters file has it
+        # (exact for this G), else the w_avg tracked in training.
+        w_mean = getattr(clusters, "w_mean", None) if clusters is not None else None
+        self.w_avg = (w_mean if w_mean is not None else bundle.w_avg).to(self.device).float()
         with torch.no_grad():  # a few probe passes per candidate size, once per Sampler
             z = torch.stack([seed_latent(seed, self.G.z_dim) for seed in range(batch_size)])
             rows = PassRows.powers_of_two(batch_size).verified(self._map, z)
