@@ -168,7 +168,7 @@ class ClusterConfig(Section):
         0.2, gt=0, lt=1, description="Share of those latents kept out of fitting; the classifier's agreement "
         "and LPIPS regret are measured on them.")
     classifier_hidden: int = Field(256, ge=1, description="Hidden units of the learned-assignment MLP.")
-    classifier_steps: int = Field(2000, ge=1, description="Adam steps fitting the learned-assignment MLP.")
+    classifier_steps: int = Field(500, ge=1, description="Adam steps fitting the learned-assignment MLP.")
 
     @model_validator(mode="after")
     def _enough_latents(self) -> "ClusterConfig":

@@ -73,7 +73,7 @@ class CenterClassifier:
 
 
 def fit_classifier(w: torch.Tensor, distances: torch.Tensor, hidden: int, steps: int, seed: int,
-                   batch_size: int = 512, lr: float = 3e-3) -> CenterClassifier:
+                   batch_size: int = 4096, lr: float = 1e-2) -> CenterClassifier:
     """A one-hidden-layer MLP fitted to the LPIPS-nearest center of each w (cross-entropy, Adam).
 
     ``distances`` [N, K]: LPIPS of G(w) to every center; its argmin is the label.
