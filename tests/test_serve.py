@@ -158,14 +158,16 @@ def test_assignment_modes_over_http(client, app, local_sampler):
 
 
 GET_CASES = [
-    ({"seed": 1, "assignment": "nearest"}, "assignment"), ({"seed": 1, "truncation": "mean", "assignment": "w"}, "assignment"),
+    ({"seed": 1, "assignment": "nearest"}, "assignment"),
+    ({"seed": 1, "truncation": "mean", "assignment": "w"}, "assignment"),
     ({"seed": 1, "psi": 1.5}, "psi"), ({"seed": 1, "psi": "abc"}, "psi"), ({"seed": 1, "truncation": "clamp"}, "truncation"),
     ({"seed": 1, "cluster": 6}, "cluster"), ({"seed": 1, "cluster": -1}, "cluster"), ({"seed": -1}, "seed"),
     ({"seed": 2**32}, "seed"), ({}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": 1, "format": "jpg"}, "format"),
     ({"seed": 1, "truncation": "mean", "cluster": 1}, "cluster"),
 ]
 POST_CASES = [
-    ({"seeds": [1], "assignment": "euclid"}, "assignment"), ({"seeds": [1], "cluster": 1, "assignment": "lpips"}, "assignment"),
+    ({"seeds": [1], "assignment": "euclid"}, "assignment"),
+    ({"seeds": [1], "cluster": 1, "assignment": "lpips"}, "assignment"),
     ({"seeds": list(range(17))}, "seeds"), ({"count": 17, "seed": 0}, "count"), ({"seeds": ["a"]}, "seeds.0"),
     ({"seeds": [-1]}, "seeds.0"), ({"seeds": [2**32]}, "seeds.0"), ({"seeds": [1], "psi": 2}, "psi"),
     ({"seeds": [1], "bogus": 1}, "bogus"), ({"psi": 0.5}, "seeds"), ({"count": 2, "seed": 2**32 - 1}, "count"),
