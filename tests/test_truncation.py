@@ -135,7 +135,7 @@ def test_same_seed_same_image_whatever_the_batch(sampler):
 
 
 def test_coarse_lpips_assignment_equals_brute_force_at_that_resolution(sampler, metric):
-    coarse = Sampler(sampler.bundle, sampler.clusters, metric, batch_size=8, assign_resolution=16)
+    coarse = Sampler(sampler.bundle, sampler.clusters, metric, "lpips", batch_size=8, assign_resolution=16)
     w = sampler.latents(range(8))
     images = render(sampler.G.synthesis, w, resolution=16)
     centers = render(sampler.G.synthesis, sampler.centers, resolution=16)
