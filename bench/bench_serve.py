@@ -43,7 +43,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def tiny_model(root: Path, resolution: int, clusters: int, classifier_steps: int) -> tuple[str, str]:
+def tiny_model(root: Path, resolution: int, clusters: int, classifier_steps: int,
+               n_latents: int = 4000) -> tuple[str, str]:
     from sdsg_ray.checkpoint import export_inference
     from sdsg_ray.config import ModelConfig, load_config
     from sdsg_ray.models.networks import build_generator
@@ -58,7 +59,7 @@ def tiny_model(root: Path, resolution: int, clusters: int, classifier_steps: int
     ckpt = str(root / "ckpt")
     export_inference(G, None, model, {"stage": "bench"}, ckpt, get_storage())
     out = str(root / "clusters")
-    run_clustering(load_config(None, {"cluster.checkpoint": ckpt, "cluster.out": out, "cluster.n_latents": 4000,
+    run_clustering(load_config(None, {"cluster.checkpoint": ckpt, "cluster.out": out, "cluster.n_latents": n_latents,
                                       "cluster.clusters": clusters, "cluster.metric": "stlpips-alex",
                                       "cluster.classifier_steps": classifier_steps}))
     return ckpt, out
@@ -143,6 +144,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=6.0, help="Seconds per load point.")
     parser.add_argument("--num-cpus", type=int, default=None, help="Local Ray CPUs (default: all).")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--n-latents", type=int, default=4000,
+                        help="Mapped latents clustered (and all labelled for the classifier) for the bench's own G.")
     parser.add_argument("--classifier-steps", type=int, default=500,
                         help="Learned-assignment fit steps when the bench clusters its own generator.")
     ns = parser.parse_args()
@@ -156,7 +159,8 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     ckpt, clusters = (ns.checkpoint, ns.clusters) if ns.checkpoint else tiny_model(workdir, ns.resolution,
-                                                                                   ns.n_clusters, ns.classifier_steps)
+                                                                                   ns.n_clusters, ns.classifier_steps,
+                                                                                   ns.n_latents)
     gpu = torch.cuda.is_available()
     results: dict = {"device": torch.cuda.get_device_name() if gpu else f"cpu x{os.cpu_count()}",
                      "resolution": ns.resolution, "max_batch_size": ns.max_batch_size}
