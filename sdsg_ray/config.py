@@ -193,6 +193,14 @@ class ClusterConfig(Section):
     clusters: int = Field(64, gt=0, description="KMeans centers (64 in the paper).")
     metric: MetricName = Field("auto", description="Perceptual metric the sampler assigns centers with.")
     seed: int = Field(0, description="Seed of the z and of KMeans.")
+    classifier_latents: int = Field(
+        10_000, ge=0, description="Mapped latents labelled with their LPIPS-nearest center to fit the learned "
+        "assignment (w -> center MLP saved in clusters.pt); 0: no classifier.")
+    classifier_held_out: float = Field(
+        0.2, gt=0, lt=1, description="Share of those latents kept out of fitting; the classifier's agreement "
+        "and LPIPS regret are measured on them.")
+    classifier_hidden: int = Field(256, ge=1, description="Hidden units of the learned-assignment MLP.")
+    classifier_steps: int = Field(500, ge=1, description="Adam steps fitting the learned-assignment MLP.")
 
     @model_validator(mode="after")
     def _enough_latents(self) -> "ClusterConfig":
@@ -224,8 +232,10 @@ class ServeConfig(Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per sampler replica (0 on CPU).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per sampler replica.")
     ingress_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved by each HTTP ingress replica.")
-    assign_by: Literal["lpips", "w"] = Field(
-        "lpips", description="Nearest center by LPIPS between G(w) and G(c) (paper) or by distance in W."
+    assign_by: Literal["auto", "lpips", "learned", "w"] = Field(
+        "auto", description="Default multi-modal assignment: nearest center by LPIPS between G(w) and G(c) "
+        "(paper), 'learned' (the clusters file's w -> center classifier, no extra synthesis pass), or distance "
+        "in W; 'auto': learned when the clusters file has a classifier, else lpips. Requests may pick another.",
     )
     assign_resolution: int | None = Field(
         None, ge=4, description="LPIPS assignment on G's coarse image at this resolution, drawn only up to "

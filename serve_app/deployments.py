@@ -30,6 +30,8 @@ from sdsg_ray.imaging import encode_png, image_grid
 from sdsg_ray.truncation.sampler import InvalidSample, Mode, SampleSpec
 
 from .schemas import (
+    ASSIGNMENT_HELP,
+    Assignment,
     FieldError,
     ImageFormat,
     SamplesRequest,
@@ -70,6 +72,8 @@ class SamplerDeployment:
         device = "cuda" if torch.cuda.is_available() and s.num_gpus > 0 else "cpu"
         self.sampler = load_sampler(s.checkpoint, s.clusters or None, get_storage(cfg.storage), s.assign_by,
                                     device, batch_size=s.max_batch_size, assign_resolution=s.assign_resolution)
+        # the default assignment rule (s.assign_by resolved: 'auto' -> learned when the clusters have a classifier)
+        # and the ones a request may pick instead
         bundle, clusters = self.sampler.bundle, self.sampler.clusters
         self.info_dict = {
             "resolution": self.sampler.resolution,
@@ -77,7 +81,9 @@ class SamplerDeployment:
             "w_dim": int(bundle.G_ema.w_dim),
             "checkpoint": {"uri": s.checkpoint, "identity": bundle.identity, "meta": _jsonable(bundle.meta)},
             "metric": clusters.metric if clusters else None,
-            "assign_by": s.assign_by,
+            "assign_by": self.sampler.assign_by if clusters else None,
+            "assignments": list(self.sampler.assignments),
+            "assignment_quality": clusters.assignment_quality if clusters else {},
             "assign_resolution": s.assign_resolution or self.sampler.resolution,
             "device": device,
             "pass_sizes": list(self.sampler.pass_sizes),  # forward-pass row counts verified bit-exact here
@@ -142,14 +148,15 @@ class Ingress:
         return self._info
 
     async def _specs(self, seeds: list[int], psi: float | None, truncation: str, cluster: int | None,
-                     seed_field=lambda i: "seed") -> list[SampleSpec]:
+                     seed_field=lambda i: "seed", assignment: str | None = None) -> list[SampleSpec]:
         """SampleSpecs checked against the loaded model; an InvalidSample names the request field."""
-        clusters = (await self.model_info())["clusters"]
+        info = await self.model_info()
+        clusters = info["clusters"]
         psi = self.default_psi if psi is None else psi
-        specs = [SampleSpec(seed, psi, truncation, cluster) for seed in seeds]
+        specs = [SampleSpec(seed, psi, truncation, cluster, assignment) for seed in seeds]
         for i, spec in enumerate(specs):
             try:
-                spec.check(clusters["count"] if clusters else 0)
+                spec.check(clusters["count"] if clusters else 0, info["assignments"])
             except InvalidSample as err:
                 raise FieldError(seed_field(i) if err.field == "seed" else err.field, err.message) from None
         return specs
@@ -194,9 +201,10 @@ class Ingress:
         truncation: Mode = Query("multimodal"),
         cluster: int | None = Query(None, description="Force this center (multimodal)."),
         format: ImageFormat = Query("png"),
+        assignment: Assignment | None = Query(None, description=ASSIGNMENT_HELP),
     ) -> Response:
         """One image: PNG, or a .npy uint8 [R, R, 3]."""
-        images = await self._render(await self._specs([seed], psi, truncation, cluster))
+        images = await self._render(await self._specs([seed], psi, truncation, cluster, assignment=assignment))
         if format == "npy":
             return Response(_npy(images[0]), media_type="application/octet-stream")
         return Response(encode_png(images[0]), media_type="image/png")
@@ -210,7 +218,7 @@ class Ingress:
                              f"at most {self.max_samples} samples per request, got {len(seeds)}")
         if not seeds:
             raise FieldError("seeds", "give at least one seed")
-        specs = await self._specs(seeds, spec.psi, spec.truncation, spec.cluster, spec.seed_field)
+        specs = await self._specs(seeds, spec.psi, spec.truncation, spec.cluster, spec.seed_field, spec.assignment)
         images = await self._render(specs)
         if spec.format == "npy":
             return Response(_npy(images), media_type="application/octet-stream")

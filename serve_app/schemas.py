@@ -14,9 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sdsg_ray.truncation.assign import AssignBy
 from sdsg_ray.truncation.sampler import Mode
 
 ImageFormat = Literal["png", "npy"]
+Assignment = AssignBy
+ASSIGNMENT_HELP = ("Rule picking the nearest center (multimodal): lpips (the paper's), learned (classifier fitted "
+                   "to it, cheaper) or w; default: the model's (GET /v1/model `assign_by`).")
 BatchFormat = Literal["png", "grid", "npy"]
 
 
@@ -46,6 +50,7 @@ class SamplesRequest(BaseModel):
     psi: float | None = Field(None, description="Truncation strength in [0, 1]; default from config.")
     truncation: Mode = "multimodal"
     cluster: int | None = Field(None, description="Force this center (truncation=multimodal).")
+    assignment: Assignment | None = Field(None, description=ASSIGNMENT_HELP)
     format: BatchFormat = "png"
 
     @model_validator(mode="after")

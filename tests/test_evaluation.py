@@ -124,3 +124,48 @@ def test_report_shows_the_numbers_and_names_the_features(tmp_path):
                      "not FID", "data:image/png;base64,"):
         assert expected in html, expected
     assert ">FID<" not in html
+
+
+def test_fig7_adds_the_learned_assignment_beside_the_lpips_one(monkeypatch):
+    """With a sampler offering the learned rule, Fig. 7 gets a third curve drawn with the centers that rule
+    picks (pinned per seed), and says how often it agrees with the paper's LPIPS rule."""
+    import torch
+
+    from sdsg_ray.evaluation import evaluate
+
+    class Rule:
+        def __init__(self, shift: int) -> None:
+            self.shift = shift
+
+        def assign(self, w):
+            return (w[:, 0].long() + self.shift) % 3
+
+    class FakeSampler:
+        batch_size, assign_by = 4, "lpips"
+        assigners = {"lpips": Rule(0), "learned": Rule(0), "w": Rule(2)}
+        assigner, assignments = assigners["lpips"], ("lpips", "learned", "w")
+
+        def latents(self, seeds):
+            return torch.tensor([[float(s)] for s in seeds])
+
+        def render_specs(self, specs):  # the image holds its target: the pinned center, or 9 for the mean
+            return np.stack([np.full((2, 2, 3), 9 if s.mode == "mean" else s.cluster, np.uint8) for s in specs])
+
+    class Bank:
+        def images(self, images):
+            return images.reshape(len(images), -1)[:, :1].astype(np.float64)
+
+    monkeypatch.setattr(evaluate, "distances", lambda feats, ref: evaluate.Distances(float(feats.mean()), 0.0))
+    seeds = list(range(9))
+    sampler = FakeSampler()
+    curve = evaluate.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])
+    lpips_mean = np.mean([s % 3 for s in seeds])
+    assert curve["multimodal"]["fd"] == [lpips_mean] and curve["mean"]["fd"] == [9.0]
+    assert curve[evaluate.LEARNED_CURVE]["fd"] == [lpips_mean]
+    assert curve[evaluate.LEARNED_CURVE]["same_center_as_lpips"] == 1.0
+    sampler.assigners = {**FakeSampler.assigners, "learned": Rule(1)}  # a learned rule that always disagrees
+    curve = evaluate.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])
+    assert curve[evaluate.LEARNED_CURVE]["fd"] == [np.mean([(s + 1) % 3 for s in seeds])]
+    assert curve[evaluate.LEARNED_CURVE]["same_center_as_lpips"] == 0.0
+    sampler.assignments = ("lpips", "w")  # no classifier: no third curve
+    assert evaluate.LEARNED_CURVE not in evaluate.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])

@@ -101,7 +101,7 @@ TINY = {
               "cpus_per_worker": 1, "metric": "stlpips-alex"},
     "score": {"batch_size": 16, "actors": 1, "manifest_shard_size": 32, "metric": "stlpips-alex"},
     "select": {"min_size": 16, "target_threshold": 0.05, "threshold_step": 0.1},
-    "cluster": {"n_latents": 64, "clusters": 4, "metric": "stlpips-alex"},
+    "cluster": {"n_latents": 64, "clusters": 4, "metric": "stlpips-alex", "classifier_steps": 50},
     "evaluate": {"num_samples": 24, "psis": [0.5, 1.0], "grid_seeds": 4, "batch_size": 24},
     "pipeline": {"baselines": False, "make_dataset": True, "stage2_kimg": 0.032},
 }
@@ -230,7 +230,7 @@ def test_tiny_pipeline_runs_as_a_ray_job_on_s3_and_writes_no_credentials(ray_hea
         assert any(True for _ in storage.list(join(root, rel))) or storage.exists(join(root, rel)), rel
     results = json.loads(storage.read_text(join(root, "eval", "results.json")))
     assert [m["model"] for m in results["models"]] == ["filtered"]
-    assert set(results["truncation"]) >= {"mean", "multimodal", "psis"}
+    assert set(results["truncation"]) >= {"mean", "multimodal", "multimodal_learned", "psis"}
     assert "outliers" in results
 
     secrets = list(CREDENTIALS.values())

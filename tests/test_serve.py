@@ -127,13 +127,47 @@ def test_batched_equals_unbatched(client, app):
     assert Image.open(io.BytesIO(grid.content)).size == (4 * 32, 3 * 32)
 
 
+def test_assignment_modes_over_http(client, app, local_sampler):
+    """The clusters carry a classifier, so the default is learned; a request may pick lpips (the paper's rule)
+    or w, and each lands (psi = 0) on the center the library's rule picks, lpips equal to brute force."""
+    import torch
+
+    from sdsg_ray.truncation.assign import render
+
+    model = client.get("/v1/model").json()
+    assert model["assign_by"] == "learned" and model["assignments"] == ["lpips", "learned", "w"]
+    quality = model["assignment_quality"]
+    assert 0 <= quality["learned_top1"] <= quality["learned_top3"] <= 1 and "w_regret" in quality
+    seeds = [5, 6, 7]
+    w = local_sampler.latents(seeds)
+    images = render(local_sampler.G.synthesis, w)
+    lpips_assigner = local_sampler.assigners["lpips"]
+    centers = local_sampler.center_images()
+    with torch.no_grad():  # the paper's rule, brute force: one LPIPS call per (sample, center) pair
+        brute = torch.stack([lpips_assigner.metric(images, lpips_assigner.center_images[k:k + 1].expand_as(images))
+                             for k in range(len(centers))], 1)
+    chosen = {"lpips": brute.argmin(1), "learned": local_sampler.assigners["learned"].assign(w),
+              "w": torch.cdist(w, local_sampler.centers).argmin(1)}
+    for by, picked in chosen.items():
+        body = {"seeds": seeds, "psi": 0.0, "truncation": "multimodal", "assignment": by, "format": "npy"}
+        assert np.array_equal(npy(client.post("/v1/samples", json=body)), centers[picked.tolist()]), by
+        one = client.get("/v1/sample", params={"seed": 6, "psi": 0.0, "assignment": by, "format": "npy"})
+        assert np.array_equal(npy(one), centers[int(picked[1])]), by
+    default = npy(client.get("/v1/sample", params={"seed": 6, "psi": 0.0, "format": "npy"}))
+    assert np.array_equal(default, centers[int(chosen["learned"][1])])
+
+
 GET_CASES = [
+    ({"seed": 1, "assignment": "nearest"}, "assignment"),
+    ({"seed": 1, "truncation": "mean", "assignment": "w"}, "assignment"),
     ({"seed": 1, "psi": 1.5}, "psi"), ({"seed": 1, "psi": "abc"}, "psi"), ({"seed": 1, "truncation": "clamp"}, "truncation"),
     ({"seed": 1, "cluster": 6}, "cluster"), ({"seed": 1, "cluster": -1}, "cluster"), ({"seed": -1}, "seed"),
     ({"seed": 2**32}, "seed"), ({}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": 1, "format": "jpg"}, "format"),
     ({"seed": 1, "truncation": "mean", "cluster": 1}, "cluster"),
 ]
 POST_CASES = [
+    ({"seeds": [1], "assignment": "euclid"}, "assignment"),
+    ({"seeds": [1], "cluster": 1, "assignment": "lpips"}, "assignment"),
     ({"seeds": list(range(17))}, "seeds"), ({"count": 17, "seed": 0}, "count"), ({"seeds": ["a"]}, "seeds.0"),
     ({"seeds": [-1]}, "seeds.0"), ({"seeds": [2**32]}, "seeds.0"), ({"seeds": [1], "psi": 2}, "psi"),
     ({"seeds": [1], "bogus": 1}, "bogus"), ({"psi": 0.5}, "seeds"), ({"count": 2, "seed": 2**32 - 1}, "count"),

@@ -26,7 +26,8 @@ N_CLUSTERS = 6
 
 
 def make_tiny_model(root: Path, clusters: int = N_CLUSTERS, n_latents: int = 600) -> tuple[str, str]:
-    """A random-weight 32 px G exported as inference.pt, and its clusters fitted via `sdsg cluster`.
+    """A random-weight 32 px G exported as inference.pt, and its clusters fitted via `sdsg cluster`
+    (with the learned-assignment classifier, fitted on the n_latents mapped w).
 
     Returns (checkpoint URI, clusters URI). w_avg is set to the mean mapped w, as training would.
     """
@@ -41,7 +42,9 @@ def make_tiny_model(root: Path, clusters: int = N_CLUSTERS, n_latents: int = 600
     export_inference(G, None, model, {"stage": "test"}, ckpt, get_storage())
     out = str(root / "clusters")
     argv = ["cluster", "--checkpoint", ckpt, "--out", out, "--n-latents", str(n_latents),
-            "--clusters", str(clusters), "--seed", "3", "--set", f"cluster.metric={METRIC}"]
+            "--clusters", str(clusters), "--seed", "3", "--set", f"cluster.metric={METRIC}",
+            # the learned assignment, kept small: every latent labelled, a fifth held out, a short fit
+            "--set", "cluster.classifier_hidden=64", "--set", "cluster.classifier_steps=60"]
     assert main(argv) == 0
     return ckpt, out
 
@@ -132,7 +135,7 @@ def test_same_seed_same_image_whatever_the_batch(sampler):
 
 
 def test_coarse_lpips_assignment_equals_brute_force_at_that_resolution(sampler, metric):
-    coarse = Sampler(sampler.bundle, sampler.clusters, metric, batch_size=8, assign_resolution=16)
+    coarse = Sampler(sampler.bundle, sampler.clusters, metric, "lpips", batch_size=8, assign_resolution=16)
     w = sampler.latents(range(8))
     images = render(sampler.G.synthesis, w, resolution=16)
     centers = render(sampler.G.synthesis, sampler.centers, resolution=16)
@@ -179,3 +182,69 @@ def test_center_grid_and_mismatched_clusters(sampler, tiny):
     clusters.checkpoint = "0" * 16
     with pytest.raises(ValueError, match="sdsg cluster"):
         Sampler(sampler.bundle, clusters, None, assign_by="w")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Learned assignment (the classifier `sdsg cluster` fits to the LPIPS rule)
+
+
+def test_classifier_is_saved_with_the_centers_and_loads_weights_only(tiny, tmp_path):
+    from sdsg_ray.truncation.clusters import ClusterSet, save_clusters
+    from sdsg_ray.truncation.learned import CenterClassifier
+
+    ckpt, out = tiny
+    payload = torch.load(Path(out) / "clusters.pt", weights_only=True)  # no pickled code, tensors only
+    classifier = CenterClassifier.from_state(payload["classifier"])
+    assert classifier.num_classes == N_CLUSTERS
+    clusters = load_clusters(out)
+    w = Sampler(load_inference(ckpt)).latents(range(16))
+    assert torch.equal(CenterClassifier.from_state(clusters.classifier).logits(w), classifier.logits(w))
+    quality = clusters.assignment_quality
+    assert quality["held_out"] == 120 and quality["fitted_on"] == 480
+    for key in ("learned_top1", "learned_top3", "w_top1", "majority_top1", "coarse_16px_top1"):
+        assert 0.0 <= quality[key] <= 1.0, (key, quality)
+    assert quality["learned_top3"] >= quality["learned_top1"]
+    assert quality["learned_regret"] >= 0 and quality["w_regret"] >= 0
+    # the classifier learned something about the LPIPS rule: better than always naming the commonest center
+    assert quality["learned_top1"] > quality["majority_top1"], quality
+    # a clusters file without a classifier (older files, classifier_latents=0) still loads, and means lpips
+    bare = ClusterSet(clusters.centers, clusters.sizes, clusters.seed, clusters.metric, clusters.checkpoint)
+    loaded = load_clusters(save_clusters(bare, str(tmp_path / "bare")))
+    assert loaded.classifier is None and loaded.assignment_quality == {}
+    assert "classifier" not in torch.load(tmp_path / "bare" / "clusters.pt", weights_only=True)
+
+
+def test_assignment_modes(tiny, metric):
+    ckpt, out = tiny
+    bundle, clusters = load_inference(ckpt), load_clusters(out)
+    learned = Sampler(bundle, clusters, metric, batch_size=8)  # auto: the file has a classifier
+    assert learned.assign_by == "learned" and learned.assignments == ("lpips", "learned", "w")
+    assert Sampler(bundle, clusters, None, assign_by="w", batch_size=8).assignments == (
+        "learned", "w")
+    seeds = list(range(8))
+    w = learned.latents(seeds)
+    from sdsg_ray.truncation.learned import CenterClassifier
+
+    expected = CenterClassifier.from_state(clusters.classifier).logits(w).argmax(1)
+    assert torch.equal(learned.assigner.assign(w), expected)
+    # psi = 0 lands on each rule's center; a per-sample rule overrides the sampler's default
+    centers = learned.center_images()
+    images = render(learned.G.synthesis, w)
+    with torch.no_grad():  # the paper's rule, brute force: one LPIPS call per (sample, center) pair
+        brute = torch.stack([metric(images, learned.assigners["lpips"].center_images[k:k + 1].expand_as(images))
+                             for k in range(N_CLUSTERS)], 1).argmin(1)
+    by_w = torch.cdist(w, learned.centers).argmin(1)
+    for by, chosen in (("learned", expected), ("lpips", brute), ("w", by_w)):
+        drawn = learned.render_specs([SampleSpec(s, 0.0, "multimodal", assignment=by) for s in seeds])
+        assert np.array_equal(drawn, centers[chosen.tolist()]), by
+    assert np.array_equal(learned.sample(seeds, 0.0, "multimodal"), centers[expected.tolist()])
+    # mixed rules in one batch give each sample what it gets alone
+    mixed = [SampleSpec(s, 0.4, "multimodal", assignment=by) for s, by in zip(seeds, ["lpips", "learned", "w"] * 3)]
+    assert np.array_equal(learned.render_specs(mixed), np.concatenate([learned.render_specs([m]) for m in mixed]))
+    for bad in (SampleSpec(0, 0.5, "multimodal", assignment="nearest"), SampleSpec(0, 0.5, "mean", assignment="w"),
+                SampleSpec(0, 0.5, "multimodal", cluster=1, assignment="w")):
+        with pytest.raises(ValueError, match="assignment"):
+            learned.render_specs([bad])
+    with pytest.raises(ValueError, match="assignment.*not available"):  # no metric: no lpips rule here
+        Sampler(bundle, clusters, None, assign_by="w", batch_size=8).render_specs(
+            [SampleSpec(0, 0.5, "multimodal", assignment="lpips")])

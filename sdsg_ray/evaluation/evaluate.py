@@ -2,7 +2,8 @@
 
 - Tables 1/3: each stage-2 generator (trained on the filtered set Y, on a random subset of |Y| images, on
   the raw set X) against its own training set (the paper's protocol) and against X (a common yardstick).
-- Fig. 7: distance against psi for global-mean and multi-modal truncation.
+- Fig. 7: distance against psi for global-mean and multi-modal truncation (the paper's LPIPS assignment,
+  and the learned assignment when the clusters file has its classifier: does the cheaper rule change quality?).
 - Fig. 4: the same seeds untruncated, mean-truncated and multimodal-truncated.
 - Outlier detection of the selection against planted labels (synthetic data only).
 
@@ -34,6 +35,7 @@ RESULTS_FILE = "results.json"
 FIG7_FILE = "fid_vs_psi.png"
 FIG4_FILE = "truncation_grid.png"
 TRUNCATION_MODES = ("mean", "multimodal")
+LEARNED_CURVE = "multimodal_learned"  # Fig. 7 curve: multi-modal truncation with the learned assignment
 KID_SUBSETS = 100
 
 
@@ -132,12 +134,14 @@ def sample_features(sampler, bank: FeatureBank, seeds: Sequence[int], psi: float
     return np.concatenate(feats)
 
 
-def nearest_centers(sampler, seeds: Sequence[int]) -> list[int]:
-    """Each seed's multimodal center, computed once and reused at every psi (it does not depend on psi)."""
+def nearest_centers(sampler, seeds: Sequence[int], by: str | None = None) -> list[int]:
+    """Each seed's multimodal center, computed once and reused at every psi (it does not depend on psi);
+    ``by``: the assignment rule (default: the sampler's)."""
+    assigner = sampler.assigner if by is None else sampler.assigners[by]
     out: list[int] = []
     for start in range(0, len(seeds), sampler.batch_size):
         w = sampler.latents(seeds[start:start + sampler.batch_size])
-        out += [int(k) for k in sampler.assigner.assign(w)]
+        out += [int(k) for k in assigner.assign(w)]
     return out
 
 
@@ -174,22 +178,32 @@ def truncation_curve(sampler, bank: FeatureBank, reference: np.ndarray, seeds: S
 
     At psi = 1 every mode draws w itself, so that point is computed once (or taken from ``untruncated``,
     the same seeds' untruncated distances to ``reference`` when the caller already has them).
+    "multimodal" uses the sampler's own assignment (the paper's LPIPS rule in run_evaluation); when the
+    sampler also offers the learned one, its curve is LEARNED_CURVE, with how often it picked the same center.
     """
-    centers = nearest_centers(sampler, seeds) if sampler.assigner is not None else None
+    centers = {}
+    if sampler.assigner is not None:
+        centers["multimodal"] = nearest_centers(sampler, seeds)
+        if "learned" in sampler.assignments and sampler.assign_by != "learned":
+            centers[LEARNED_CURVE] = nearest_centers(sampler, seeds, "learned")
     curve: dict = {"psis": list(psis)}
-    for mode in TRUNCATION_MODES:
-        if mode == "multimodal" and centers is None:
+    for name in TRUNCATION_MODES + (LEARNED_CURVE,):
+        if name != "mean" and name not in centers:
             continue
+        mode = "mean" if name == "mean" else "multimodal"
         points = []
         for psi in psis:
             if psi == 1.0 and untruncated is not None:
                 points.append(untruncated)
                 continue
-            feats = sample_features(sampler, bank, seeds, psi, mode, centers if mode == "multimodal" else None)
+            feats = sample_features(sampler, bank, seeds, psi, mode, centers.get(name), desc=f"{name} psi={psi}")
             points.append(distances(feats, reference))
             if psi == 1.0:
                 untruncated = points[-1]
-        curve[mode] = {"fd": [p.fd for p in points], "kd": [p.kd for p in points]}
+        curve[name] = {"fd": [p.fd for p in points], "kd": [p.kd for p in points]}
+    if LEARNED_CURVE in centers:
+        same = np.mean(np.array(centers[LEARNED_CURVE]) == np.array(centers["multimodal"]))
+        curve[LEARNED_CURVE]["same_center_as_lpips"] = float(same)
     return curve
 
 
@@ -276,7 +290,8 @@ def run_evaluation(config: SDSGConfig) -> dict:
     if clusters is None:
         log.warning("no clusters at %s: multi-modal truncation is left out", cfg.clusters)
     metric = build_metric(clusters.metric, device=device) if clusters is not None else None
-    sampler = Sampler(bundle, clusters, metric=metric, batch_size=cfg.batch_size)
+    # The paper's LPIPS rule is the reference; the learned rule (if the clusters have it) is a second curve.
+    sampler = Sampler(bundle, clusters, metric=metric, assign_by="lpips", batch_size=cfg.batch_size)
 
     results: dict = {
         "features": {"name": extractor.name, "dim": extractor.dim, "is_inception": extractor.is_inception},
@@ -316,5 +331,5 @@ def _log_summary(results: dict) -> None:
     lines += [f"{row['model']:<10} {row['fd_vs_train']:>22.4g} {row['fd_vs_raw']:>22.4g}" for row in results["models"]]
     curve = results["truncation"]
     lines += [f"{mode:<10} " + " ".join(f"ψ={p}:{v:.4g}" for p, v in zip(curve["psis"], curve[mode]["fd"]))
-              for mode in TRUNCATION_MODES if mode in curve]
+              for mode in TRUNCATION_MODES + (LEARNED_CURVE,) if mode in curve]
     log.info("evaluation:\n%s", "\n".join(lines))

@@ -105,7 +105,7 @@ def _claims_section(results: dict) -> str:
 def _truncation_section(results: dict, storage: Storage, eval_uri: str) -> str:
     curve = results["truncation"]
     fd = results["labels"]["fd"]
-    modes = [m for m in ("mean", "multimodal") if m in curve]
+    modes = [m for m in ("mean", "multimodal", "multimodal_learned") if m in curve]
     rows = [[psi] + [curve[m]["fd"][i] for m in modes] for i, psi in enumerate(curve["psis"])]
     return ("<h2>Truncation (paper Fig. 7 and Fig. 4)</h2>"
             f"<p>{html.escape(fd)} against the training set {html.escape(curve['reference'])}.</p>"

@@ -13,7 +13,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-AssignBy = Literal["lpips", "w"]
+AssignBy = Literal["lpips", "learned", "w"]
+ASSIGNMENTS: tuple[str, ...] = ("lpips", "learned", "w")
 NOISE_MODE = "const"  # the same w must always give the same image, for samples and for centers alike
 
 
@@ -120,9 +121,34 @@ class PerceptualAssigner:
         return d
 
     @torch.no_grad()
+    def latent_distances(self, w: torch.Tensor) -> torch.Tensor:
+        """w [B, w_dim] -> distance of G(w) to every center, [B, K] (what :meth:`assign` takes the argmin of)."""
+        return self.rows.run(self._assign_pass, w)
+
+    @torch.no_grad()
     def assign(self, w: torch.Tensor) -> torch.Tensor:
         """w [B, w_dim] -> index [B] of the perceptually nearest center: one render and one feature pass."""
-        return self.rows.run(self._assign_pass, w).argmin(dim=1)
+        return self.latent_distances(w).argmin(dim=1)
+
+
+class LearnedAssigner:
+    """The LPIPS choice predicted from w alone by the classifier `sdsg cluster` fitted (truncation/learned.py):
+    no render, no feature pass. Passes are padded like the generator's, so a choice never depends on the batch."""
+
+    by: AssignBy = "learned"
+
+    def __init__(self, classifier, centers: torch.Tensor, rows: PassRows) -> None:
+        assert centers.ndim == 2, f"centers must be [K, w_dim], got {tuple(centers.shape)}"
+        self.classifier = classifier
+        self.centers = centers
+        self.classifier.to(centers.device)
+        probe = centers.repeat(math.ceil(rows.max_rows / len(centers)), 1)[:rows.max_rows]
+        self.rows = rows.verified(self.classifier.logits, probe)
+
+    @torch.no_grad()
+    def assign(self, w: torch.Tensor) -> torch.Tensor:
+        """w [B, w_dim] -> predicted center index [B]."""
+        return self.rows.run(self.classifier.logits, w.float()).argmax(dim=1)
 
 
 @torch.no_grad()
@@ -148,12 +174,17 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def build_assigner(by: AssignBy, synthesis: torch.nn.Module, centers: torch.Tensor, rows: PassRows,
-                   metric=None, resolution: int | None = None):
-    """The assigner for ``by``; the perceptual one needs the metric the centers were fitted with."""
+                   metric=None, resolution: int | None = None, classifier=None):
+    """The assigner for ``by``; the perceptual one needs the metric the centers were fitted with, the
+    learned one the classifier saved with them."""
     if by == "w":
         return LatentAssigner(centers)
+    if by == "learned":
+        if classifier is None:
+            raise ValueError("assign_by='learned' needs a clusters file with a classifier (rerun `sdsg cluster`)")
+        return LearnedAssigner(classifier, centers, rows)
     if by == "lpips":
         if metric is None:
             raise ValueError("assign_by='lpips' needs a perceptual metric (pretrained.build_metric)")
         return PerceptualAssigner(synthesis, centers, metric, rows, resolution)
-    raise ValueError(f"assign_by must be 'lpips' or 'w', got {by!r}")
+    raise ValueError(f"assign_by must be one of {ASSIGNMENTS}, got {by!r}")

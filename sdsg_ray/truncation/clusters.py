@@ -39,6 +39,8 @@ class ClusterSet:
     config: dict = field(default_factory=dict)  # the ClusterConfig used
     identity: str = ""  # sha256 of the file's bytes, first 16 hex chars (set on save/load)
     w_mean: torch.Tensor | None = None  # [w_dim] mean of the mapped w clustered: mean truncation's centre
+    classifier: dict | None = None  # learned.CenterClassifier.state(): w -> LPIPS-nearest center (tensors)
+    assignment_quality: dict = field(default_factory=dict)  # its held-out quality (learned.assignment_quality)
 
     def __post_init__(self) -> None:
         assert self.centers.ndim == 2, f"centers must be [K, w_dim], got {tuple(self.centers.shape)}"
@@ -60,6 +62,9 @@ class ClusterSet:
         }
         if self.w_mean is not None:
             payload["w_mean"] = self.w_mean.detach().cpu().float().contiguous()
+        if self.classifier is not None:
+            payload["classifier"] = self.classifier
+            payload["assignment_quality"] = dict(self.assignment_quality)
         buf = io.BytesIO()
         torch.save(payload, buf)
         return buf.getvalue()
@@ -99,6 +104,8 @@ def load_clusters(uri: str, storage: Storage | None = None) -> ClusterSet:
         config=dict(payload["config"]),
         identity=_identity(data),
         w_mean=payload["w_mean"].float() if "w_mean" in payload else None,  # absent in older files
+        classifier=payload.get("classifier"),
+        assignment_quality=dict(payload.get("assignment_quality", {})),
     )
 
 
@@ -125,6 +132,21 @@ def fit_centers(w: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor
     return centers, sizes
 
 
+def _learned_assignment(cfg, bundle, w: torch.Tensor, centers: torch.Tensor, metric: str, device: str):
+    """Label the first ``classifier_latents`` mapped w with the LPIPS rule and fit w -> center on them."""
+    from sdsg_ray.pretrained import build_metric
+    from sdsg_ray.truncation.learned import fit_learned_assignment
+
+    n = min(cfg.classifier_latents, len(w))
+    log.info("learned assignment: labelling %d latents with their LPIPS-nearest center", n)
+    full = int(bundle.G_ema.resolution)
+    coarse = tuple(r for r in (full // 2, full // 4) if r in bundle.G_ema.synthesis.block_resolutions)
+    classifier, report = fit_learned_assignment(
+        bundle.G_ema.synthesis, centers.to(device), w[:n].to(device), build_metric(metric, device=device),
+        cfg.classifier_held_out, cfg.classifier_hidden, cfg.classifier_steps, cfg.seed, coarse_resolutions=coarse)
+    return classifier.state(), report
+
+
 def run_clustering(config: SDSGConfig) -> str:
     """``sdsg cluster``: fit the centers for a checkpoint's G_ema and write ``<out>/clusters.pt``."""
     from sdsg_ray.checkpoint import load_inference
@@ -143,6 +165,8 @@ def run_clustering(config: SDSGConfig) -> str:
         centers=centers, sizes=sizes, seed=cfg.seed, metric=metric, checkpoint=bundle.identity,
         config=cfg.model_dump(mode="json"), w_mean=w.mean(dim=0),
     )
+    if cfg.classifier_latents > 0:
+        result.classifier, result.assignment_quality = _learned_assignment(cfg, bundle, w, centers, metric, device)
     target = save_clusters(result, cfg.out, storage)
     log.info("wrote %s (identity %s); cluster sizes min %d max %d", target, result.identity,
              int(sizes.min()), int(sizes.max()))

@@ -3,7 +3,9 @@
 Truncation (w_t = psi * w + (1 - psi) * target):
   none        target = w (psi is ignored)
   mean        target = the global mean: the clusters file's w_mean when present, else w_avg (StyleGAN's trick)
-  multimodal  target = the center nearest to w (paper: by LPIPS between G(w) and G(c)), or a forced one
+  multimodal  target = the center nearest to w, or a forced one; "nearest" by the assignment rule:
+              lpips (the paper: LPIPS between G(w) and G(c)), learned (a w -> center classifier fitted
+              to the lpips rule by `sdsg cluster`, no extra synthesis pass) or w (Euclidean in W)
 
 Reproducibility: each sample's z comes from its own torch.Generator seeded with its seed, the noise
 is constant, and every forward pass (mapping, assignment, synthesis) is padded to a row count checked
@@ -24,7 +26,7 @@ import torch
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import encode_png, image_grid, to_uint8
 from sdsg_ray.models import truncate
-from sdsg_ray.truncation.assign import AssignBy, PassRows, build_assigner, render
+from sdsg_ray.truncation.assign import ASSIGNMENTS, AssignBy, PassRows, build_assigner, render
 from sdsg_ray.truncation.clusters import ClusterSet
 
 Mode = Literal["none", "mean", "multimodal"]
@@ -48,10 +50,12 @@ class SampleSpec:
     psi: float = 1.0
     mode: Mode = "none"
     cluster: int | None = None  # force this center (multimodal only); None = nearest
+    assignment: str | None = None  # rule picking the nearest center (multimodal); None = the model's default
 
-    def check(self, num_clusters: int) -> None:
+    def check(self, num_clusters: int, assignments: Sequence[str] | None = None) -> None:
         """The one validation of a sample (the Sampler and the HTTP service both call it): raises
-        InvalidSample naming the field. ``num_clusters``: centers loaded (0 = no multi-modal)."""
+        InvalidSample naming the field. ``num_clusters``: centers loaded (0 = no multi-modal);
+        ``assignments``: the assignment rules the model offers (None: not checked beyond the names)."""
         if not 0 <= self.seed <= SEED_MAX:
             raise InvalidSample("seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
         if not 0.0 <= self.psi <= 1.0:
@@ -65,6 +69,14 @@ class SampleSpec:
                 raise InvalidSample("cluster", "a cluster can only be forced with truncation 'multimodal'")
             if not 0 <= self.cluster < num_clusters:
                 raise InvalidSample("cluster", f"must be in [0, {num_clusters - 1}], got {self.cluster}")
+        if self.assignment is not None:
+            if self.assignment not in ASSIGNMENTS:
+                raise InvalidSample("assignment", f"must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+            if self.mode != "multimodal" or self.cluster is not None:
+                raise InvalidSample("assignment", "only applies to truncation 'multimodal' without a forced cluster")
+            if assignments is not None and self.assignment not in assignments:
+                raise InvalidSample("assignment", f"{self.assignment!r} is not available here; "
+                                    f"available: {tuple(assignments)}")
 
 
 def seed_latent(seed: int, z_dim: int) -> torch.Tensor:
@@ -77,12 +89,15 @@ def seed_latent(seed: int, z_dim: int) -> torch.Tensor:
 class Sampler:
     """Draws truncated samples from an InferenceBundle's G_ema, with optional multi-modal centers."""
 
-    def __init__(self, bundle, clusters: ClusterSet | None = None, metric=None, assign_by: AssignBy = "lpips",
-                 batch_size: int = 32, assign_resolution: int | None = None) -> None:
+    def __init__(self, bundle, clusters: ClusterSet | None = None, metric=None,
+                 assign_by: AssignBy | Literal["auto"] = "auto", batch_size: int = 32,
+                 assign_resolution: int | None = None) -> None:
         """``batch_size``: the most rows in one forward pass. A short pass is padded only up to the
         smallest row count verified bit-exact here (PassRows), so a lone request on a CPU costs a few
         rows, not a whole batch. ``assign_resolution``: compare G(w) and the centers at that coarser
-        resolution (PerceptualAssigner); None: full images."""
+        resolution (PerceptualAssigner); None: full images. ``assign_by``: the default assignment
+        ('auto': learned when the clusters carry a classifier, else lpips); every rule whose inputs are
+        here (lpips needs ``metric``, learned the classifier) is offered per sample (SampleSpec.assignment)."""
         self.G = bundle.G_ema.eval()
         self.device = next(self.G.parameters()).device
         self.bundle = bundle
@@ -97,6 +112,8 @@ class Sampler:
             rows = PassRows.powers_of_two(batch_size).verified(self._map, z)
             self.rows = rows.verified(partial(render, self.G.synthesis), self._map(z))
         self.assigner = None
+        self.assigners: dict[str, object] = {}
+        self.assign_by = resolve_assignment(assign_by, clusters)
         if clusters is not None:
             if clusters.centers.shape[1] != self.G.w_dim:
                 raise InvalidRequest(
@@ -111,8 +128,16 @@ class Sampler:
                 raise InvalidRequest(f"assign_resolution must be one of this generator's block resolutions "
                                  f"{self.G.synthesis.block_resolutions}, got {assign_resolution}")
             self.centers = clusters.centers.to(self.device).float()
-            self.assigner = build_assigner(assign_by, self.G.synthesis, self.centers, self.rows, metric,
-                                           assign_resolution)
+            classifier = None
+            if clusters.classifier is not None:
+                from sdsg_ray.truncation.learned import CenterClassifier
+
+                classifier = CenterClassifier.from_state(clusters.classifier)
+            available = [by for by in ASSIGNMENTS if by == self.assign_by or (by == "lpips" and metric is not None)
+                         or (by == "learned" and classifier is not None) or by == "w"]
+            self.assigners = {by: build_assigner(by, self.G.synthesis, self.centers, self.rows, metric,
+                                                 assign_resolution, classifier) for by in available}
+            self.assigner = self.assigners[self.assign_by]
 
     @property
     def resolution(self) -> int:
@@ -122,9 +147,14 @@ class Sampler:
     def num_clusters(self) -> int:
         return self.clusters.count if self.clusters is not None else 0
 
+    @property
+    def assignments(self) -> tuple[str, ...]:
+        """The assignment rules a sample may ask for here (empty without clusters)."""
+        return tuple(self.assigners)
+
     def validate(self, spec: SampleSpec) -> None:
         """Raise InvalidSample naming the bad field (:meth:`SampleSpec.check` with this model's clusters)."""
-        spec.check(self.num_clusters if self.assigner is not None else 0)
+        spec.check(self.num_clusters if self.assigner is not None else 0, self.assignments)
 
     def _map(self, z: torch.Tensor) -> torch.Tensor:
         return self.G.mapping(z.to(self.device)).float()
@@ -146,11 +176,13 @@ class Sampler:
         is_mean = torch.tensor([s.mode == "mean" for s in specs], device=self.device)
         targets[is_mean] = self.w_avg
         forced = [i for i, s in enumerate(specs) if s.mode == "multimodal" and s.cluster is not None]
-        nearest = [i for i, s in enumerate(specs) if s.mode == "multimodal" and s.cluster is None]
         if forced:
             targets[forced] = self.centers[[specs[i].cluster for i in forced]]
-        if nearest:  # the assigner pads its own passes: a center never depends on the rest of the chunk
-            targets[nearest] = self.centers[self.assigner.assign(w)[nearest]]
+        for by, assigner in self.assigners.items():
+            nearest = [i for i, s in enumerate(specs)
+                       if s.mode == "multimodal" and s.cluster is None and (s.assignment or self.assign_by) == by]
+            if nearest:  # each assigner pads its own passes: a center never depends on the rest of the chunk
+                targets[nearest] = self.centers[assigner.assign(w[nearest])]
         psi = torch.tensor([s.psi if s.mode != "none" else 1.0 for s in specs], device=self.device)
         return truncate(w, targets, psi)
 
@@ -187,9 +219,18 @@ class Sampler:
         return encode_png(image_grid(images, ncols=math.ceil(math.sqrt(len(images)))))
 
 
-def load_sampler(checkpoint: str, clusters: str | None = None, storage=None, assign_by: AssignBy = "lpips",
-                 device: str | None = None, batch_size: int = 32, assign_resolution: int | None = None) -> Sampler:
-    """A Sampler from URIs: the checkpoint's G_ema, its clusters and the metric the clusters name."""
+def resolve_assignment(assign_by: str, clusters: ClusterSet | None) -> str:
+    """'auto' -> 'learned' when the clusters file carries a classifier, else 'lpips' (the paper's rule)."""
+    if assign_by != "auto":
+        return assign_by
+    return "learned" if clusters is not None and clusters.classifier is not None else "lpips"
+
+
+def load_sampler(checkpoint: str, clusters: str | None = None, storage=None,
+                 assign_by: AssignBy | Literal["auto"] = "auto", device: str | None = None, batch_size: int = 32,
+                 assign_resolution: int | None = None) -> Sampler:
+    """A Sampler from URIs: the checkpoint's G_ema, its clusters and the metric the clusters name (loaded
+    whenever there are clusters, so the paper's LPIPS rule stays available per sample)."""
     from sdsg_ray.checkpoint import load_inference
     from sdsg_ray.truncation.clusters import load_clusters
 
@@ -197,7 +238,7 @@ def load_sampler(checkpoint: str, clusters: str | None = None, storage=None, ass
     bundle = load_inference(checkpoint, storage, device=device)
     cluster_set = load_clusters(clusters, storage) if clusters else None
     metric = None
-    if cluster_set is not None and assign_by == "lpips":
+    if cluster_set is not None:
         from sdsg_ray.pretrained import build_metric
 
         metric = build_metric(cluster_set.metric, device=device)
