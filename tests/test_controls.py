@@ -73,3 +73,33 @@ def test_untrained_control_is_stage1_initialisation():
     l1 = lambda x, y: (x - y).abs().mean(dim=(1, 2, 3))  # noqa: E731
     d = untrained_scores(config.model, 3, images, l1, batch_size=2)
     assert d.shape == (5,) and np.all(d > 0) and np.all(np.isfinite(d))
+
+
+def test_unbiased_kid_matches_brute_force_and_clean_fid():
+    from cleanfid.fid import kernel_distance
+
+    from sdsg_ray.evaluation.evaluate import unbiased_mmd2
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(12, 5)), rng.normal(0.5, 1.0, size=(10, 5))
+    k = lambda x, y: (x @ y / 5 + 1) ** 3  # noqa: E731
+    within = lambda s: sum(k(s[i], s[j]) for i in range(len(s)) for j in range(len(s)) if i != j) / (len(s) * (len(s) - 1))  # noqa: E731
+    brute = within(a) + within(b) - 2 * np.mean([k(x, y) for x in a for y in b])
+    assert unbiased_mmd2(a, b) == pytest.approx(brute, rel=1e-9)
+    # clean-fid on one subset of all images (same sizes: the subset is a permutation) gives the same value
+    c = rng.normal(0.5, 1.0, size=(12, 5))
+    np.random.seed(0)
+    assert unbiased_mmd2(a, c) == pytest.approx(kernel_distance(a, c, num_subsets=1, max_subset_size=12), rel=1e-9)
+    # unbiased: two samples of one distribution average ~0 (a biased estimator stays > 0)
+    same = [unbiased_mmd2(rng.normal(size=(20, 5)), rng.normal(size=(20, 5))) for _ in range(40)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
+
+
+def test_claim_holds_only_when_the_interval_excludes_zero():
+    from sdsg_ray.evaluation.evaluate import compare_blocks
+
+    clear = compare_blocks([1.0, 1.1, 0.9, 1.0, 1.05], [2.0, 2.1, 1.9, 2.05, 2.0])
+    assert clear["holds"] and clear["high"] < 0 and clear["mean"] == pytest.approx(-1.0)
+    noisy = compare_blocks([1.0, 3.0, 0.5, 2.5, 1.0], [2.0, 1.0, 2.0, 1.0, 2.5])  # mean lower, interval spans 0
+    assert noisy["mean"] < 0 and noisy["low"] < 0 < noisy["high"] and not noisy["holds"]
+    assert not compare_blocks([1.0], [2.0])["holds"]  # one block: no interval, no claim
