@@ -103,3 +103,38 @@ def test_claim_holds_only_when_the_interval_excludes_zero():
     noisy = compare_blocks([1.0, 3.0, 0.5, 2.5, 1.0], [2.0, 1.0, 2.0, 1.0, 2.5])  # mean lower, interval spans 0
     assert noisy["mean"] < 0 and noisy["low"] < 0 < noisy["high"] and not noisy["holds"]
     assert not compare_blocks([1.0], [2.0])["holds"]  # one block: no interval, no claim
+
+
+def test_outlier_controls_rebuild_the_scoring_checkpoints_initialisation(tmp_path):
+    """evaluate's controls read the scores' checkpoint and metric, rebuild stage 1's seeded initialisation
+    and score the same images with it (not the trained weights)."""
+    import json
+
+    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.config import build_config
+    from sdsg_ray.evaluation.evaluate import outlier_controls
+    from sdsg_ray.imaging import encode_png
+    from sdsg_ray.pretrained import build_metric
+    from sdsg_ray.storage import get_storage, join
+
+    storage = get_storage()
+    config = build_config(("set", {"model.resolution": 32, "model.channel_base": 256, "model.channel_max": 16,
+                                   "model.z_dim": 16, "model.w_dim": 16, "model.mapping_layers": 1}))
+    torch.manual_seed(123)  # "trained" weights: anything but the seed-7 initialisation
+    G, E = untrained_networks(config.model, seed=123)
+    ckpt = str(tmp_path / "stage1" / "inference.pt")
+    export_inference(G, E, config.model, {"stage": "joint", "seed": 7}, ckpt, storage)
+    scores = str(tmp_path / "scores")
+    storage.write_text(join(scores, "summary.json"), json.dumps({"checkpoint": ckpt, "metric": "stlpips-alex"}))
+    images, y, kinds = _demo_images(40)
+    keys = [str(tmp_path / "img" / f"{i}.png") for i in range(len(images))]
+    for key, img in zip(keys, images):
+        storage.write_bytes(key, encode_png(img))
+    got = outlier_controls(keys, y, kinds, scores, storage, "cpu", 16)
+    metric = build_metric("stlpips-alex")
+    expected = auroc_report(y, untrained_scores(config.model, 7, images, metric, batch_size=16), kinds)
+    assert got["untrained"]["seed"] == 7 and got["images"] == 40
+    assert got["untrained"]["auroc"] == pytest.approx(expected["auroc"])
+    trained = auroc_report(y, untrained_scores(config.model, 123, images, metric, batch_size=16), kinds)["auroc"]
+    assert trained != pytest.approx(expected["auroc"])  # the control is not the checkpoint's own weights
+    assert set(got["trivial"]) == set(TRIVIAL_DETECTORS)

@@ -305,7 +305,7 @@ def outlier_controls(keys: Sequence[str], is_outlier: np.ndarray, kinds: np.ndar
     initialisation, same architecture and metric, scored through models.reconstruct) and the trivial
     detectors (sdsg_ray.evaluation.controls)."""
     from sdsg_ray.checkpoint import load_inference
-    from sdsg_ray.evaluation.controls import trivial_report, untrained_scores
+    from sdsg_ray.evaluation.controls import auroc_report, trivial_report, untrained_scores
     from sdsg_ray.imaging import load_batch
     from sdsg_ray.pretrained import build_metric
 
