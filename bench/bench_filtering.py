@@ -46,16 +46,18 @@ def demo_images(config: SDSGConfig, resolution: int) -> tuple[np.ndarray, np.nda
     return images, np.array([i.is_outlier for i in items]), np.array([i.kind for i in items]), items
 
 
-def score_pairs(run: TrainingRun, images: np.ndarray, metric, device, y, kinds) -> dict:
-    out = {}
+def score_pairs(run: TrainingRun, images: np.ndarray, metric, device, y, kinds) -> tuple[dict, np.ndarray]:
+    """AUROC of d(x) for each (synthesis, encoder) pair; also d(x) of the (G_ema, E) pair."""
+    out, d_ema = {}, None
     for name, synthesis in (("G_ema+E", run.G_ema.synthesis), ("G+E", run.G.synthesis)):
         d = reconstruction_scores(synthesis, run.E, images, metric, device)
         rep = auroc_report(y, d, kinds)
         out[name] = {**rep, "mean_d_inliers": float(d[~y].mean()), "mean_d_outliers": float(d[y].mean())}
-    return out
+        d_ema = d if d_ema is None else d_ema
+    return out, d_ema
 
 
-def recon_grid(run: TrainingRun, images: np.ndarray, items, device, per_row: int = 8) -> bytes:
+def recon_grid(run: TrainingRun, images: np.ndarray, d: np.ndarray, items, device, per_row: int = 8) -> bytes:
     rows = []
     groups = [(m, [i.index for i in items if i.mode == m]) for m in MODES]
     groups += [(k, [i.index for i in items if i.kind == k]) for k in OUTLIER_KINDS]
@@ -66,7 +68,7 @@ def recon_grid(run: TrainingRun, images: np.ndarray, items, device, per_row: int
                 continue
             x = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
             rec = to_uint8(reconstruct(run.G_ema.synthesis, run.E, x).image.float().cpu())
-            rows.append((name, [0.0] * len(idx), images[idx], rec))
+            rows.append((name, [float(d[i]) for i in idx], images[idx], rec))
     return figures.originals_over_reconstructions(rows)
 
 
@@ -103,14 +105,15 @@ def main() -> None:
             run.step(torch.from_numpy(images[order[cursor:cursor + bs]]))
             cursor += bs
         train_s = time.perf_counter() - start
+        pairs, d_ema = score_pairs(run, images, metric, device, y, kinds)
         point = {"kimg": length, "actual_kimg": run.kimg, "steps": run.step_count, "train_seconds": round(train_s, 1),
-                 **score_pairs(run, images, metric, device, y, kinds)}
+                 **pairs}
         points.append(point)
         print(f"kimg {length:5.1f} ({train_s:6.0f} s): AUROC G_ema+E {point['G_ema+E']['auroc']:.3f}  "
               f"G+E {point['G+E']['auroc']:.3f}  mean d in/out {point['G_ema+E']['mean_d_inliers']:.3f}/"
               f"{point['G_ema+E']['mean_d_outliers']:.3f}", flush=True)
         write_results(out, config, resolution, device, images, lengths, trivial, points)  # partial results survive a kill
-        (out / "reconstructions.png").write_bytes(recon_grid(run, images, items, device))  # at the latest length
+        (out / "reconstructions.png").write_bytes(recon_grid(run, images, d_ema, items, device))  # at the latest length
     report(out, trivial, points)
 
 
