@@ -176,6 +176,8 @@ class SelectConfig(Section):
         None, description="For best_worst.png only; default: the checkpoint recorded in the scores' summary.json."
     )
     examples: int = Field(8, ge=1, description="Best and worst reconstructions shown in best_worst.png.")
+    labels: str | None = Field(None, description="labels.csv of planted outliers (synthetic data): report.json "
+                               "then gives the precision and recall of outlier removal beside random removal.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "SelectConfig":

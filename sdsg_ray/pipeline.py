@@ -136,7 +136,7 @@ def plan(config: SDSGConfig) -> list[Stage]:
     )
     stages.append(
         Stage("select", STAGES["select"],
-              _with(config, "select", scores=lay.scores, out=lay.selection),
+              _with(config, "select", scores=lay.scores, out=lay.selection, labels=lay.labels),
               (lay.kept, join(lay.selection, "report.json")), "select")
     )
     stages.append(train("stage2", "generator", lay.kept, lay.stage2, stage2_kimg))

@@ -5,6 +5,7 @@ they claim, the report shows the numbers it was given, and run_evaluation works 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -169,3 +170,40 @@ def test_fig7_adds_the_learned_assignment_beside_the_lpips_one(monkeypatch):
     assert curve[evaluate.LEARNED_CURVE]["same_center_as_lpips"] == 0.0
     sampler.assignments = ("lpips", "w")  # no classifier: no third curve
     assert evaluate.LEARNED_CURVE not in evaluate.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])
+
+
+def test_report_puts_controls_beside_claims(tmp_path):
+    """Table 3 holds only with an interval below zero (a lower FD alone is not enough); the outlier AUROC
+    is shown beside the untrained network and the trivial detectors, and judged against them."""
+    storage = get_storage()
+    root = str(tmp_path / "run")
+    row = {"train_size": 70, "kimg": 2, "fd_vs_raw": 1.0, "kd_vs_train": 0.01, "kd_vs_raw": 0.02}
+    trivial = {"png_size": {"auroc": 0.31, "separation": 0.69, "auroc_by_kind": {"poster": 0.0412}}}
+    results = {
+        "features": {"name": "net", "dim": 10, "is_inception": False},
+        "labels": {"fd": "FD (net)", "kd": "KD (net)"},
+        "models": [{"model": "filtered", "fd_vs_train": 5.0, **row}, {"model": "random", "fd_vs_train": 6.0, **row}],
+        "table_claims": {"random": {"mean": -0.002, "low": -0.009, "high": 0.005, "n": 5, "holds": False,
+                                    "interval": "t-interval over 5 disjoint sample blocks"}},
+        "truncation": {"psis": [1.0], "mean": {"fd": [5.0]}, "reference": "kept.parquet"},
+        "figures": {"fid_vs_psi": "fid_vs_psi.png", "truncation_grid": "truncation_grid.png"},
+        "outliers": {"images": 9, "outliers": 3, "removed": 4, "true_positives": 2, "precision": 0.5,
+                     "recall": 0.6667, "auroc": 0.93, "auroc_by_kind": {"poster": 0.95},
+                     "outlier_fraction_raw": 0.33, "outlier_fraction_kept": 0.2,
+                     "precision_random": 0.33, "recall_random": 0.44,
+                     "controls": {"untrained": {"auroc": 0.7777, "auroc_by_kind": {"poster": 0.6543}},
+                                  "trivial": trivial, "images": 9}},
+    }
+    storage.write_text(join(root, "eval", "results.json"), json.dumps(results))
+    storage.write_text(join(root, "pipeline.json"), json.dumps({"stages": [], "layout": {"eval": join(root, "eval")}}))
+    html = open(write_report(root, storage=storage)).read()
+    claims = {cells[0]: cells[-1] for cells in
+              (re.findall(r"<td>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", html)) if cells}
+    assert claims["Table 3: ... and beats a random subset of the same size"] == "no"  # FD lower, interval spans 0
+    assert "[-0.009, 0.005]" in html
+    untrained = next(v for k, v in claims.items() if k.startswith("... because training taught it"))
+    assert untrained == "no"  # 0.93 < 0.7777 + 0.25
+    statistics = next(v for k, v in claims.items() if k.startswith("... and not because of image statistics"))
+    assert statistics == "yes"  # best trivial 0.69 <= 0.70 and below d(x)
+    for expected in ("untrained network (control)", "0.6543", "trivial: png_size (control)", "0.0412"):
+        assert expected in html, expected

@@ -192,3 +192,23 @@ def test_size_bound_stops_selection(tmp_path) -> None:
     assert report["size_kept"] >= 330
     nxt = [p for p in report["curve"] if p["theta"] < report["theta"]][0]
     assert nxt["size"] < 330  # the very next θ on the grid would have broken the floor
+
+
+def test_selection_report_gives_outlier_precision_recall_beside_random(tmp_path) -> None:
+    """With planted labels, report.json says how many outliers the selection removed, beside chance."""
+    scores, out = str(tmp_path / "scores"), str(tmp_path / "selection")
+    fake = write_fake_scores(scores, n_in=300, n_out=60, dim=8, recon_shrink=0.9)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("key,is_outlier,kind,mode\n" + "".join(
+        f"{k},{int(i >= 300)},{'poster' if i >= 300 else 'inlier'},\n" for i, k in enumerate(fake["keys"])))
+    report = run_selection(load_config(None, {
+        "select.scores": scores, "select.out": out, "select.target_threshold": 0.3, "select.threshold_step": 0.01,
+        "select.min_size": 50, "select.labels": str(labels)}))
+    outliers = report["outliers"]
+    removed = fake["d"] > report["theta"]
+    is_out = np.arange(360) >= 300
+    assert outliers["removed"] == int(removed.sum()) and outliers["outliers"] == 60
+    assert outliers["recall"] == pytest.approx((removed & is_out).sum() / 60) and outliers["recall"] == 1.0
+    assert outliers["precision"] == pytest.approx((removed & is_out).sum() / removed.sum())
+    assert outliers["precision_random"] == pytest.approx(60 / 360) and 60 / 360 < outliers["precision"]
+    assert json.loads((tmp_path / "selection" / "report.json").read_text())["outliers"]["auroc"] == 1.0

@@ -5,14 +5,17 @@ Inliers are stylised birds drawn from smooth parametric shapes in four modes (``
 optional rolling ground). They are simple and consistent on purpose: a tiny StyleGAN learns them in
 minutes on a CPU.
 
-Outliers are what a keyword scrape also returns, drawn ON THE SAME backgrounds WITH THE SAME palettes
-and at a similar size, so colour statistics cannot tell them apart, while their structure is off the
-inlier manifold (sharp, high-frequency, unrelated geometry):
-- ``text``: rendered characters (a caption or a sign);
-- ``noise``: a blob of pixel noise, stripes or a checkerboard (texture);
-- ``object``: an unrelated object (a house or a car);
-- ``cartoon``: flat colours with thick outlines (a cartoon cat face) on a flat backdrop;
-- ``clutter``: many small unrelated shapes and no dominant subject.
+Outliers are what a keyword scrape also returns, drawn ON THE SAME backgrounds WITH THE SAME palettes,
+as smooth filled shapes at the bird's size, so that they differ from the birds in CONTENT, not in image
+statistics (every trivial detector of ``sdsg_ray.evaluation.controls`` stays <= 0.70 AUROC overall; a test
+checks it):
+- ``animal``: another subject (a four-legged animal, side view);
+- ``person``: a person standing, front view;
+- ``poster``: a poster / screenshot layout (panel, header bar, picture block, text bars);
+- ``drawing``: a bird in outlines only (a line drawing);
+- ``collage``: two small scenes side by side, each on its own backdrop.
+The earlier kinds (``STATISTICAL_KINDS``: text, noise, object, cartoon, clutter) remain available through
+``make_dataset(kinds=...)``.
 
 Every image is a pure function of ``(seed, index)``: the same seed gives the same bytes. Images are
 written as a mix of .jpg and .png under ``<out>/images/``; ``<out>/labels.csv`` has
@@ -43,7 +46,11 @@ from sdsg_ray.storage import Storage, join, normalize
 log = logging.getLogger(__name__)
 
 MODES = ("perched", "flying", "front", "wader")
-OUTLIER_KINDS = ("text", "noise", "object", "cartoon", "clutter")
+# What the demo plants: outliers that differ from the birds in content, not in image statistics.
+OUTLIER_KINDS = ("animal", "person", "poster", "drawing", "collage")
+# The earlier demo's kinds (before 2026-12-03): most of them differ in statistics (sharp text, pixel
+# noise), which trivial detectors catch; kept to show that the trivial-detector check can fail.
+STATISTICAL_KINDS = ("text", "noise", "object", "cartoon", "clutter")
 INLIER_KIND = "inlier"
 LABEL_COLUMNS = ("key", "is_outlier", "kind", "mode")
 
@@ -312,7 +319,110 @@ def _clutter(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> No
             c.line([(x - r, y - r * rng.uniform(-1, 1)), (x + r, y + r * rng.uniform(-1, 1))], colour, 0.02)
 
 
+# Content outliers: another subject, a person, a poster, a drawing, a collage. Smooth filled shapes of the
+# bird's size, drawn with the bird's palettes on the bird's backgrounds, so that image statistics (PNG
+# size, gradient energy, mean colour, foreground share) do not tell them apart; only what they depict does.
+
+
+def _animal(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    """Another subject: a four-legged animal (cat/dog/horse-like) standing on the ground, side view."""
+    body, accent, detail = (_jitter(rng, col, 12) for col in palette)
+    s = float(rng.uniform(0.55, 0.85))
+    cx = 0.5 + float(rng.uniform(-0.1, 0.1))
+    flip = -1.0 if rng.random() < 0.5 else 1.0
+    ground_y = min(horizon + 0.05, 0.92)
+    leg = float(rng.uniform(0.15, 0.28)) * s
+    cy = ground_y - leg - 0.08 * s
+
+    def fx(dx: float) -> float:
+        return cx + flip * dx * s
+
+    for dx in (-0.2, -0.12, 0.12, 0.2):  # legs
+        c.line([(fx(dx), cy), (fx(dx), ground_y)], body if abs(dx) > 0.15 else accent, 0.05 * s)
+    c.line([(fx(-0.28), cy - 0.02 * s), (fx(-0.42), cy - 0.18 * s * float(rng.uniform(-0.5, 1)))], body, 0.04 * s)
+    c.ellipse(cx, cy, 0.3 * s, 0.12 * s, body)
+    c.ellipse(fx(0.02), cy + 0.03 * s, 0.18 * s, 0.06 * s, accent)
+    hx, hy = fx(0.34), cy - float(rng.uniform(0.1, 0.2)) * s
+    c.line([(fx(0.22), cy - 0.02 * s), (hx, hy)], body, 0.1 * s)  # neck
+    c.ellipse(hx, hy, 0.1 * s, 0.08 * s, body)
+    c.ellipse(fx(0.42), hy + 0.02 * s, 0.06 * s, 0.04 * s, accent)  # muzzle
+    c.polygon([(fx(0.28), hy - 0.05 * s), (fx(0.3), hy - 0.16 * s), (fx(0.35), hy - 0.06 * s)], body)  # ear
+    c.ellipse(fx(0.37), hy - 0.02 * s, 0.02 * s, 0.02 * s, detail)
+
+
+def _person(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    """A person standing, front view: head, torso, arms and legs (smooth, palette colours)."""
+    body, accent, detail = (_jitter(rng, col, 12) for col in palette)
+    s = float(rng.uniform(0.55, 0.85))
+    cx = 0.5 + float(rng.uniform(-0.1, 0.1))
+    ground_y = min(horizon + 0.1, 0.95)
+    top = ground_y - 0.95 * s
+    head_r = 0.09 * s
+    arm = float(rng.uniform(-0.6, 0.9))  # arm angle: down (-) to raised (+)
+    shoulder_y = top + 2.2 * head_r
+    hip_y = shoulder_y + 0.34 * s
+    for side in (-1.0, 1.0):
+        c.line([(cx + side * 0.06 * s, hip_y), (cx + side * 0.1 * s, ground_y)], detail, 0.06 * s)  # legs
+        hand = (cx + side * (0.14 + 0.2 * math.cos(arm)) * s, shoulder_y - 0.2 * s * math.sin(arm))
+        c.line([(cx + side * 0.1 * s, shoulder_y + 0.02 * s), hand], body, 0.05 * s)  # arms
+        c.ellipse(hand[0], hand[1], 0.03 * s, 0.03 * s, accent)
+    c.polygon([(cx - 0.12 * s, shoulder_y), (cx + 0.12 * s, shoulder_y), (cx + 0.1 * s, hip_y),
+               (cx - 0.1 * s, hip_y)], body)  # torso
+    c.ellipse(cx, top + head_r, head_r * 0.9, head_r, accent)  # face
+    c.ellipse(cx, top + 0.5 * head_r, head_r, head_r * 0.55, detail)  # hair
+
+
+def _poster(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    """A poster / screenshot: a panel with a header bar, image blocks and lines of (unreadable) text."""
+    body, accent, detail = (_jitter(rng, col, 12) for col in palette)
+    s = float(rng.uniform(0.55, 0.85))
+    cx, cy = 0.5 + float(rng.uniform(-0.08, 0.08)), 0.5 + float(rng.uniform(-0.06, 0.06))
+    w, h = 0.62 * s, 0.48 * s
+
+    def rect(x0, y0, x1, y1, fill):
+        c.polygon([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
+
+    x0, y0 = cx - w / 2, cy - h / 2
+    rect(x0, y0, x0 + w, y0 + h, accent)
+    rect(x0, y0, x0 + w, y0 + 0.18 * h, body)  # header bar
+    split = float(rng.uniform(0.4, 0.6))
+    rect(x0 + 0.06 * w, y0 + 0.28 * h, x0 + split * w, y0 + 0.9 * h, body)  # picture block
+    for k in range(int(rng.integers(2, 4))):  # text lines, as thick bars
+        y = y0 + (0.3 + 0.2 * k) * h
+        rect(x0 + (split + 0.06) * w, y, x0 + float(rng.uniform(0.8, 0.94)) * w, y + 0.08 * h, detail)
+
+
+class _OutlineCanvas(Canvas):
+    """Draws every filled shape as its outline only: a line drawing of whatever is drawn on it."""
+
+    def __init__(self, background: Image.Image, ink, width: float):
+        super().__init__(background)
+        self.ink, self.stroke = ink, width
+
+    def polygon(self, points, fill, outline=None, width: float = 0.0) -> None:
+        super().polygon(points, None, outline=self.ink, width=self.stroke)
+
+
+def _drawing(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    """A drawing: a bird sketched in outlines (no fills), the same poses as the inliers."""
+    ink = _jitter(rng, palette[0], 12)
+    sketch = _OutlineCanvas(c.image, ink, 0.04)
+    _bird(sketch, rng, MODES[int(rng.integers(len(MODES)))], palette, horizon)
+
+
+def _collage(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    """A collage: two small scenes side by side (birds and the other subjects), each on its own backdrop."""
+    subjects = (lambda cc, r, p, hz: _bird(cc, r, MODES[int(r.integers(len(MODES)))], p, hz), _animal, _person)
+    half = c.size // 2
+    for qx in range(2):
+        tile, tile_horizon = _background(rng, c.size)
+        subjects[int(rng.integers(len(subjects)))](Canvas(tile), rng, PALETTES[int(rng.integers(len(PALETTES)))],
+                                                   tile_horizon)
+        c.image.paste(tile.crop((half // 2, 0, half // 2 + half, c.size)), (qx * half, 0))
+
+
 OUTLIER_DRAW: dict[str, Callable] = {
+    "animal": _animal, "person": _person, "poster": _poster, "drawing": _drawing, "collage": _collage,
     "text": _text, "noise": _noise, "object": _object, "cartoon": _cartoon, "clutter": _clutter,
 }
 
@@ -320,7 +430,7 @@ OUTLIER_DRAW: dict[str, Callable] = {
 # ----- one image, the whole set ------------------------------------------------------------------
 
 
-def plan(n: int, outlier_fraction: float, seed: int) -> list[Item]:
+def plan(n: int, outlier_fraction: float, seed: int, kinds: tuple[str, ...] = OUTLIER_KINDS) -> list[Item]:
     """Which index is what: exactly round(n * fraction) outliers at random positions, kinds in turn (so
     every kind appears once n * fraction >= 5), inlier modes uniformly at random, jpg/png 50/50."""
     rng = np.random.default_rng([seed, 0x5D56])
@@ -330,7 +440,7 @@ def plan(n: int, outlier_fraction: float, seed: int) -> list[Item]:
     for index in range(n):
         suffix = ".jpg" if rng.random() < 0.5 else ".png"
         if index in outliers:
-            items.append(Item(index, True, OUTLIER_KINDS[outliers[index] % len(OUTLIER_KINDS)], "", suffix))
+            items.append(Item(index, True, kinds[outliers[index] % len(kinds)], "", suffix))
         else:
             items.append(Item(index, False, INLIER_KIND, MODES[int(rng.integers(len(MODES)))], suffix))
     return items
@@ -365,7 +475,7 @@ def _preview(items: list[Item], images: dict[int, np.ndarray], per_row: int = 8)
     rows = []
     for mode in MODES:
         rows.append([i.index for i in items if i.mode == mode][:per_row])
-    for kind in OUTLIER_KINDS:
+    for kind in dict.fromkeys(i.kind for i in items if i.is_outlier):
         rows.append([i.index for i in items if i.kind == kind][:per_row])
     some = next(iter(images.values()))
     blank = np.full_like(some, 255)
@@ -376,7 +486,8 @@ def _preview(items: list[Item], images: dict[int, np.ndarray], per_row: int = 8)
 
 
 def make_dataset(
-    out: str, n: int, resolution: int, outlier_fraction: float, seed: int, storage: Storage
+    out: str, n: int, resolution: int, outlier_fraction: float, seed: int, storage: Storage,
+    kinds: tuple[str, ...] = OUTLIER_KINDS,
 ) -> dict:
     """Render and write the dataset under ``out``; returns a summary (counts per kind/mode, URIs, time)."""
     if n <= 0 or resolution < 8 or not 0.0 <= outlier_fraction <= 1.0:
@@ -384,10 +495,13 @@ def make_dataset(
                          f"n={n}, resolution={resolution}, outlier_fraction={outlier_fraction}")
     start = time.perf_counter()
     out = normalize(out)
-    items = plan(n, outlier_fraction, seed)
+    unknown = set(kinds) - set(OUTLIER_DRAW)
+    if not kinds or unknown:
+        raise ValueError(f"make_dataset: unknown outlier kinds {sorted(unknown)}; known: {sorted(OUTLIER_DRAW)}")
+    items = plan(n, outlier_fraction, seed, tuple(kinds))
     keys = {item.index: join(out, "images", f"{item.index:06d}{item.suffix}") for item in items}
     preview_indices = set()
-    for group in [[i for i in items if i.mode == m] for m in MODES] + [[i for i in items if i.kind == k] for k in OUTLIER_KINDS]:
+    for group in [[i for i in items if i.mode == m] for m in MODES] + [[i for i in items if i.kind == k] for k in kinds]:
         preview_indices.update(i.index for i in group[:8])
     kept: dict[int, np.ndarray] = {}
     with ThreadPoolExecutor(max_workers=8) as writers:  # uploads overlap rendering (S3 latency)
@@ -415,7 +529,7 @@ def make_dataset(
         "resolution": resolution,
         "seed": seed,
         "outliers": sum(i.is_outlier for i in items),
-        "kinds": {k: sum(i.kind == k for i in items) for k in (INLIER_KIND,) + OUTLIER_KINDS},
+        "kinds": {k: sum(i.kind == k for i in items) for k in (INLIER_KIND,) + tuple(kinds)},
         "modes": {m: sum(i.mode == m for i in items) for m in MODES},
         "labels": labels_uri,
         "preview": preview_uri,

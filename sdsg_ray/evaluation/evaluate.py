@@ -65,6 +65,48 @@ def distances(feats_a: np.ndarray, feats_b: np.ndarray) -> Distances:
     return Distances(fd, kd)
 
 
+def unbiased_mmd2(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """KID's estimator on two whole feature sets: unbiased MMD^2 with the cubic polynomial kernel
+    k(x, y) = (x.y / d + 1)^3 (diagonals left out of the within-set means), as clean-fid's
+    ``kernel_distance`` computes it per subset."""
+    a, b = feats_a.astype(np.float64), feats_b.astype(np.float64)
+    d, m, n = a.shape[1], len(a), len(b)
+    k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+    return float((k_aa.sum() - np.trace(k_aa)) / (m * (m - 1)) + (k_bb.sum() - np.trace(k_bb)) / (n * (n - 1))
+                 - 2 * k_ab.mean())
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean and Student-t interval over independent estimates (one per disjoint sample block)."""
+    from scipy import stats
+
+    v = np.asarray(values, np.float64)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"mean": mean, "low": None, "high": None, "n": len(v), "confidence": confidence}
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(v), "confidence": confidence}
+
+
+KID_BLOCKS = 5
+
+
+def block_kids(fake: np.ndarray, real: np.ndarray, blocks: int = KID_BLOCKS) -> list[float]:
+    """Unbiased KID of each of ``blocks`` disjoint blocks of the samples against the whole real set: the
+    per-block values are independent estimates (the same seeds' block k in every model, so two models'
+    values pair up block by block)."""
+    return [unbiased_mmd2(part, real) for part in np.array_split(fake, blocks) if len(part) >= 2]
+
+
+def compare_blocks(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Paired difference a - b over blocks with its 95 % t-interval; ``holds`` (a lower than b) only when
+    the whole interval lies below zero."""
+    diff = t_interval([x - y for x, y in zip(a, b)])
+    diff["holds"] = diff["high"] is not None and diff["high"] < 0
+    diff["interval"] = f"t-interval over {diff['n']} disjoint sample blocks (paired by seed block)"
+    return diff
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Features of real sets and of samples
 
@@ -167,7 +209,11 @@ def evaluate_models(models: Sequence[EvalModel], raw: str, bank: FeatureBank, se
             "kimg": bundle.meta.get("kimg"), "train_data": model.train_data,
             "train_size": bank.sizes[model.train_data],
             "fd_vs_train": own.fd, "kd_vs_train": own.kd, "fd_vs_raw": vs_raw.fd, "kd_vs_raw": vs_raw.kd,
+            # unbiased KID per disjoint block of the samples: the interval behind Tables 1/3's claims
+            "kid_blocks_vs_train": block_kids(fake, bank.real(model.train_data)),
+            "kid_blocks_vs_raw": block_kids(fake, bank.real(raw)),
         })
+        rows[-1]["kid_vs_train_interval"] = t_interval(rows[-1]["kid_blocks_vs_train"])
         log.info("%s: vs train %.4g / vs raw %.4g", model.name, own.fd, vs_raw.fd)
     return rows
 
@@ -217,17 +263,18 @@ def truncation_grid(sampler, seeds: Sequence[int], psi: float) -> tuple[np.ndarr
     return grid, [m if m == "none" else f"{m}, ψ={psi}" for m in modes]
 
 
-def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: Storage) -> dict:
-    """The selection as an outlier detector against planted labels: removed images are its positives."""
-    from sklearn.metrics import roc_auc_score
-
+def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: Storage,
+                      controls_device: str | None = None, batch_size: int = 64) -> dict:
+    """The selection as an outlier detector against planted labels: removed images are its positives.
+    With ``controls_device``, also the controls on the same images (:func:`outlier_controls`)."""
     from sdsg_ray.dataset.synthetic import read_labels
+    from sdsg_ray.evaluation.controls import auroc_report
     from sdsg_ray.filtering.scores import iter_score_batches
     from sdsg_ray.manifest import read_manifest
 
     label_by_key = {row["key"]: row for row in read_labels(labels_uri, storage)}
     kept = set(read_manifest(kept_uri, storage))
-    y_true, y_score, removed, kinds = [], [], [], []
+    y_true, y_score, removed, kinds, keys = [], [], [], [], []
     unlabelled = 0
     rows = ((str(k), s, float(d)) for batch in iter_score_batches(scores_uri, storage, ["key", "status", "d_lpips"])
             for k, s, d in zip(batch["key"], batch["status"], batch["d_lpips"]))
@@ -240,26 +287,55 @@ def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: 
         y_true.append(label_by_key[key]["is_outlier"])
         kinds.append(label_by_key[key].get("kind") or "")  # hand-made labels may have no kind column
         y_score.append(d)
+        keys.append(key)
         removed.append(key not in kept)
     y_true_a, removed_a = np.array(y_true, bool), np.array(removed, bool)
     score_a, kinds_a = np.array(y_score, np.float64), np.array(kinds)
     tp = int((y_true_a & removed_a).sum())
-
-    def auroc(rows: np.ndarray) -> float | None:
-        return float(roc_auc_score(y_true_a[rows], score_a[rows])) if 0 < y_true_a[rows].sum() < rows.sum() else None
-
     # Each outlier kind against all inliers: which kinds the generator fails to reconstruct, and which it can.
-    by_kind = {kind: auroc(~y_true_a | (kinds_a == kind)) for kind in sorted(set(kinds_a[y_true_a]) - {""})}
-    return {
+    ranking = auroc_report(y_true_a, score_a, kinds_a)
+    result = {
         "images": len(y_true), "outliers": int(y_true_a.sum()), "removed": int(removed_a.sum()),
         "true_positives": tp,
         "precision": tp / max(1, int(removed_a.sum())),
         "recall": tp / max(1, int(y_true_a.sum())),
-        "auroc": auroc(np.ones(len(y_true_a), bool)),
-        "auroc_by_kind": by_kind,
+        "auroc": ranking["auroc"],
+        "auroc_by_kind": ranking["auroc_by_kind"],
         "outlier_fraction_raw": float(y_true_a.mean()) if len(y_true_a) else None,
         "outlier_fraction_kept": float(y_true_a[~removed_a].mean()) if (~removed_a).any() else None,
+        # the selection at random: removing as many images blindly gives precision = the outlier share
+        "precision_random": float(y_true_a.mean()) if len(y_true_a) else None,
+        "recall_random": float(removed_a.mean()) if len(removed_a) else None,
         "unlabelled": unlabelled,
+    }
+    if controls_device is not None and keys:
+        result["controls"] = outlier_controls(keys, y_true_a, kinds_a, scores_uri, storage, controls_device, batch_size)
+    return result
+
+
+def outlier_controls(keys: Sequence[str], is_outlier: np.ndarray, kinds: np.ndarray, scores_uri: str,
+                     storage: Storage, device: str, batch_size: int) -> dict:
+    """The controls beside d(x)'s AUROC on the same images: the untrained network (stage 1's seeded
+    initialisation, same architecture and metric, scored through models.reconstruct) and the trivial
+    detectors (sdsg_ray.evaluation.controls)."""
+    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.evaluation.controls import auroc_report, trivial_report, untrained_scores
+    from sdsg_ray.imaging import load_batch
+    from sdsg_ray.pretrained import build_metric
+
+    summary = json.loads(storage.read_text(join(scores_uri, "summary.json")))
+    bundle = load_inference(summary["checkpoint"], storage, device="cpu")
+    batch = load_batch(list(keys), storage, bundle.model.resolution)
+    ok = batch["status"] == "ok"
+    images, y, k = batch["image"][ok], np.asarray(is_outlier)[ok], np.asarray(kinds)[ok]
+    seed = int(bundle.meta.get("seed", 0))
+    metric = build_metric(summary["metric"], device=device)
+    d0 = untrained_scores(bundle.model, seed, images, metric, device, batch_size)
+    return {
+        "untrained": {**auroc_report(y, d0, k), "seed": seed, "metric": summary["metric"],
+                      "note": "same architecture, initialised from the training seed, scored the same way"},
+        "trivial": trivial_report(images, y, k),
+        "images": int(ok.sum()),
     }
 
 
@@ -301,6 +377,11 @@ def run_evaluation(config: SDSGConfig) -> dict:
         "checkpoint": cfg.checkpoint,
     }
     results["models"] = evaluate_models(models, cfg.data, bank, seeds, storage, device, cfg.batch_size)
+    rows = {m["model"]: m for m in results["models"]}
+    if "filtered" in rows:  # Tables 1/3: filtered minus the other row, unbiased KID vs own training set
+        results["table_claims"] = {
+            other: compare_blocks(rows["filtered"]["kid_blocks_vs_train"], rows[other]["kid_blocks_vs_train"])
+            for other in ("raw", "random") if other in rows}
     reference = bank.real(models[0].train_data)  # the paper measures FID against the training set
     first = results["models"][0]  # its untruncated samples, same seeds: Fig. 7's psi = 1 point
     untruncated = (Distances(first["fd_vs_train"], first["kd_vs_train"])
@@ -315,7 +396,8 @@ def run_evaluation(config: SDSGConfig) -> dict:
     results["real_sets"] = {uri: {"size": n, "unreadable": bank.failed.get(uri, 0)} for uri, n in bank.sizes.items()}
 
     if cfg.labels and cfg.scores and cfg.selection and storage.exists(cfg.labels):
-        results["outliers"] = outlier_detection(cfg.scores, join(cfg.selection, "kept.parquet"), cfg.labels, storage)
+        results["outliers"] = outlier_detection(cfg.scores, join(cfg.selection, "kept.parquet"), cfg.labels, storage,
+                                                controls_device=device, batch_size=cfg.batch_size)
     if cfg.selection and storage.exists(join(cfg.selection, "report.json")):
         results["selection"] = {k: v for k, v in json.loads(storage.read_text(join(cfg.selection, "report.json"))).items()
                                 if k not in ("curve", "best", "worst")}

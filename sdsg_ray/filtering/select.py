@@ -230,6 +230,10 @@ def run_selection(config: SDSGConfig) -> dict:
         "best_worst": examples_note,
         "curve": [{"theta": p.theta, "size": p.size, "distance": p.distance} for p in sel.curve],
     }
+    if cfg.labels and storage.exists(cfg.labels):  # planted outliers: what the selection removed, beside chance
+        from sdsg_ray.evaluation.evaluate import outlier_detection
+
+        report["outliers"] = outlier_detection(cfg.scores, join(out, "kept.parquet"), cfg.labels, storage)
     storage.write_text(join(out, "report.json"), json.dumps(report, indent=2))
     log.info("selected θ=%.4f (stopped by %s): kept %d/%d; %s(Y,X)=%.4g <= %s(G(E(X)),X)=%.4g; failed=%d",
              sel.theta, sel.bound, sel.size, ov.ok, label, chosen_distance, label, upper_bound, ov.failed)

@@ -432,7 +432,8 @@ class _Artifacts:
             pair = torch.cat([real, run.reconstruct(real)])
             storage.write_bytes(join(out, "recon", name), encode_png(image_grid(to_uint8(pair), ncols=real.shape[0])))
         self._flush_metrics()
-        meta = {"stage": run.config.train.stage, "step": run.step_count, "kimg": run.kimg, "metric": self.metric_name}
+        meta = {"stage": run.config.train.stage, "step": run.step_count, "kimg": run.kimg, "metric": self.metric_name,
+                "seed": run.config.train.seed}  # the untrained-network control rebuilds the initialisation from it
         uri = join(out, "inference.pt")
         run.export_inference(meta, uri, storage)
         return uri

@@ -1,0 +1,150 @@
+"""Does self-filtering filter? AUROC of d(x) = LPIPS(x, G(E(x))) against stage-1 length, beside controls.
+
+    python3 bench/bench_filtering.py --lengths 0,1,2,4 --out /tmp/bench_filtering          # CPU, 32 px
+    python3 bench/bench_filtering.py --device cuda --lengths 0,1,2,4,8,16,32                # GPU, 64 px
+
+Stage 1 (the demo's config: model, batch, lr, lambdas, metric, seed) is trained ONCE in-process on the
+demo dataset (rendered in memory, jpg/png round trip as the files are), and at each requested length
+(kimg; 0 = the untrained initialisation) every image is scored through ``models.reconstruct``:
+  - d(x) with (G_ema, E), what the pipeline's scorer uses, and with (G, E), the pair trained together;
+  - the controls: the untrained network (length 0; the same seed's initialisation) and the trivial
+    detectors (PNG size, gradient energy, mean-colour distance, foreground share), which need no model.
+The ratio printed is AUROC(d) - AUROC(untrained): what training adds. Writes ``<out>/filtering.json``,
+``<out>/auroc_vs_kimg.png`` (figures.curves) and ``<out>/reconstructions.png`` (originals over G_ema(E(x))
+at the last length: inliers by mode, then outliers by kind) so a person can look at what was learnt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdsg_ray import figures
+from sdsg_ray.config import SDSGConfig
+from sdsg_ray.dataset.synthetic import MODES, OUTLIER_KINDS, encode, plan, render
+from sdsg_ray.demo import demo_config
+from sdsg_ray.evaluation.controls import auroc_report, reconstruction_scores, trivial_report
+from sdsg_ray.imaging import to_uint8
+from sdsg_ray.models import reconstruct
+from sdsg_ray.pretrained import build_metric
+from sdsg_ray.training.loop import TrainingRun
+
+
+def demo_images(config: SDSGConfig, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """The demo dataset as stage 1 sees it: rendered, written as jpg/png, decoded."""
+    ds = config.dataset
+    items = plan(ds.n, ds.outlier_fraction, ds.seed)
+    images = np.stack([np.asarray(Image.open(io.BytesIO(encode(render(i, resolution, ds.seed), i.suffix))).convert("RGB"))
+                       for i in items])
+    return images, np.array([i.is_outlier for i in items]), np.array([i.kind for i in items]), items
+
+
+def score_pairs(run: TrainingRun, images: np.ndarray, metric, device, y, kinds) -> tuple[dict, np.ndarray]:
+    """AUROC of d(x) for each (synthesis, encoder) pair; also d(x) of the (G_ema, E) pair."""
+    out, d_ema = {}, None
+    for name, synthesis in (("G_ema+E", run.G_ema.synthesis), ("G+E", run.G.synthesis)):
+        d = reconstruction_scores(synthesis, run.E, images, metric, device)
+        rep = auroc_report(y, d, kinds)
+        out[name] = {**rep, "mean_d_inliers": float(d[~y].mean()), "mean_d_outliers": float(d[y].mean())}
+        d_ema = d if d_ema is None else d_ema
+    return out, d_ema
+
+
+def recon_grid(run: TrainingRun, images: np.ndarray, d: np.ndarray, items, device, per_row: int = 8) -> bytes:
+    rows = []
+    groups = [(m, [i.index for i in items if i.mode == m]) for m in MODES]
+    groups += [(k, [i.index for i in items if i.kind == k]) for k in OUTLIER_KINDS]
+    with torch.no_grad():
+        for name, idx in groups:
+            idx = idx[:per_row]
+            if not idx:
+                continue
+            x = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            rec = to_uint8(reconstruct(run.G_ema.synthesis, run.E, x).image.float().cpu())
+            rows.append((name, [float(d[i]) for i in idx], images[idx], rec))
+    return figures.originals_over_reconstructions(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="0,1,2,4", help="stage-1 lengths in kimg, comma separated (0 = untrained)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resolution", type=int, default=None, help="32 on CPU, 64 with --device cuda")
+    parser.add_argument("--n", type=int, default=None, help="dataset size (demo default)")
+    parser.add_argument("--out", default="bench_filtering_out")
+    args = parser.parse_args()
+    lengths = sorted(float(v) for v in args.lengths.split(","))
+    resolution = args.resolution or (64 if args.device.startswith("cuda") else 32)
+    device = torch.device(args.device)
+    overrides = {"model.resolution": resolution, "dataset.resolution": resolution, "train.kimg": max(lengths)}
+    if args.n:
+        overrides["dataset.n"] = args.n
+    config = demo_config(("set", overrides))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    images, y, kinds, items = demo_images(config, resolution)
+    trivial = trivial_report(images, y, kinds)
+    metric = build_metric(config.train.metric, device=device)
+    run = TrainingRun(config, device, metric=metric)
+    bs = config.train.batch_size
+    rng = np.random.default_rng(config.train.seed)
+    order = rng.permutation(len(images))
+    cursor, start, points = 0, time.perf_counter(), []
+    for length in lengths:
+        while run.kimg < length - 1e-9:
+            if cursor + bs > len(order):
+                order, cursor = rng.permutation(len(images)), 0
+            run.step(torch.from_numpy(images[order[cursor:cursor + bs]]))
+            cursor += bs
+        train_s = time.perf_counter() - start
+        pairs, d_ema = score_pairs(run, images, metric, device, y, kinds)
+        point = {"kimg": length, "actual_kimg": run.kimg, "steps": run.step_count, "train_seconds": round(train_s, 1),
+                 **pairs}
+        points.append(point)
+        print(f"kimg {length:5.1f} ({train_s:6.0f} s): AUROC G_ema+E {point['G_ema+E']['auroc']:.3f}  "
+              f"G+E {point['G+E']['auroc']:.3f}  mean d in/out {point['G_ema+E']['mean_d_inliers']:.3f}/"
+              f"{point['G_ema+E']['mean_d_outliers']:.3f}", flush=True)
+        write_results(out, config, resolution, device, images, lengths, trivial, points)  # partial results survive a kill
+        (out / "reconstructions.png").write_bytes(recon_grid(run, images, d_ema, items, device))  # at the latest length
+    report(out, trivial, points)
+
+
+def write_results(out: Path, config: SDSGConfig, resolution: int, device, images, lengths, trivial, points) -> None:
+    untrained = points[0]["G_ema+E"]["auroc"] if lengths[0] == 0 else None
+    result = {"config": {"resolution": resolution, "device": str(device), "n": len(images),
+                         "batch_size": config.train.batch_size, "metric": config.train.metric, "lengths": lengths},
+              "untrained_auroc": untrained, "trivial": trivial, "points": points}
+    (out / "filtering.json").write_text(json.dumps(result, indent=2))
+    xs = [p["kimg"] for p in points]
+    series = {f"d(x) {pair}": (xs, [p[pair]["auroc"] for p in points]) for pair in ("G_ema+E", "G+E")}
+    for name, rep in trivial.items():
+        series[f"trivial: {name}"] = (xs, [rep["separation"]] * len(xs))
+    (out / "auroc_vs_kimg.png").write_bytes(figures.curves(
+        series, "stage-1 length (kimg; 0 = untrained)", "outlier AUROC (trivial: max(A, 1-A))",
+        f"AUROC of d(x) vs stage-1 length, {resolution} px, {len(images)} images"))
+
+
+def report(out: Path, trivial: dict, points: list) -> None:
+    untrained = points[0]["G_ema+E"]["auroc"] if points[0]["kimg"] == 0 else None
+    print("\ntrivial detectors (overall AUROC, separation = max(A, 1-A)):")
+    for name, rep in trivial.items():
+        print(f"  {name:22s} {rep['auroc']:.3f}  sep {rep['separation']:.3f}  "
+              + " ".join(f"{k}={v:.2f}" for k, v in rep["auroc_by_kind"].items()))
+    print("\nkimg  AUROC(G_ema+E)  AUROC(G+E)  minus untrained  per kind (G_ema+E)")
+    for p in points:
+        delta = "" if untrained is None else f"{p['G_ema+E']['auroc'] - untrained:+.3f}"
+        print(f"{p['kimg']:5.1f} {p['G_ema+E']['auroc']:10.3f} {p['G+E']['auroc']:11.3f} {delta:>14}  "
+              + " ".join(f"{k}={v:.2f}" for k, v in p["G_ema+E"]["auroc_by_kind"].items()))
+    print(f"\nwrote {out}/filtering.json, auroc_vs_kimg.png, reconstructions.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Controls for the outlier claim: what d(x) = LPIPS(x, G(E(x))) must beat to mean anything.
+
+- Trivial detectors: image statistics that need no model (PNG size, gradient energy, distance of the
+  mean colour from the set's mean colour, foreground share). If one of them separates the outliers,
+  a high AUROC of d(x) says nothing about what the generator learnt.
+- The untrained network: the same architecture, initialised from the training seed (stage 1's step 0),
+  scored the same way through :func:`sdsg_ray.models.reconstruct`. A trained d(x) that does not beat it
+  measures the images' detail, not learning.
+
+AUROCs are reported as computed (outliers positive, higher score = more outlying); ``separation`` is
+max(AUROC, 1 - AUROC), since a statistic that runs the other way separates just as well.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sdsg_ray.imaging import encode_png, to_tensor
+
+TRIVIAL_DETECTORS = ("png_size", "gradient_energy", "mean_colour_distance", "foreground_share")
+# A pixel is foreground when its colour is this far (L2, 0..255 scale) from its row's background colour.
+FOREGROUND_DISTANCE = 40.0
+
+
+def _row_background(images: np.ndarray) -> np.ndarray:
+    """Per-row background colour [N, H, 1, 3]: the median of the two outermost columns on each side.
+    The shared backgrounds are vertical gradients (sky, ground), so each row's border is its backdrop."""
+    border = np.concatenate([images[:, :, :2], images[:, :, -2:]], axis=2).astype(np.float32)
+    return np.median(border, axis=2, keepdims=True)
+
+
+def trivial_scores(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Each trivial detector's score for uint8 images [N, R, R, 3] (higher = more outlying for
+    png_size, gradient_energy and mean_colour_distance; foreground_share as measured)."""
+    assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8, (images.shape, images.dtype)
+    x = images.astype(np.float32) / 255.0
+    dx, dy = np.diff(x, axis=2), np.diff(x, axis=1)
+    mean_colour = x.mean(axis=(1, 2))
+    fg = np.linalg.norm(images.astype(np.float32) - _row_background(images), axis=-1) > FOREGROUND_DISTANCE
+    return {
+        "png_size": np.array([len(encode_png(img)) for img in images], np.float64),
+        "gradient_energy": (dx ** 2).mean(axis=(1, 2, 3)) + (dy ** 2).mean(axis=(1, 2, 3)),
+        "mean_colour_distance": np.linalg.norm(mean_colour - mean_colour.mean(axis=0), axis=1),
+        "foreground_share": fg.mean(axis=(1, 2)).astype(np.float64),
+    }
+
+
+def auroc_report(is_outlier: np.ndarray, score: np.ndarray, kinds: np.ndarray | None = None) -> dict:
+    """AUROC overall and per outlier kind (each kind against all inliers); None where undefined
+    (a group without both classes)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(is_outlier, bool)
+    score = np.asarray(score, np.float64)
+
+    def auroc(rows: np.ndarray) -> float | None:
+        return float(roc_auc_score(y[rows], score[rows])) if 0 < y[rows].sum() < rows.sum() else None
+
+    by_kind = {}
+    if kinds is not None:
+        kinds = np.asarray(kinds)
+        by_kind = {str(k): auroc(~y | (kinds == k)) for k in sorted(set(kinds[y]) - {""})}
+    return {"auroc": auroc(np.ones(len(y), bool)), "auroc_by_kind": by_kind}
+
+
+def separation(auroc: float | None) -> float | None:
+    """How well a score separates the classes whichever way it runs: max(AUROC, 1 - AUROC)."""
+    return None if auroc is None else max(auroc, 1.0 - auroc)
+
+
+def trivial_report(images: np.ndarray, is_outlier: np.ndarray, kinds: np.ndarray | None = None) -> dict:
+    """{detector: {auroc, separation, auroc_by_kind}} for every trivial detector."""
+    out = {}
+    for name, score in trivial_scores(images).items():
+        rep = auroc_report(is_outlier, score, kinds)
+        out[name] = {"auroc": rep["auroc"], "separation": separation(rep["auroc"]), "auroc_by_kind": rep["auroc_by_kind"]}
+    return out
+
+
+@torch.no_grad()
+def reconstruction_scores(synthesis: torch.nn.Module, encoder: torch.nn.Module, images: np.ndarray,
+                          metric: Callable, device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
+    """d(x) = metric(x, G(E(x))) for uint8 images [N, R, R, 3], through models.reconstruct."""
+    from sdsg_ray.models import reconstruct
+
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start:start + batch_size]).to(device)
+        recon = reconstruct(synthesis, encoder, x).image.float()
+        out.append(metric(x, recon).reshape(len(x)).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def untrained_networks(model_config, seed: int, device: str | torch.device = "cpu"):
+    """(G, E) as stage 1 initialises them: torch seeded with the training seed, then built (what
+    ``TrainingRun`` does before its first step), in eval mode."""
+    from sdsg_ray.models.networks import build_networks
+
+    torch.manual_seed(seed)
+    G, _, E = build_networks(model_config)
+    return G.to(device).eval(), E.to(device).eval()
+
+
+def untrained_scores(model_config, seed: int, images: np.ndarray, metric: Callable,
+                     device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
+    """The untrained-network control: d(x) with stage 1's initial (G, E), scored as the trained one is."""
+    G, E = untrained_networks(model_config, seed, device)
+    return reconstruction_scores(G.synthesis, E, images, metric, device, batch_size)
