@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tempfile
 import threading
@@ -666,6 +667,16 @@ class Storage:
     def delete(self, uri: str) -> None:
         """Delete one object; deleting a missing object is fine."""
         self._on(uri, self.s3.delete, self.local.delete)
+
+    def pin_settings(self, uri: str, settings: dict) -> dict:
+        """Record ``settings`` as JSON at ``uri`` the first time; afterwards return what differs from the
+        recorded ones as {name: (recorded, given)} (empty: same). Resumable stages call it so that one
+        output folder never mixes work done with different settings."""
+        if not self.exists(uri):
+            self.write_text(uri, json.dumps(settings, indent=2))
+            return {}
+        recorded = json.loads(self.read_text(uri))
+        return {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
 
     # ----- Ray ---------------------------------------------------------------------------------------
     def resolved(self) -> "Storage":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -228,3 +229,12 @@ def test_arrow_view_of_s3_does_what_ray_train_and_data_do(s3_bucket, storage, tm
     with pytest.raises(FileNotFoundError):
         fs.open_input_stream(f"{base}/nothing-here.bin")
     assert list(storage.list(join(s3_bucket, "runs"))) == []  # directory markers are never listed
+
+
+def test_pin_settings_records_once_then_reports_what_differs(tmp_path):
+    storage = Storage()
+    uri = str(tmp_path / "out" / "_RUN.json")
+    assert storage.pin_settings(uri, {"metric": "stlpips-alex", "batch": 32}) == {}
+    assert storage.pin_settings(uri, {"metric": "stlpips-alex", "batch": 32}) == {}
+    assert storage.pin_settings(uri, {"metric": "stlpips-vgg", "batch": 32}) == {"metric": ("stlpips-alex", "stlpips-vgg")}
+    assert json.loads(storage.read_text(uri))["metric"] == "stlpips-alex"  # the first record stays

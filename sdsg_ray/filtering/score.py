@@ -104,14 +104,9 @@ def check_cpu_budget(cfg: ScoreConfig, cluster_cpus: float) -> None:
 
 def _check_run(out: str, storage: Storage, run: dict) -> None:
     """Refuse to mix scores of different checkpoints, metrics or feature networks in one --out."""
-    uri = join(out, RUN_FILE)
-    if storage.exists(uri):
-        previous = json.loads(storage.read_text(uri))
-        changed = {k: (previous.get(k), v) for k, v in run.items() if previous.get(k) != v}
-        if changed:
-            raise InvalidRequest(f"{out} holds scores computed with different settings {changed}; use another --out")
-    else:
-        storage.write_text(uri, json.dumps(run, indent=2))
+    changed = storage.pin_settings(join(out, RUN_FILE), run)
+    if changed:
+        raise InvalidRequest(f"{out} holds scores computed with different settings {changed}; use another --out")
 
 
 def count_status(out: str, storage: Storage) -> Counter:

@@ -59,14 +59,9 @@ def _check_source(cfg: IngestConfig, storage: Storage, total: int) -> None:
         "urls": cfg.urls if is_s3(cfg.urls) else normalize(cfg.urls), "count": total, "format": cfg.format,
         "resolution": cfg.resolution, "shard_size": cfg.shard_size,
     }
-    uri = join(cfg.out, SOURCE_FILE)
-    if storage.exists(uri):
-        previous = json.loads(storage.read_text(uri))
-        changed = {k: (previous.get(k), v) for k, v in source.items() if previous.get(k) != v}
-        if changed:
-            raise InvalidRequest(f"{cfg.out} holds shards made with different settings {changed}; use another --out")
-    else:
-        storage.write_text(uri, json.dumps(source, indent=2))
+    changed = storage.pin_settings(join(cfg.out, SOURCE_FILE), source)
+    if changed:
+        raise InvalidRequest(f"{cfg.out} holds shards made with different settings {changed}; use another --out")
 
 
 def run_ingest(config: SDSGConfig) -> dict:
