@@ -129,7 +129,11 @@ def test_w_avg_updates_only_when_asked():
     G.mapping(z)
     assert torch.count_nonzero(G.mapping.w_avg) == 0  # training mode alone does not move it
     w = G.mapping(z, update_w_avg=True)
-    torch.testing.assert_close(G.mapping.w_avg, (1 - 0.995) * w.mean(dim=0))
+    # Debiased EMA: the first update is the batch mean itself (not 0.005 of it, a pull toward zero) ...
+    torch.testing.assert_close(G.mapping.w_avg, w.mean(dim=0))
+    w2 = G.mapping(torch.randn(16, 32), update_w_avg=True)
+    # ... and the n-th moves max(1 - beta, 1/n) of the way: a running mean while n < 200.
+    torch.testing.assert_close(G.mapping.w_avg, (w.mean(dim=0) + w2.mean(dim=0)) / 2)
 
 
 def test_equalized_learning_rate_scales():
