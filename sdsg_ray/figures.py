@@ -101,10 +101,10 @@ def distance_vs_psi(curve: dict, label: str) -> bytes:
     (``{"psis": [...], "<mode>": {"fd": [...]}}``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for mode, style, label in (("mean", "o--", "mean truncation"), ("multimodal", "s-", "multimodal truncation"),
-                               ("multimodal_learned", "^:", "multimodal, learned assignment")):
+    for mode, style, legend in (("mean", "o--", "mean truncation"), ("multimodal", "s-", "multimodal truncation"),
+                                ("multimodal_learned", "^:", "multimodal, learned assignment")):
         if mode in curve:
-            ax.plot(curve["psis"], curve[mode]["fd"], style, label=label)
+            ax.plot(curve["psis"], curve[mode]["fd"], style, label=legend)
     ax.set_xlabel("ψ")
     ax.set_ylabel(f"{label} (vs training set)")
     ax.set_title("Distance against ψ (paper Fig. 7)")
