@@ -105,7 +105,7 @@ class Sampler:
         self.batch_size = batch_size
         # Mean truncation's centre: the mean of the clusters' mapped latents when the clusters file has it
         # (exact for this G), else the w_avg tracked in training.
-        w_mean = getattr(clusters, "w_mean", None) if clusters is not None else None
+        w_mean = clusters.w_mean if clusters is not None else None
         self.w_avg = (w_mean if w_mean is not None else bundle.w_avg).to(self.device).float()
         with torch.no_grad():  # a few probe passes per candidate size, once per Sampler
             z = torch.stack([seed_latent(seed, self.G.z_dim) for seed in range(batch_size)])
