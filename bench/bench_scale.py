@@ -1,7 +1,7 @@
 """Scale: listing a million keys, selection over a million score rows, scoring tens of thousands of images,
 and a projection to 10M / 100M images. Run by hand (not by CI); prints JSON, writes PNGs next to it.
 
-    python3 bench/bench_scale.py listing --keys 100000
+    python3 bench/bench_scale.py listing --keys 1000000 [--server indexed|moto]
     python3 bench/bench_scale.py selection --rows 100000 1000000
     python3 bench/bench_scale.py scoring --images 50000 [--checkpoint sdsg-demo/stage1]
     python3 bench/bench_scale.py projection [--scoring-json out/scoring.json]
@@ -10,7 +10,9 @@ and a projection to 10M / 100M images. Run by hand (not by CI); prints JSON, wri
   over HTTP by `manifest.ensure_manifest` into manifest shards in a fresh process: wall time, keys/s, the
   client's CPU per key and that process's peak RSS. A 10x smaller listing in the same run is the baseline
   the peak memory is compared against (it must not grow with the key count). moto sorts the whole bucket
-  on every ListObjectsV2 page, so wall time grows as N^2 here: it is the test server's, not the client's.
+  on every ListObjectsV2 page (N^2 for a listing), so by default (--server indexed) the server process
+  pages by bisection over the sorted names instead, checked equal to moto's own pages first; --server moto
+  keeps moto's method (wall time is then the server's, not the client's).
 - selection: synthetic score shards (real layout: feature vectors of the offline features' 1152
   dimensions, scores in [0, 1]) are written locally, then `run_selection` runs in a fresh process per
   size: wall time and peak RSS, for each --rows; the ratio of peaks shows memory does not grow with N.
@@ -76,32 +78,65 @@ print(json.dumps({"keys": sum(s.rows for s in shards), "shards": len(shards), "l
 
 # moto's server in its own process, filled through its in-process backend: a million PUTs over HTTP take
 # hours on 2 cores, and what is measured is the listing, not the fill.
+# --server indexed: moto's ListObjectsV2 collects and sorts the whole bucket on every page (O(N log N) a
+# page, so N^2 for a listing: 434 s at 100k keys, hours at 1M). Its backend method is swapped, in the
+# server process only, for a bisect over the key names sorted once after the fill; moto's HTTP layer, XML,
+# continuation tokens and the boto3 client are unchanged. Before the listing starts the server checks that
+# both methods return the same pages (the first pages of a prefix and a continued page).
 FILLED_MOTO = """
-import sys, time
+import bisect, sys, time
 from moto.server import ThreadedMotoServer
-from moto.s3.models import s3_backends
-port, bucket, keys = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+from moto.s3.models import S3Backend, s3_backends
+port, bucket_name, keys, server_kind = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
 server.start()
 backend = s3_backends["123456789012"]["global"]
-backend.create_bucket(bucket, "us-east-1")
+backend.create_bucket(bucket_name, "us-east-1")
 for i in range(keys):  # 10 x 100 "directories", like a crawl; raw/0 holds a tenth
-    backend.put_object(bucket, f"raw/{i % 10}/{i // 10 % 100:02d}/{i:09d}.jpg", b"")
+    backend.put_object(bucket_name, f"raw/{i % 10}/{i // 10 % 100:02d}/{i:09d}.jpg", b"")
+if server_kind == "indexed":
+    bucket = backend.get_bucket(bucket_name)
+    names = sorted(bucket.keys.keys())  # nothing writes to this bucket after the fill
+    native = S3Backend.list_objects_v2
+
+    def indexed(self, bucket, prefix, delimiter, continuation_token, start_after, max_keys):
+        if delimiter or bucket.name != bucket_name:
+            return native(self, bucket, prefix, delimiter, continuation_token, start_after, max_keys)
+        prefix = prefix or ""
+        after = self._pagination_tokens.get(continuation_token) if continuation_token else start_after
+        start = max(bisect.bisect_left(names, prefix), bisect.bisect_right(names, after) if after else 0)
+        page = []
+        for name in names[start:start + max_keys + 1]:
+            if not name.startswith(prefix):
+                break
+            page.append(bucket.keys[name])
+        return self._truncate_result(page, max_keys)
+
+    for prefix, after in (("raw/0/", None), ("raw/3/", f"raw/3/50/"), ("raw/9/99/", None)):
+        args = (bucket, prefix, None, None, after, 1000)
+        want, got = native(backend, *args), indexed(backend, *args)
+        assert [k.name for k in want[0]] == [k.name for k in got[0]] and want[1] == got[1], prefix
+        token = got[2]
+        if token:
+            args = (bucket, prefix, None, token, None, 1000)
+            assert [k.name for k in native(backend, *args)[0]] == [k.name for k in indexed(backend, *args)[0]]
+    S3Backend.list_objects_v2 = indexed
 print("ready", flush=True)
 time.sleep(1e9)
 """
 
 
-def bench_listing(keys: int, workdir: Path) -> dict:
+def bench_listing(keys: int, workdir: Path, server: str) -> dict:
     """Lists ``keys`` keys (and, as the baseline, the tenth under raw/0) from moto's S3 server over HTTP.
 
-    moto sorts the whole bucket on every ListObjectsV2 page, so wall time here is the server's; the client's
-    own cost is ``client_cpu_s`` (this project's code), and memory is the listing process's peak RSS."""
+    With ``server="moto"`` moto sorts the whole bucket on every ListObjectsV2 page, so wall time is the
+    server's; ``"indexed"`` pages by bisection (see FILLED_MOTO). The client's own cost is ``client_cpu_s``
+    (this project's code), and memory is the listing process's peak RSS."""
     from conftest import free_port, wait_for_port
 
     port, bucket = free_port(), "scale"
     started = time.perf_counter()
-    moto = subprocess.Popen([sys.executable, "-c", FILLED_MOTO, str(port), bucket, str(keys)],
+    moto = subprocess.Popen([sys.executable, "-c", FILLED_MOTO, str(port), bucket, str(keys), server],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert moto.stdout.readline().strip() == "ready", "the moto server did not start"
@@ -115,7 +150,7 @@ def bench_listing(keys: int, workdir: Path) -> dict:
         moto.terminate()
         moto.wait(timeout=30)
     return {
-        "keys": full["keys"], "fill_s": round(fill_s, 1), "list_s": round(full["list_s"], 1),
+        "keys": full["keys"], "server": server, "fill_s": round(fill_s, 1), "list_s": round(full["list_s"], 1),
         "keys_per_s": round(full["keys"] / full["list_s"]),
         "client_cpu_us_per_key": round(1e6 * full["client_cpu_s"] / full["keys"], 1),
         "peak_rss_mb": round(full["peak_rss_mb"]),
@@ -314,7 +349,10 @@ def projection(gpu_tflops: float, gpu_hour_usd: float, cpu_hour_usd: float, gpus
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
-    sub.add_parser("listing").add_argument("--keys", type=int, default=1_000_000)
+    listing = sub.add_parser("listing")
+    listing.add_argument("--keys", type=int, default=1_000_000)
+    listing.add_argument("--server", choices=("indexed", "moto"), default="indexed",
+                         help="indexed: moto with ListObjectsV2 paged by bisection (moto's own is N^2 per listing)")
     sub.add_parser("selection").add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     scoring = sub.add_parser("scoring")
     scoring.add_argument("--images", type=int, default=50_000)
@@ -332,7 +370,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"load average before: {os.getloadavg()}", file=sys.stderr)
     if args.what == "listing":
-        result = bench_listing(args.keys, workdir)
+        result = bench_listing(args.keys, workdir, args.server)
     elif args.what == "selection":
         result = bench_selection(sorted(args.rows), workdir)
     elif args.what == "scoring":
