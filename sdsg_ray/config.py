@@ -203,6 +203,9 @@ class ClusterConfig(Section):
         "and LPIPS regret are measured on them.")
     classifier_hidden: int = Field(256, ge=1, description="Hidden units of the learned-assignment MLP.")
     classifier_steps: int = Field(500, ge=1, description="Adam steps fitting the learned-assignment MLP.")
+    classifier_temperature: float = Field(
+        0.01, ge=0, description="Fit the MLP to softmax(-LPIPS distances / temperature) over all centers "
+        "(0: to the nearest center alone), so near-ties are learnt as ties (bench/bench_assignment.py).")
 
     @model_validator(mode="after")
     def _enough_latents(self) -> "ClusterConfig":

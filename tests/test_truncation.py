@@ -248,3 +248,20 @@ def test_assignment_modes(tiny, metric):
     with pytest.raises(ValueError, match="assignment.*not available"):  # no metric: no lpips rule here
         Sampler(bundle, clusters, None, assign_by="w", batch_size=8).render_specs(
             [SampleSpec(0, 0.5, "multimodal", assignment="lpips")])
+
+
+def test_soft_targets_teach_a_tie_that_hard_labels_turn_into_a_coin_flip():
+    """fit_classifier(temperature > 0) distils all K distances: for latents whose two nearest centers are
+    tied, the fitted logits give both about equal weight; with hard labels (temperature 0) they do not."""
+    from sdsg_ray.truncation.learned import fit_classifier
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2000, 4, generator=gen)
+    # centers 0 and 1 always tied (distance 0.1), center 2 far (0.5): the argmin is always 0 (first of a tie)
+    distances = torch.tensor([0.1, 0.1, 0.5]).repeat(len(w), 1)
+    hard = fit_classifier(w, distances, hidden=16, steps=100, seed=0, temperature=0.0)
+    soft = fit_classifier(w, distances, hidden=16, steps=100, seed=0, temperature=0.05)
+    p_hard = torch.softmax(hard.logits(w), 1).mean(0)
+    p_soft = torch.softmax(soft.logits(w), 1).mean(0)
+    assert p_hard[0] > 0.9 and p_hard[1] < 0.1  # the tie became a certainty
+    assert abs(float(p_soft[0] - p_soft[1])) < 0.05 and p_soft[2] < 0.05  # the tie is kept, the far center dropped

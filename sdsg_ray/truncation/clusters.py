@@ -143,7 +143,8 @@ def _learned_assignment(cfg, bundle, w: torch.Tensor, centers: torch.Tensor, met
     coarse = tuple(r for r in (full // 2, full // 4) if r in bundle.G_ema.synthesis.block_resolutions)
     classifier, report = fit_learned_assignment(
         bundle.G_ema.synthesis, centers.to(device), w[:n].to(device), build_metric(metric, device=device),
-        cfg.classifier_held_out, cfg.classifier_hidden, cfg.classifier_steps, cfg.seed, coarse_resolutions=coarse)
+        cfg.classifier_held_out, cfg.classifier_hidden, cfg.classifier_steps, cfg.seed, coarse_resolutions=coarse,
+        temperature=cfg.classifier_temperature)
     return classifier.state(), report
 
 

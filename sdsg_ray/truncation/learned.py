@@ -73,14 +73,17 @@ class CenterClassifier:
 
 
 def fit_classifier(w: torch.Tensor, distances: torch.Tensor, hidden: int, steps: int, seed: int,
-                   batch_size: int = 4096, lr: float = 1e-2) -> CenterClassifier:
-    """A one-hidden-layer MLP fitted to the LPIPS-nearest center of each w (cross-entropy, Adam).
+                   batch_size: int = 4096, lr: float = 1e-2, temperature: float = 0.0) -> CenterClassifier:
+    """A one-hidden-layer MLP fitted to the LPIPS-nearest center of each w (cross-entropy, AdamW).
 
-    ``distances`` [N, K]: LPIPS of G(w) to every center; its argmin is the label.
+    ``distances`` [N, K]: LPIPS of G(w) to every center; its argmin is the label. ``temperature`` > 0
+    distils all K distances instead of the argmin alone: the target is softmax(-distances / temperature),
+    so a w whose two nearest centers are almost tied teaches the tie rather than a coin flip.
     """
     gen = torch.Generator().manual_seed(seed)
     n, k = distances.shape
     labels = distances.argmin(dim=1)
+    targets = labels if temperature <= 0 else torch.softmax(-distances.float() / temperature, dim=1)
     mean, std = w.mean(0), w.std(0).clamp_min(1e-6)
     d_in = w.shape[1]
     w1 = (torch.randn(hidden, d_in, generator=gen) / math.sqrt(d_in)).requires_grad_()
@@ -92,14 +95,15 @@ def fit_classifier(w: torch.Tensor, distances: torch.Tensor, hidden: int, steps:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        loss = F.cross_entropy(model.logits(w[idx]), labels[idx])
+        loss = F.cross_entropy(model.logits(w[idx]), targets[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
     with torch.no_grad():
         train_top1 = (model.logits(w).argmax(1) == labels).float().mean().item()
-    log.info("center classifier: %d latents, %d steps, train top-1 %.3f", n, steps, train_top1)
+    log.info("center classifier: %d latents, %d steps, temperature %g, train top-1 %.3f", n, steps, temperature,
+             train_top1)
     return CenterClassifier(mean, std, [t.detach() for t in model.weights], [t.detach() for t in model.biases])
 
 
@@ -138,7 +142,8 @@ def assignment_quality(distances: torch.Tensor, logits: torch.Tensor, others: di
 @torch.no_grad()
 def fit_learned_assignment(synthesis: torch.nn.Module, centers: torch.Tensor, w: torch.Tensor, metric,
                            held_out: float, hidden: int, steps: int, seed: int, batch_size: int = 64,
-                           coarse_resolutions: tuple[int, ...] = ()) -> tuple[CenterClassifier, dict]:
+                           coarse_resolutions: tuple[int, ...] = (),
+                           temperature: float = 0.0) -> tuple[CenterClassifier, dict]:
     """Label ``w`` with the LPIPS rule (one render + one feature pass per batch, center features cached),
     fit the classifier on all but a ``held_out`` share, and report its quality on that share."""
     rows = PassRows([batch_size])
@@ -148,13 +153,13 @@ def fit_learned_assignment(synthesis: torch.nn.Module, centers: torch.Tensor, w:
     n_test = max(1, int(round(held_out * len(w))))
     test, train = order[:n_test], order[n_test:]
     with torch.enable_grad():
-        classifier = fit_classifier(w[train].cpu(), distances[train], hidden, steps, seed)
+        classifier = fit_classifier(w[train].cpu(), distances[train], hidden, steps, seed, temperature=temperature)
     others = {"w": LatentAssigner(centers).assign(w[test]).cpu()}
     for r in coarse_resolutions:
         coarse = PerceptualAssigner(synthesis, centers, metric, rows, resolution=r)
         others[f"coarse_{r}px"] = coarse.assign(w[test]).cpu()
     report = assignment_quality(distances[test], classifier.logits(w[test].cpu()), others)
-    report.update(labelled=int(len(w)), fitted_on=int(len(train)), hidden=hidden, steps=steps)
+    report.update(labelled=int(len(w)), fitted_on=int(len(train)), hidden=hidden, steps=steps, temperature=temperature)
     log.info("learned assignment on %d held-out latents: top-1 %.3f top-3 %.3f, regret %.4g (w: top-1 %.3f "
              "regret %.4g)", n_test, report["learned_top1"], report["learned_top3"], report["learned_regret"],
              report["w_top1"], report["w_regret"])
