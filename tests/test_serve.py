@@ -150,7 +150,11 @@ def test_assignment_modes_over_http(client, app, local_sampler):
               "w": torch.cdist(w, local_sampler.centers).argmin(1)}
     for by, picked in chosen.items():
         body = {"seeds": seeds, "psi": 0.0, "truncation": "multimodal", "assignment": by, "format": "npy"}
-        assert np.array_equal(npy(client.post("/v1/samples", json=body)), centers[picked.tolist()]), by
+        got = npy(client.post("/v1/samples", json=body)).astype(int)
+        # which center each image is: the pixel gap to every center image (a few levels of rounding apart at
+        # most, since the service draws G(c) in a pass of another row count than center_images() does)
+        gap = np.abs(got[:, None] - centers[None].astype(int)).max(axis=(2, 3, 4))
+        assert gap.argmin(1).tolist() == picked.tolist() and (gap.min(1) <= 2).all(), (by, gap)
         one = client.get("/v1/sample", params={"seed": 6, "psi": 0.0, "assignment": by, "format": "npy"})
         assert np.array_equal(npy(one), centers[int(picked[1])]), by
     default = npy(client.get("/v1/sample", params={"seed": 6, "psi": 0.0, "format": "npy"}))
