@@ -119,12 +119,13 @@ def main() -> None:
             for name, pred in sklearn_rules(w[train].numpy(), labels.numpy(), w[test].numpy()).items():
                 rules[name] = torch.from_numpy(pred).long()
             lpips_choice = d_test.argmin(1)
-            entry["by_labelled"][str(n)] = {
-                name: {"top1": round(float((pred == lpips_choice).float().mean()), 4),
-                       "regret": round(regret(d_test, pred), 5),
-                       "regret_vs_w": round(regret(d_test, pred) / max(base["w_regret"], 1e-12), 3)}
-                for name, pred in rules.items()
-            }
+            scores = {}
+            for name, pred in rules.items():
+                rule_regret = regret(d_test, pred)
+                scores[name] = {"top1": round(float((pred == lpips_choice).float().mean()), 4),
+                                "regret": round(rule_regret, 5),
+                                "regret_vs_w": round(rule_regret / max(base["w_regret"], 1e-12), 3)}
+            entry["by_labelled"][str(n)] = scores
             print(json.dumps({"clusters": k, "labelled": n, **entry["by_labelled"][str(n)]}), flush=True)
         result["clusters"][str(k)] = entry
 

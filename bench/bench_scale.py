@@ -112,7 +112,7 @@ if server_kind == "indexed":
             page.append(bucket.keys[name])
         return self._truncate_result(page, max_keys)
 
-    for prefix, after in (("raw/0/", None), ("raw/3/", f"raw/3/50/"), ("raw/9/99/", None)):
+    for prefix, after in (("raw/0/", None), ("raw/3/", "raw/3/50/"), ("raw/9/99/", None)):
         args = (bucket, prefix, None, None, after, 1000)
         want, got = native(backend, *args), indexed(backend, *args)
         assert [k.name for k in want[0]] == [k.name for k in got[0]] and want[1] == got[1], prefix
