@@ -10,7 +10,8 @@ Truncation (w_t = psi * w + (1 - psi) * target):
 Reproducibility: each sample's z comes from its own torch.Generator seeded with its seed, the noise
 is constant, and every forward pass (mapping, assignment, synthesis) is padded to a row count checked
 on this device to give the full batch's bits (PassRows), so an image depends only on (seed, psi, mode,
-cluster), the weights and the batch size, never on which other samples shared its batch.
+cluster), the weights, the batch size and (on a CPU) torch's thread count, which picks kernels that
+round differently; never on which other samples shared its batch.
 """
 
 from __future__ import annotations
