@@ -6,12 +6,15 @@
 Stage 1 (the demo's config: model, batch, lr, lambdas, metric, seed) is trained ONCE in-process on the
 demo dataset (rendered in memory, jpg/png round trip as the files are), and at each requested length
 (kimg; 0 = the untrained initialisation) every image is scored through ``models.reconstruct``:
-  - d(x) with (G_ema, E), what the pipeline's scorer uses, and with (G, E), the pair trained together;
+  - d(x) with each (synthesis, encoder) pair: (G_ema, E_ema), what the pipeline scores with by default
+    (`score.pair=ema`), (G, E), the live pair trained together (`score.pair=live`), and (G_ema, E), the
+    mixed pair the scorer used before issue 15;
   - the controls: the untrained network (length 0; the same seed's initialisation) and the trivial
     detectors (PNG size, gradient energy, mean-colour distance, foreground share), which need no model.
 The ratio printed is AUROC(d) - AUROC(untrained): what training adds. Writes ``<out>/filtering.json``,
 ``<out>/auroc_vs_kimg.png`` (figures.curves) and ``<out>/reconstructions.png`` (originals over G_ema(E(x))
-at the last length: inliers by mode, then outliers by kind) so a person can look at what was learnt.
+at the last length: inliers by mode, then outliers by kind) so a person can look at what was learnt, and
+``<out>/generator/inference.pt`` at the last length (the input of bench_assignment.py and `sdsg cluster`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from sdsg_ray.evaluation.controls import auroc_report, reconstruction_scores, tr
 from sdsg_ray.imaging import to_uint8
 from sdsg_ray.models import reconstruct
 from sdsg_ray.pretrained import build_metric
+from sdsg_ray.storage import get_storage
 from sdsg_ray.training.loop import TrainingRun
 
 
@@ -46,15 +50,20 @@ def demo_images(config: SDSGConfig, resolution: int) -> tuple[np.ndarray, np.nda
     return images, np.array([i.is_outlier for i in items]), np.array([i.kind for i in items]), items
 
 
+PAIRS = ("G_ema+E_ema", "G+E", "G_ema+E")  # the first is what the pipeline scores with (score.pair=ema)
+
+
 def score_pairs(run: TrainingRun, images: np.ndarray, metric, device, y, kinds) -> tuple[dict, np.ndarray]:
-    """AUROC of d(x) for each (synthesis, encoder) pair; also d(x) of the (G_ema, E) pair."""
-    out, d_ema = {}, None
-    for name, synthesis in (("G_ema+E", run.G_ema.synthesis), ("G+E", run.G.synthesis)):
-        d = reconstruction_scores(synthesis, run.E, images, metric, device)
+    """AUROC of d(x) for each (synthesis, encoder) pair in PAIRS; also d(x) of the first."""
+    networks = {"G_ema+E_ema": (run.G_ema, run.E_ema), "G+E": (run.G, run.E), "G_ema+E": (run.G_ema, run.E)}
+    out, scored = {}, {}
+    for name in PAIRS:
+        G, E = networks[name]
+        d = reconstruction_scores(G.synthesis, E, images, metric, device)
         rep = auroc_report(y, d, kinds)
         out[name] = {**rep, "mean_d_inliers": float(d[~y].mean()), "mean_d_outliers": float(d[y].mean())}
-        d_ema = d if d_ema is None else d_ema
-    return out, d_ema
+        scored[name] = d
+    return out, scored[PAIRS[0]]
 
 
 def recon_grid(run: TrainingRun, images: np.ndarray, d: np.ndarray, items, device, per_row: int = 8) -> bytes:
@@ -67,7 +76,7 @@ def recon_grid(run: TrainingRun, images: np.ndarray, d: np.ndarray, items, devic
             if not idx:
                 continue
             x = torch.from_numpy(images[idx]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            rec = to_uint8(reconstruct(run.G_ema.synthesis, run.E, x).image.float().cpu())
+            rec = to_uint8(reconstruct(run.G_ema.synthesis, run.E_ema, x).image.float().cpu())
             rows.append((name, [float(d[i]) for i in idx], images[idx], rec))
     return figures.originals_over_reconstructions(rows)
 
@@ -90,6 +99,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    storage = get_storage()
     images, y, kinds, items = demo_images(config, resolution)
     trivial = trivial_report(images, y, kinds)
     metric = build_metric(config.train.metric, device=device)
@@ -109,22 +119,24 @@ def main() -> None:
         point = {"kimg": length, "actual_kimg": run.kimg, "steps": run.step_count, "train_seconds": round(train_s, 1),
                  **pairs}
         points.append(point)
-        print(f"kimg {length:5.1f} ({train_s:6.0f} s): AUROC G_ema+E {point['G_ema+E']['auroc']:.3f}  "
-              f"G+E {point['G+E']['auroc']:.3f}  mean d in/out {point['G_ema+E']['mean_d_inliers']:.3f}/"
-              f"{point['G_ema+E']['mean_d_outliers']:.3f}", flush=True)
+        print(f"kimg {length:5.1f} ({train_s:6.0f} s): AUROC " + "  ".join(f"{n} {point[n]['auroc']:.3f}" for n in PAIRS)
+              + f"  mean d in/out {point[PAIRS[0]]['mean_d_inliers']:.3f}/{point[PAIRS[0]]['mean_d_outliers']:.3f}",
+              flush=True)
         write_results(out, config, resolution, device, images, lengths, trivial, points)  # partial results survive a kill
         (out / "reconstructions.png").write_bytes(recon_grid(run, images, d_ema, items, device))  # at the latest length
+        run.export_inference({"stage": "joint", "kimg": run.kimg, "bench": "bench_filtering"},
+                             str(out / "generator"), storage)
     report(out, trivial, points)
 
 
 def write_results(out: Path, config: SDSGConfig, resolution: int, device, images, lengths, trivial, points) -> None:
-    untrained = points[0]["G_ema+E"]["auroc"] if lengths[0] == 0 else None
+    untrained = points[0][PAIRS[0]]["auroc"] if lengths[0] == 0 else None
     result = {"config": {"resolution": resolution, "device": str(device), "n": len(images),
                          "batch_size": config.train.batch_size, "metric": config.train.metric, "lengths": lengths},
               "untrained_auroc": untrained, "trivial": trivial, "points": points}
     (out / "filtering.json").write_text(json.dumps(result, indent=2))
     xs = [p["kimg"] for p in points]
-    series = {f"d(x) {pair}": (xs, [p[pair]["auroc"] for p in points]) for pair in ("G_ema+E", "G+E")}
+    series = {f"d(x) {pair}": (xs, [p[pair]["auroc"] for p in points]) for pair in PAIRS}
     for name, rep in trivial.items():
         series[f"trivial: {name}"] = (xs, [rep["separation"]] * len(xs))
     (out / "auroc_vs_kimg.png").write_bytes(figures.curves(
@@ -133,16 +145,16 @@ def write_results(out: Path, config: SDSGConfig, resolution: int, device, images
 
 
 def report(out: Path, trivial: dict, points: list) -> None:
-    untrained = points[0]["G_ema+E"]["auroc"] if points[0]["kimg"] == 0 else None
+    untrained = points[0][PAIRS[0]]["auroc"] if points[0]["kimg"] == 0 else None
     print("\ntrivial detectors (overall AUROC, separation = max(A, 1-A)):")
     for name, rep in trivial.items():
         print(f"  {name:22s} {rep['auroc']:.3f}  sep {rep['separation']:.3f}  "
               + " ".join(f"{k}={v:.2f}" for k, v in rep["auroc_by_kind"].items()))
-    print("\nkimg  AUROC(G_ema+E)  AUROC(G+E)  minus untrained  per kind (G_ema+E)")
+    print("\nkimg  " + "  ".join(f"AUROC({n})" for n in PAIRS) + f"  minus untrained  per kind ({PAIRS[0]})")
     for p in points:
-        delta = "" if untrained is None else f"{p['G_ema+E']['auroc'] - untrained:+.3f}"
-        print(f"{p['kimg']:5.1f} {p['G_ema+E']['auroc']:10.3f} {p['G+E']['auroc']:11.3f} {delta:>14}  "
-              + " ".join(f"{k}={v:.2f}" for k, v in p["G_ema+E"]["auroc_by_kind"].items()))
+        delta = "" if untrained is None else f"{p[PAIRS[0]]['auroc'] - untrained:+.3f}"
+        print(f"{p['kimg']:5.1f} " + " ".join(f"{p[n]['auroc']:{len(n) + 7}.3f}" for n in PAIRS) + f" {delta:>14}  "
+              + " ".join(f"{k}={v:.2f}" for k, v in p[PAIRS[0]]["auroc_by_kind"].items()))
     print(f"\nwrote {out}/filtering.json, auroc_vs_kimg.png, reconstructions.png")
 
 
