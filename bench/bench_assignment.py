@@ -11,7 +11,16 @@ agreement and LPIPS regret depend on, on one generator, with every rule scored o
 - baselines: nearest center in W (the cheap rule the paper ablates) and the commonest center.
 
 It also reports how close the LPIPS rule's own choices are: the share of held-out latents whose two nearest
-centers are within 0.005 LPIPS (near-ties no rule can call from w, and whose miss costs little regret).
+centers are within 0.005 LPIPS (near-ties no rule can call from w, and whose miss costs little regret),
+and two ceilings on what agreement with it can mean:
+
+- the same rule under another trained perceptual network (`--second-metric`, default stlpips-vgg; the paper
+  used LPIPS-VGG): how often two LPIPS networks name the same center, and the regret (in the main metric)
+  of taking the other's choice. A learned rule that agrees with one metric more than the two metrics agree
+  with each other is fitting that network's quirks, not perceptual nearness;
+- the rule's stability in W: the share of held-out latents whose LPIPS choice is unchanged when w moves
+  by eps * (per-dimension std of w) in a random direction (`--perturbations`). A partition that changes
+  under small moves in W is one a smooth classifier needs very many labels to follow.
 
     python3 bench/bench_assignment.py --checkpoint sdsg-demo/stage2 [--clusters 8 64] [--labelled 1000 4000 16000]
 
@@ -63,6 +72,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--metric", default="stlpips-alex")
+    p.add_argument("--second-metric", default="stlpips-vgg", help="another perceptual network ('' to skip)")
+    p.add_argument("--perturbations", type=float, nargs="*", default=[0.05, 0.1, 0.25],
+                   help="eps of the stability check, in units of w's per-dimension std")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default: a temporary directory (kept, printed)")
     args = p.parse_args()
@@ -85,8 +97,14 @@ def main() -> None:
         started = time.perf_counter()
         rows = PassRows([64])
         images = render(G.synthesis, w[:n_label], rows)  # G(w) once, compared with every center set
-    render_s = time.perf_counter() - started
-    test = slice(n_label - args.held_out, n_label)  # the last latents: never fitted on, for every size
+        render_s = time.perf_counter() - started
+        test = slice(n_label - args.held_out, n_label)  # the last latents: never fitted on, for every size
+        w_std = w[:args.n_latents].std(0)
+        generator = torch.Generator().manual_seed(args.seed + 1)
+        moved = {eps: w[test] + eps * w_std * torch.randn(w[test].shape, generator=generator)
+                 for eps in args.perturbations}
+        moved_images = {eps: render(G.synthesis, w_eps, rows) for eps, w_eps in moved.items()}
+    second_metric = build_metric(args.second_metric) if args.second_metric else None
     result: dict = {"checkpoint": args.checkpoint, "identity": bundle.identity, "metric": args.metric,
                     "held_out": args.held_out, "render_s_per_1k": round(1000 * render_s / n_label, 2),
                     "hidden": args.hidden, "steps": args.steps, "clusters": {}}
@@ -107,6 +125,22 @@ def main() -> None:
             "w_top1": base["w_top1"], "w_regret": base["w_regret"], "majority_top1": base["majority_top1"],
             "by_labelled": {},
         }
+        lpips_choice = d_test.argmin(1)
+        if second_metric is not None:
+            other = PerceptualAssigner(G.synthesis, centers, second_metric, rows).distances(images[test]).cpu().argmin(1)
+            entry["second_metric"] = {"name": args.second_metric,
+                                      "top1": round(float((other == lpips_choice).float().mean()), 4),
+                                      "regret_vs_w": round(regret(d_test, other) / max(base["w_regret"], 1e-12), 3)}
+        entry["stability"] = {}
+        nearest_center_distance = torch.cdist(w[test], centers).min(1).values.median()
+        for eps, images_eps in moved_images.items():
+            choice_eps = PerceptualAssigner(G.synthesis, centers, metric, rows).distances(images_eps).cpu().argmin(1)
+            entry["stability"][f"{eps:g}"] = {
+                "unchanged": round(float((choice_eps == lpips_choice).float().mean()), 4),
+                "move_vs_nearest_center": round(float((moved[eps] - w[test]).norm(dim=1).median()
+                                                      / nearest_center_distance), 3)}
+        print(json.dumps({"clusters": k, "second_metric": entry.get("second_metric"),
+                          "stability": entry["stability"]}), flush=True)
         for n in sorted(args.labelled):
             train = slice(0, n)
             labels = distances[train].argmin(1)
@@ -118,7 +152,6 @@ def main() -> None:
                 rules[f"mlp_t{temperature:g}"] = clf.logits(w[test]).argmax(1)
             for name, pred in sklearn_rules(w[train].numpy(), labels.numpy(), w[test].numpy()).items():
                 rules[name] = torch.from_numpy(pred).long()
-            lpips_choice = d_test.argmin(1)
             scores = {}
             for name, pred in rules.items():
                 rule_regret = regret(d_test, pred)
