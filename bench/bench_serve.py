@@ -11,7 +11,7 @@ Measures, in one run on one machine:
   3. the HTTP + Serve overhead: one sequential client over HTTP vs calling the Sampler directly, and the
      batching compute ceiling: a 1-image Sampler call vs its share of a full batch;
   4. (issue 17) multi-modal truncation with the learned assignment vs mean truncation, same seeds, same
-     run (target <= 1.15x), the learned rule's agreement with the full LPIPS rule on the bench seeds, the
+     run (target <= 1.15x; the median ratio over --latency-pairs alternating call pairs), the learned rule's agreement with the full LPIPS rule on the bench seeds, the
      cluster step's own held-out report, and batching's best speedup as a share of the ceiling (target >= 80 %);
   5. the other ceiling batching meets: the same HTTP + Serve path serving a generator that costs next to
      nothing (16 px, 4 channels), unbatched, 16 clients. Its req/s over unbatched serving is the most any
@@ -148,6 +148,27 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def paired_ratio(fn_base, fn_other, pairs: int) -> tuple[float, float, float]:
+    """Median of t(other) / t(base) over calls made in alternating pairs, and the two median times.
+
+    Alternating A, B, A, B ... puts both calls of a pair under the same machine load, so drift from other
+    work cancels in each ratio; timing A's calls then B's (as before) let drift pass for an effect.
+    """
+    fn_base(), fn_other()  # warm
+    ratios, base, other = [], [], []
+    for i in range(pairs):
+        order = (fn_base, fn_other) if i % 2 == 0 else (fn_other, fn_base)  # neither always goes first
+        times = {}
+        for fn in order:
+            t0 = time.perf_counter()
+            fn()
+            times[fn] = time.perf_counter() - t0
+        base.append(times[fn_base])
+        other.append(times[fn_other])
+        ratios.append(times[fn_other] / times[fn_base])
+    return statistics.median(ratios), statistics.median(base), statistics.median(other)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint")
@@ -162,6 +183,8 @@ def main() -> None:
     parser.add_argument("--agreement-samples", type=int, default=256)
     parser.add_argument("--duration", type=float, default=6.0, help="Seconds per load point.")
     parser.add_argument("--repeats", type=int, default=3, help="Rounds over the Serve points (medians reported).")
+    parser.add_argument("--latency-pairs", type=int, default=41,
+                        help="Alternating (mean, learned) call pairs behind the learned/mean latency ratio.")
     parser.add_argument("--num-cpus", type=int, default=None, help="Local Ray CPUs (default: all).")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--n-latents", type=int, default=4000,
@@ -196,11 +219,11 @@ def main() -> None:
             "multimodal_lpips_ms": 1000 * t_multi, "lpips_extra": t_multi / t_mean - 1,
             "multimodal_w_ms": 1000 * t_multi_w, "w_extra": t_multi_w / t_mean - 1}
     sampler_learned = load_sampler(ckpt, clusters, assign_by="learned", batch_size=ns.max_batch_size)
-    t_mean_again = median_time(lambda: sampler.sample(seeds, 0.7, "mean"), 7)
-    t_learned = median_time(lambda: sampler_learned.sample(seeds, 0.7, "multimodal"), 7)
-    t_mean_pair = min(t_mean, t_mean_again)  # mean timed before and after: the lower, against load drift
-    cost.update(mean_again_ms=1000 * t_mean_again, multimodal_learned_ms=1000 * t_learned,
-                learned_vs_mean=t_learned / t_mean_pair, learned_vs_mean_target=1.15)
+    learned_vs_mean, t_mean_paired, t_learned = paired_ratio(lambda: sampler.sample(seeds, 0.7, "mean"),
+                                                             lambda: sampler_learned.sample(seeds, 0.7, "multimodal"),
+                                                             ns.latency_pairs)
+    cost.update(mean_paired_ms=1000 * t_mean_paired, multimodal_learned_ms=1000 * t_learned,
+                learned_vs_mean=learned_vs_mean, learned_vs_mean_pairs=ns.latency_pairs, learned_vs_mean_target=1.15)
     agreement_w = sampler.latents(range(ns.agreement_samples))
     full_choice = sampler.assigner.assign(agreement_w)
     cost["w_same_center_as_full"] = (sampler_w.assigner.assign(agreement_w) == full_choice).float().mean().item()
