@@ -14,6 +14,7 @@ demo dataset (rendered in memory, jpg/png round trip as the files are), and at e
 The ratio printed is AUROC(d) - AUROC(untrained): what training adds. Writes ``<out>/filtering.json``,
 ``<out>/auroc_vs_kimg.png`` (figures.curves) and ``<out>/reconstructions.png`` (originals over G_ema(E(x))
 at the last length: inliers by mode, then outliers by kind) so a person can look at what was learnt, and
+``<out>/samples.png`` (G_ema's samples) and
 ``<out>/generator/inference.pt`` at the last length (the input of bench_assignment.py and `sdsg cluster`).
 """
 
@@ -30,11 +31,11 @@ import torch
 from PIL import Image
 
 from sdsg_ray import figures
-from sdsg_ray.config import SDSGConfig
+from sdsg_ray.config import SDSGConfig, overrides_layer
 from sdsg_ray.dataset.synthetic import MODES, OUTLIER_KINDS, encode, plan, render
 from sdsg_ray.demo import demo_config
 from sdsg_ray.evaluation.controls import auroc_report, reconstruction_scores, trivial_report
-from sdsg_ray.imaging import to_uint8
+from sdsg_ray.imaging import image_grid, to_uint8
 from sdsg_ray.models import reconstruct
 from sdsg_ray.pretrained import build_metric
 from sdsg_ray.storage import get_storage
@@ -81,6 +82,15 @@ def recon_grid(run: TrainingRun, images: np.ndarray, d: np.ndarray, items, devic
     return figures.originals_over_reconstructions(rows)
 
 
+def samples_grid(run: TrainingRun, device, rows: int = 4, per_row: int = 8) -> bytes:
+    """G_ema's own samples (fixed z, psi 1): whether G learnt the inliers, apart from how well E inverts it."""
+    z = torch.randn(rows * per_row, run.G_ema.z_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        images = to_uint8(run.samples(z))
+    return figures.labelled_grid(image_grid(images, per_row, pad=1), [""] * rows,
+                                 f"G_ema samples after {run.kimg:.1f} kimg (psi 1)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="0,1,2,4", help="stage-1 lengths in kimg, comma separated (0 = untrained)")
@@ -88,6 +98,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=None, help="32 on CPU, 64 with --device cuda")
     parser.add_argument("--n", type=int, default=None, help="dataset size (demo default)")
     parser.add_argument("--out", default="bench_filtering_out")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides over the demo's (e.g. train.lambda_l1=1.0 model.channel_max=128): "
+                             "one experiment on why the ranking does or does not emerge")
     args = parser.parse_args()
     lengths = sorted(float(v) for v in args.lengths.split(","))
     resolution = args.resolution or (64 if args.device.startswith("cuda") else 32)
@@ -95,6 +108,7 @@ def main() -> None:
     overrides = {"model.resolution": resolution, "dataset.resolution": resolution, "train.kimg": max(lengths)}
     if args.n:
         overrides["dataset.n"] = args.n
+    overrides.update(overrides_layer(args.set)[1])
     config = demo_config(("set", overrides))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,17 +136,20 @@ def main() -> None:
         print(f"kimg {length:5.1f} ({train_s:6.0f} s): AUROC " + "  ".join(f"{n} {point[n]['auroc']:.3f}" for n in PAIRS)
               + f"  mean d in/out {point[PAIRS[0]]['mean_d_inliers']:.3f}/{point[PAIRS[0]]['mean_d_outliers']:.3f}",
               flush=True)
-        write_results(out, config, resolution, device, images, lengths, trivial, points)  # partial results survive a kill
+        write_results(out, config, resolution, device, images, lengths, trivial, points, overrides)  # partial results survive a kill
         (out / "reconstructions.png").write_bytes(recon_grid(run, images, d_ema, items, device))  # at the latest length
+        (out / "samples.png").write_bytes(samples_grid(run, device))
         run.export_inference({"stage": "joint", "kimg": run.kimg, "bench": "bench_filtering"},
                              str(out / "generator"), storage)
     report(out, trivial, points)
 
 
-def write_results(out: Path, config: SDSGConfig, resolution: int, device, images, lengths, trivial, points) -> None:
+def write_results(out: Path, config: SDSGConfig, resolution: int, device, images, lengths, trivial, points,
+                  overrides: dict) -> None:
     untrained = points[0][PAIRS[0]]["auroc"] if lengths[0] == 0 else None
     result = {"config": {"resolution": resolution, "device": str(device), "n": len(images),
-                         "batch_size": config.train.batch_size, "metric": config.train.metric, "lengths": lengths},
+                         "batch_size": config.train.batch_size, "metric": config.train.metric, "lengths": lengths,
+                         "overrides": overrides},
               "untrained_auroc": untrained, "trivial": trivial, "points": points}
     (out / "filtering.json").write_text(json.dumps(result, indent=2))
     xs = [p["kimg"] for p in points]
