@@ -172,6 +172,8 @@ def main() -> None:
                                               ("regret_vs_w", "LPIPS regret / nearest-in-W's", 0.1, 1.0)):
             series = {name: (sizes, [entry["by_labelled"][str(n)][name][field] for n in sizes]) for name in names}
             series["nearest in W"] = (sizes, [baseline] * len(sizes))
+            if "second_metric" in entry:  # the ceiling: the same rule under another perceptual network
+                series[f"{entry['second_metric']['name']}'s choice"] = (sizes, [entry["second_metric"][field]] * len(sizes))
             series[f"target {target:g}"] = (sizes, [target] * len(sizes))
             path = out / f"assignment_{field}_k{k}.png"
             path.write_bytes(figures.curves(series, "labelled latents", what,
