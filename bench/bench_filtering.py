@@ -2,6 +2,8 @@
 
     python3 bench/bench_filtering.py --lengths 0,1,2,4 --out /tmp/bench_filtering          # CPU, 32 px
     python3 bench/bench_filtering.py --device cuda --lengths 0,1,2,4,8,16,32                # GPU, 64 px
+    python3 bench/bench_filtering.py --set train.lambda_l1=1.0 --out /tmp/bf_l1              # one experiment
+    python3 bench/bench_filtering.py --checkpoint /tmp/bf32/generator --metric stlpips-vgg  # another metric
 
 Stage 1 (the demo's config: model, batch, lr, lambdas, metric, seed) is trained ONCE in-process on the
 demo dataset (rendered in memory, jpg/png round trip as the files are), and at each requested length
@@ -34,7 +36,8 @@ from sdsg_ray import figures
 from sdsg_ray.config import SDSGConfig, overrides_layer
 from sdsg_ray.dataset.synthetic import MODES, OUTLIER_KINDS, encode, plan, render
 from sdsg_ray.demo import demo_config
-from sdsg_ray.evaluation.controls import auroc_report, reconstruction_scores, trivial_report
+from sdsg_ray.checkpoint import load_inference
+from sdsg_ray.evaluation.controls import auroc_report, reconstruction_scores, trivial_report, untrained_scores
 from sdsg_ray.imaging import image_grid, to_uint8
 from sdsg_ray.models import reconstruct
 from sdsg_ray.pretrained import build_metric
@@ -54,8 +57,10 @@ def demo_images(config: SDSGConfig, resolution: int) -> tuple[np.ndarray, np.nda
 PAIRS = ("G_ema+E_ema", "G+E", "G_ema+E")  # the first is what the pipeline scores with (score.pair=ema)
 
 
-def score_pairs(run: TrainingRun, images: np.ndarray, metric, device, y, kinds) -> tuple[dict, np.ndarray]:
-    """AUROC of d(x) for each (synthesis, encoder) pair in PAIRS; also d(x) of the first."""
+def score_pairs(run, images: np.ndarray, metric, device, y, kinds) -> tuple[dict, np.ndarray]:
+    """AUROC of d(x) for each (synthesis, encoder) pair in PAIRS; also d(x) of the first.
+
+    ``run``: a TrainingRun or an InferenceBundle (both hold G_ema, G, E, E_ema)."""
     networks = {"G_ema+E_ema": (run.G_ema, run.E_ema), "G+E": (run.G, run.E), "G_ema+E": (run.G_ema, run.E)}
     out, scored = {}, {}
     for name in PAIRS:
@@ -91,6 +96,27 @@ def samples_grid(run: TrainingRun, device, rows: int = 4, per_row: int = 8) -> b
                                  f"G_ema samples after {run.kimg:.1f} kimg (psi 1)")
 
 
+def score_checkpoint(args, config: SDSGConfig, resolution: int, device) -> None:
+    """Score an exported stage-1 generator with ``--metric`` beside the untrained control in that metric.
+
+    The metric experiment of issue 15: does another perceptual network rank outliers better with the same
+    trained (G, E)? No training; prints and writes ``<out>/metric.json``.
+    """
+    images, y, kinds, _ = demo_images(config, resolution)
+    bundle = load_inference(args.checkpoint, device=device)
+    metric = build_metric(args.metric or config.train.metric, device=device)
+    pairs, _ = score_pairs(bundle, images, metric, device, y, kinds)
+    untrained = auroc_report(y, untrained_scores(bundle.model, config.train.seed, images, metric, device), kinds)
+    result = {"checkpoint": args.checkpoint, "kimg": bundle.meta.get("kimg"), "metric": args.metric or config.train.metric,
+              "untrained": untrained, **pairs}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metric.json").write_text(json.dumps(result, indent=2))
+    print(f"{result['metric']} on {args.checkpoint} ({result['kimg']} kimg): untrained {untrained['auroc']:.3f}  "
+          + "  ".join(f"{n} {pairs[n]['auroc']:.3f}" for n in PAIRS) + "  per kind (" + PAIRS[0] + ") "
+          + " ".join(f"{k}={v:.2f}" for k, v in pairs[PAIRS[0]]["auroc_by_kind"].items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="0,1,2,4", help="stage-1 lengths in kimg, comma separated (0 = untrained)")
@@ -98,6 +124,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=None, help="32 on CPU, 64 with --device cuda")
     parser.add_argument("--n", type=int, default=None, help="dataset size (demo default)")
     parser.add_argument("--out", default="bench_filtering_out")
+    parser.add_argument("--checkpoint", default=None,
+                        help="score this exported stage-1 generator instead of training (with --metric)")
+    parser.add_argument("--metric", default=None, help="perceptual metric of d(x) with --checkpoint (default: "
+                                                       "the demo's train.metric)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides over the demo's (e.g. train.lambda_l1=1.0 model.channel_max=128): "
                              "one experiment on why the ranking does or does not emerge")
@@ -110,6 +140,8 @@ def main() -> None:
         overrides["dataset.n"] = args.n
     overrides.update(overrides_layer(args.set)[1])
     config = demo_config(("set", overrides))
+    if args.checkpoint:
+        return score_checkpoint(args, config, resolution, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
