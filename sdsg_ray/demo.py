@@ -24,15 +24,18 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "sdsg-demo"
 
-# The perceptual metric is the shipped shift-tolerant AlexNet LPIPS (the paper uses LPIPS-VGG): on a CPU
-# the VGG trunk would cost several times the whole training budget.
+# Training's reconstruction loss uses the shipped shift-tolerant AlexNet LPIPS (the paper uses LPIPS-VGG): on a
+# CPU the VGG trunk in every step would cost several times the whole training budget. Scoring d(x) uses the
+# shipped shift-tolerant VGG LPIPS, as the paper does, once per image: a network the reconstruction was not
+# optimised against judges it, and it ranks the demo's outliers where the AlexNet one does not
+# (docs/benchmarks.md, "Which network judges d(x)").
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"resolution": 32, "z_dim": 64, "w_dim": 64, "mapping_layers": 2, "channel_base": 2048,
               "channel_max": 64},
     "dataset": {"n": 800, "resolution": 32, "outlier_fraction": 0.15, "seed": 0},
     "train": {"workers": 1, "cpus_per_worker": 2, "batch_size": 16, "kimg": 2.0, "checkpoint_every_kimg": 1.0,
               "ema_kimg": 0.5, "r1_gamma": 0.1, "metric": "stlpips-alex", "log_every": 20, "seed": 0},
-    "score": {"actors": 1, "batch_size": 64, "cpus_per_actor": 1.0, "metric": "stlpips-alex",
+    "score": {"actors": 1, "batch_size": 64, "cpus_per_actor": 1.0, "metric": "stlpips-vgg",
               "fid_features": "auto"},
     "select": {"target_threshold": 0.2, "threshold_step": 0.04, "min_size": 520},
     "cluster": {"n_latents": 4000, "clusters": 8, "metric": "stlpips-alex", "seed": 0},
