@@ -33,10 +33,10 @@ import torch
 from PIL import Image
 
 from sdsg_ray import figures
+from sdsg_ray.checkpoint import load_inference
 from sdsg_ray.config import SDSGConfig, overrides_layer
 from sdsg_ray.dataset.synthetic import MODES, OUTLIER_KINDS, encode, plan, render
 from sdsg_ray.demo import demo_config
-from sdsg_ray.checkpoint import load_inference
 from sdsg_ray.evaluation.controls import auroc_report, reconstruction_scores, trivial_report, untrained_scores
 from sdsg_ray.imaging import image_grid, to_uint8
 from sdsg_ray.models import reconstruct

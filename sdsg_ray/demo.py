@@ -27,8 +27,8 @@ DEFAULT_OUT = "sdsg-demo"
 # Training's reconstruction loss uses the shipped shift-tolerant AlexNet LPIPS (the paper uses LPIPS-VGG): on a
 # CPU the VGG trunk in every step would cost several times the whole training budget. Scoring d(x) uses the
 # shipped shift-tolerant VGG LPIPS, as the paper does, once per image: a network the reconstruction was not
-# optimised against judges it, and it ranks the demo's outliers where the AlexNet one does not
-# (docs/benchmarks.md, "Which network judges d(x)").
+# optimised against judges it, and on the demo's 2-kimg generator it ranks outliers above its untrained
+# control where the AlexNet one does not (docs/benchmarks.md, "Which network judges d(x)").
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"resolution": 32, "z_dim": 64, "w_dim": 64, "mapping_layers": 2, "channel_base": 2048,
               "channel_max": 64},
