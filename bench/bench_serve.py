@@ -12,7 +12,8 @@ Measures, in one run on one machine:
      batching compute ceiling: a 1-image Sampler call vs its share of a full batch;
   4. (issue 17) multi-modal truncation with the learned assignment vs mean truncation, same seeds, same
      run (target <= 1.15x; the median ratio over --latency-pairs alternating call pairs), the learned
-     rule's agreement with the full LPIPS rule on the bench seeds, the cluster step's own held-out report, and batching's best speedup as a share of the ceiling (target >= 80 %);
+     rule's agreement with the full LPIPS rule on the bench seeds, the cluster step's own held-out report,
+     and batching's best speedup as a share of the ceiling (target >= 80 %);
   5. the other ceiling batching meets: the same HTTP + Serve path serving a generator that costs next to
      nothing (16 px, 4 channels), unbatched, 16 clients. Its req/s over unbatched serving is the most any
      model-side change could add here; batching's share of min(compute ceiling, that) is reported too.
