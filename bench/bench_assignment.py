@@ -111,7 +111,8 @@ def main() -> None:
     for k in args.clusters:
         centers, _ = fit_centers(w[:args.n_latents], k, args.seed)
         started = time.perf_counter()
-        distances = PerceptualAssigner(G.synthesis, centers, metric, rows).distances(images).cpu()
+        assigner = PerceptualAssigner(G.synthesis, centers, metric, rows)  # center features once per K
+        distances = assigner.distances(images).cpu()
         label_s = time.perf_counter() - started
         d_test = distances[test]
         nearest_two = d_test.topk(2, dim=1, largest=False).values
@@ -134,7 +135,7 @@ def main() -> None:
         entry["stability"] = {}
         nearest_center_distance = torch.cdist(w[test], centers).min(1).values.median()
         for eps, images_eps in moved_images.items():
-            choice_eps = PerceptualAssigner(G.synthesis, centers, metric, rows).distances(images_eps).cpu().argmin(1)
+            choice_eps = assigner.distances(images_eps).cpu().argmin(1)
             entry["stability"][f"{eps:g}"] = {
                 "unchanged": round(float((choice_eps == lpips_choice).float().mean()), 4),
                 "move_vs_nearest_center": round(float((moved[eps] - w[test]).norm(dim=1).median()

@@ -26,7 +26,7 @@ DEFAULT_OUT = "sdsg-demo"
 
 # Training's reconstruction loss uses the shipped shift-tolerant AlexNet LPIPS (the paper uses LPIPS-VGG): on a
 # CPU the VGG trunk in every step would cost several times the whole training budget. Scoring d(x) uses the
-# shipped shift-tolerant VGG LPIPS, as the paper does, once per image: a network the reconstruction was not
+# shipped shift-tolerant VGG LPIPS (the paper's VGG family), once per image: a network the reconstruction was not
 # optimised against judges it, and on the demo's 2-kimg generator it ranks outliers above its untrained
 # control where the AlexNet one does not (docs/benchmarks.md, "Which network judges d(x)").
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
