@@ -3,11 +3,14 @@
     python3 bench/bench_filtering.py --lengths 0,1,2,4 --out /tmp/bench_filtering          # CPU, 32 px
     python3 bench/bench_filtering.py --device cuda --lengths 0,1,2,4,8,16,32                # GPU, 64 px
     python3 bench/bench_filtering.py --set train.lambda_l1=1.0 --out /tmp/bf_l1              # one experiment
-    python3 bench/bench_filtering.py --checkpoint /tmp/bf32/generator --metric stlpips-vgg  # another metric
+    python3 bench/bench_filtering.py --checkpoint /tmp/bf32/generator --metric stlpips-alex  # another judge
+    python3 bench/bench_filtering.py --checkpoint /tmp/bf32/generator --held-out-seed 1      # memorised or not
 
 Stage 1 (the demo's config: model, batch, lr, lambdas, metric, seed) is trained ONCE in-process on the
 demo dataset (rendered in memory, jpg/png round trip as the files are), and at each requested length
-(kimg; 0 = the untrained initialisation) every image is scored through ``models.reconstruct``:
+(kimg; 0 = the untrained initialisation) every image is scored through ``models.reconstruct``, in the
+demo's ``score.metric`` (what the pipeline judges d(x) with; ``--metric`` picks another; training keeps
+``train.metric``):
   - d(x) with each (synthesis, encoder) pair: (G_ema, E_ema), what the pipeline scores with by default
     (`score.pair=ema`), (G, E), the live pair trained together (`score.pair=live`), and (G_ema, E), the
     mixed pair the scorer used before issue 15;
@@ -104,17 +107,38 @@ def score_checkpoint(args, config: SDSGConfig, resolution: int, device) -> None:
     """
     images, y, kinds, _ = demo_images(config, resolution)
     bundle = load_inference(args.checkpoint, device=device)
-    metric = build_metric(args.metric or config.train.metric, device=device)
+    metric = build_metric(args.metric or config.score.metric, device=device)
     pairs, _ = score_pairs(bundle, images, metric, device, y, kinds)
     untrained = auroc_report(y, untrained_scores(bundle.model, config.train.seed, images, metric, device), kinds)
-    result = {"checkpoint": args.checkpoint, "kimg": bundle.meta.get("kimg"), "metric": args.metric or config.train.metric,
+    result = {"checkpoint": args.checkpoint, "kimg": bundle.meta.get("kimg"), "metric": args.metric or config.score.metric,
               "untrained": untrained, **pairs}
+    if args.held_out_seed is not None:
+        result["held_out"] = held_out_gap(bundle, config, args.held_out_seed, resolution, metric, device, pairs[PAIRS[0]])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metric.json").write_text(json.dumps(result, indent=2))
     print(f"{result['metric']} on {args.checkpoint} ({result['kimg']} kimg): untrained {untrained['auroc']:.3f}  "
           + "  ".join(f"{n} {pairs[n]['auroc']:.3f}" for n in PAIRS) + "  per kind (" + PAIRS[0] + ") "
           + " ".join(f"{k}={v:.2f}" for k, v in pairs[PAIRS[0]]["auroc_by_kind"].items()))
+
+
+def held_out_gap(bundle, config: SDSGConfig, seed: int, resolution: int, metric, device, trained: dict) -> dict:
+    """Underfitting or memorisation? d(x) of the first pair on a set rendered with another dataset seed (the
+    same plan of kinds, images never trained on) beside the training set's.
+
+    Memorising outliers through the real-image reconstruction term shows as outliers reconstructing better
+    in the training set than held out (an outlier gap well above the inliers'); underfitting shows as no
+    gap for either class with d high for both."""
+    held_config = config.model_copy(update={"dataset": config.dataset.model_copy(update={"seed": seed})})
+    images, y, kinds, _ = demo_images(held_config, resolution)
+    G, E = bundle.G_ema, bundle.E_ema
+    d = reconstruction_scores(G.synthesis, E, images, metric, device)
+    held = {**auroc_report(y, d, kinds), "mean_d_inliers": float(d[~y].mean()), "mean_d_outliers": float(d[y].mean())}
+    gap = {"inliers": held["mean_d_inliers"] - trained["mean_d_inliers"],
+           "outliers": held["mean_d_outliers"] - trained["mean_d_outliers"]}
+    print(f"held out (dataset seed {seed}, {PAIRS[0]}): AUROC {held['auroc']:.3f} (training set {trained['auroc']:.3f}); "
+          f"mean d held out - training set: inliers {gap['inliers']:+.4f}, outliers {gap['outliers']:+.4f}")
+    return {"dataset_seed": seed, "pair": PAIRS[0], **held, "gap_held_out_minus_train": gap}
 
 
 def main() -> None:
@@ -126,8 +150,11 @@ def main() -> None:
     parser.add_argument("--out", default="bench_filtering_out")
     parser.add_argument("--checkpoint", default=None,
                         help="score this exported stage-1 generator instead of training (with --metric)")
-    parser.add_argument("--metric", default=None, help="perceptual metric of d(x) with --checkpoint (default: "
-                                                       "the demo's train.metric)")
+    parser.add_argument("--metric", default=None, help="perceptual metric of d(x) (default: the demo's score.metric, "
+                                                       "what the pipeline judges with; training keeps train.metric)")
+    parser.add_argument("--held-out-seed", type=int, default=None,
+                        help="with --checkpoint: also score a set rendered with this dataset seed (never trained on) "
+                             "and print the held-out minus training-set gap of mean d, inliers and outliers")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides over the demo's (e.g. train.lambda_l1=1.0 model.channel_max=128): "
                              "one experiment on why the ranking does or does not emerge")
@@ -148,8 +175,10 @@ def main() -> None:
     storage = get_storage()
     images, y, kinds, items = demo_images(config, resolution)
     trivial = trivial_report(images, y, kinds)
-    metric = build_metric(config.train.metric, device=device)
-    run = TrainingRun(config, device, metric=metric)
+    train_metric = build_metric(config.train.metric, device=device)
+    run = TrainingRun(config, device, metric=train_metric)
+    metric_name = args.metric or config.score.metric
+    metric = train_metric if metric_name == config.train.metric else build_metric(metric_name, device=device)
     bs = config.train.batch_size
     rng = np.random.default_rng(config.train.seed)
     order = rng.permutation(len(images))
@@ -168,7 +197,7 @@ def main() -> None:
         print(f"kimg {length:5.1f} ({train_s:6.0f} s): AUROC " + "  ".join(f"{n} {point[n]['auroc']:.3f}" for n in PAIRS)
               + f"  mean d in/out {point[PAIRS[0]]['mean_d_inliers']:.3f}/{point[PAIRS[0]]['mean_d_outliers']:.3f}",
               flush=True)
-        write_results(out, config, resolution, device, images, lengths, trivial, points, overrides)  # partial results survive a kill
+        write_results(out, config, resolution, device, images, lengths, trivial, points, overrides, metric_name)  # partial results survive a kill
         (out / "reconstructions.png").write_bytes(recon_grid(run, images, d_ema, items, device))  # at the latest length
         (out / "samples.png").write_bytes(samples_grid(run, device))
         run.export_inference({"stage": "joint", "kimg": run.kimg, "bench": "bench_filtering"},
@@ -177,10 +206,11 @@ def main() -> None:
 
 
 def write_results(out: Path, config: SDSGConfig, resolution: int, device, images, lengths, trivial, points,
-                  overrides: dict) -> None:
+                  overrides: dict, metric_name: str) -> None:
     untrained = points[0][PAIRS[0]]["auroc"] if lengths[0] == 0 else None
     result = {"config": {"resolution": resolution, "device": str(device), "n": len(images),
-                         "batch_size": config.train.batch_size, "metric": config.train.metric, "lengths": lengths,
+                         "batch_size": config.train.batch_size, "train_metric": config.train.metric,
+                         "metric": metric_name, "lengths": lengths,
                          "overrides": overrides},
               "untrained_auroc": untrained, "trivial": trivial, "points": points}
     (out / "filtering.json").write_text(json.dumps(result, indent=2))
@@ -190,7 +220,7 @@ def write_results(out: Path, config: SDSGConfig, resolution: int, device, images
         series[f"trivial: {name}"] = (xs, [rep["separation"]] * len(xs))
     (out / "auroc_vs_kimg.png").write_bytes(figures.curves(
         series, "stage-1 length (kimg; 0 = untrained)", "outlier AUROC (trivial: max(A, 1-A))",
-        f"AUROC of d(x) vs stage-1 length, {resolution} px, {len(images)} images"))
+        f"AUROC of d(x) ({metric_name}) vs stage-1 length, {resolution} px, {len(images)} images"))
 
 
 def report(out: Path, trivial: dict, points: list) -> None:

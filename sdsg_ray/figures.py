@@ -81,7 +81,8 @@ def originals_over_reconstructions(rows: Sequence[tuple[str, Sequence[float], np
     one row, titled with their scores, and their reconstructions G(E(x)) below."""
     plt = _pyplot()
     cols = max([len(scores) for _, scores, _, _ in rows] + [1])
-    fig, axes = plt.subplots(2 * len(rows), cols, figsize=(1.3 * cols, 1.4 * 2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(2 * len(rows), cols, figsize=(1.3 * cols, 1.4 * 2 * len(rows)), squeeze=False,
+                             layout="constrained")  # the title sits on the grid, not above a blank band
     for ax in axes.flat:
         ax.axis("off")
     for r, (name, scores, originals, recons) in enumerate(rows):
