@@ -60,18 +60,23 @@ def demo_images(config: SDSGConfig, resolution: int) -> tuple[np.ndarray, np.nda
 PAIRS = ("G_ema+E_ema", "G+E", "G_ema+E")  # the first is what the pipeline scores with (score.pair=ema)
 
 
-def score_pairs(run, images: np.ndarray, metric, device, y, kinds) -> tuple[dict, np.ndarray]:
-    """AUROC of d(x) for each (synthesis, encoder) pair in PAIRS; also d(x) of the first.
+def pair_networks(run) -> dict:
+    """{pair name in PAIRS: (G, E)}; ``run``: a TrainingRun or an InferenceBundle (both hold G_ema, G, E, E_ema)."""
+    return {"G_ema+E_ema": (run.G_ema, run.E_ema), "G+E": (run.G, run.E), "G_ema+E": (run.G_ema, run.E)}
 
-    ``run``: a TrainingRun or an InferenceBundle (both hold G_ema, G, E, E_ema)."""
-    networks = {"G_ema+E_ema": (run.G_ema, run.E_ema), "G+E": (run.G, run.E), "G_ema+E": (run.G_ema, run.E)}
-    out, scored = {}, {}
+
+def d_report(y: np.ndarray, d: np.ndarray, kinds) -> dict:
+    """AUROC of d(x) overall and per kind, with the mean d of each class."""
+    return {**auroc_report(y, d, kinds), "mean_d_inliers": float(d[~y].mean()), "mean_d_outliers": float(d[y].mean())}
+
+
+def score_pairs(run, images: np.ndarray, metric, device, y, kinds) -> tuple[dict, np.ndarray]:
+    """d_report for each (synthesis, encoder) pair in PAIRS; also d(x) of the first."""
+    networks, out, scored = pair_networks(run), {}, {}
     for name in PAIRS:
         G, E = networks[name]
-        d = reconstruction_scores(G.synthesis, E, images, metric, device)
-        rep = auroc_report(y, d, kinds)
-        out[name] = {**rep, "mean_d_inliers": float(d[~y].mean()), "mean_d_outliers": float(d[y].mean())}
-        scored[name] = d
+        scored[name] = reconstruction_scores(G.synthesis, E, images, metric, device)
+        out[name] = d_report(y, scored[name], kinds)
     return out, scored[PAIRS[0]]
 
 
@@ -107,10 +112,11 @@ def score_checkpoint(args, config: SDSGConfig, resolution: int, device) -> None:
     """
     images, y, kinds, _ = demo_images(config, resolution)
     bundle = load_inference(args.checkpoint, device=device)
-    metric = build_metric(args.metric or config.score.metric, device=device)
+    metric_name = args.metric or config.score.metric
+    metric = build_metric(metric_name, device=device)
     pairs, _ = score_pairs(bundle, images, metric, device, y, kinds)
     untrained = auroc_report(y, untrained_scores(bundle.model, config.train.seed, images, metric, device), kinds)
-    result = {"checkpoint": args.checkpoint, "kimg": bundle.meta.get("kimg"), "metric": args.metric or config.score.metric,
+    result = {"checkpoint": args.checkpoint, "kimg": bundle.meta.get("kimg"), "metric": metric_name,
               "untrained": untrained, **pairs}
     if args.held_out_seed is not None:
         result["held_out"] = held_out_gap(bundle, config, args.held_out_seed, resolution, metric, device, pairs[PAIRS[0]])
@@ -131,9 +137,8 @@ def held_out_gap(bundle, config: SDSGConfig, seed: int, resolution: int, metric,
     gap for either class with d high for both."""
     held_config = config.model_copy(update={"dataset": config.dataset.model_copy(update={"seed": seed})})
     images, y, kinds, _ = demo_images(held_config, resolution)
-    G, E = bundle.G_ema, bundle.E_ema
-    d = reconstruction_scores(G.synthesis, E, images, metric, device)
-    held = {**auroc_report(y, d, kinds), "mean_d_inliers": float(d[~y].mean()), "mean_d_outliers": float(d[y].mean())}
+    G, E = pair_networks(bundle)[PAIRS[0]]
+    held = d_report(y, reconstruction_scores(G.synthesis, E, images, metric, device), kinds)
     gap = {"inliers": held["mean_d_inliers"] - trained["mean_d_inliers"],
            "outliers": held["mean_d_outliers"] - trained["mean_d_outliers"]}
     print(f"held out (dataset seed {seed}, {PAIRS[0]}): AUROC {held['auroc']:.3f} (training set {trained['auroc']:.3f}); "
@@ -167,6 +172,10 @@ def main() -> None:
         overrides["dataset.n"] = args.n
     overrides.update(overrides_layer(args.set)[1])
     config = demo_config(("set", overrides))
+    if args.held_out_seed is not None and not args.checkpoint:
+        parser.error("--held-out-seed scores an exported generator: give --checkpoint too")
+    if args.held_out_seed == config.dataset.seed:
+        parser.error(f"--held-out-seed {args.held_out_seed} is the training set's dataset.seed: pick another")
     if args.checkpoint:
         return score_checkpoint(args, config, resolution, device)
     out = Path(args.out)
@@ -194,7 +203,7 @@ def main() -> None:
         point = {"kimg": length, "actual_kimg": run.kimg, "steps": run.step_count, "train_seconds": round(train_s, 1),
                  **pairs}
         points.append(point)
-        print(f"kimg {length:5.1f} ({train_s:6.0f} s): AUROC " + "  ".join(f"{n} {point[n]['auroc']:.3f}" for n in PAIRS)
+        print(f"kimg {length:6.3g} ({train_s:6.0f} s): AUROC " + "  ".join(f"{n} {point[n]['auroc']:.3f}" for n in PAIRS)
               + f"  mean d in/out {point[PAIRS[0]]['mean_d_inliers']:.3f}/{point[PAIRS[0]]['mean_d_outliers']:.3f}",
               flush=True)
         write_results(out, config, resolution, device, images, lengths, trivial, points, overrides, metric_name)  # partial results survive a kill
@@ -232,7 +241,7 @@ def report(out: Path, trivial: dict, points: list) -> None:
     print("\nkimg  " + "  ".join(f"AUROC({n})" for n in PAIRS) + f"  minus untrained  per kind ({PAIRS[0]})")
     for p in points:
         delta = "" if untrained is None else f"{p[PAIRS[0]]['auroc'] - untrained:+.3f}"
-        print(f"{p['kimg']:5.1f} " + " ".join(f"{p[n]['auroc']:{len(n) + 7}.3f}" for n in PAIRS) + f" {delta:>14}  "
+        print(f"{p['kimg']:6.3g} " + " ".join(f"{p[n]['auroc']:{len(n) + 7}.3f}" for n in PAIRS) + f" {delta:>14}  "
               + " ".join(f"{k}={v:.2f}" for k, v in p[PAIRS[0]]["auroc_by_kind"].items()))
     print(f"\nwrote {out}/filtering.json, auroc_vs_kimg.png, reconstructions.png")
 
