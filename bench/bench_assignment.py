@@ -23,6 +23,10 @@ and two ceilings on what agreement with it can mean:
   under small moves in W is one a smooth classifier needs very many labels to follow.
 
     python3 bench/bench_assignment.py --checkpoint sdsg-demo/stage2 [--clusters 8 64] [--labelled 1000 4000 16000]
+    python3 bench/bench_assignment.py --checkpoint sdsg-demo/stage2 --judge-resolution 128   # the judge's size
+
+``--judge-resolution``: the side G(w) and the center images are resized to before the metric (both metrics;
+as `cluster.judge_resolution`, issue 31); the labels, the agreement and the regret are all in that judge.
 
 Prints JSON; writes assignment_top1_k<K>.png and assignment_regret_vs_w_k<K>.png next to it.
 """
@@ -72,6 +76,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--metric", default="stlpips-alex")
+    p.add_argument("--judge-resolution", type=int, default=None,
+                   help="side the metric sees G(w) and the centers at (default: the image's own)")
     p.add_argument("--second-metric", default="stlpips-vgg", help="another perceptual network ('' to skip)")
     p.add_argument("--perturbations", type=float, nargs="*", default=[0.05, 0.1, 0.25],
                    help="eps of the stability check, in units of w's per-dimension std")
@@ -90,7 +96,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     bundle = load_inference(args.checkpoint)
-    G, metric = bundle.G_ema, build_metric(args.metric)
+    G, metric = bundle.G_ema, build_metric(args.metric, judge_resolution=args.judge_resolution)
     n_label = max(args.labelled) + args.held_out
     with torch.no_grad():
         w = map_latents(G.mapping, G.z_dim, max(args.n_latents, n_label), args.seed)
@@ -104,8 +110,10 @@ def main() -> None:
         moved = {eps: w[test] + eps * w_std * torch.randn(w[test].shape, generator=generator)
                  for eps in args.perturbations}
         moved_images = {eps: render(G.synthesis, w_eps, rows) for eps, w_eps in moved.items()}
-    second_metric = build_metric(args.second_metric) if args.second_metric else None
+    second_metric = (build_metric(args.second_metric, judge_resolution=args.judge_resolution)
+                     if args.second_metric else None)
     result: dict = {"checkpoint": args.checkpoint, "identity": bundle.identity, "metric": args.metric,
+                    "judge_resolution": metric.judged_side(G.resolution), "judge": metric.label(G.resolution),
                     "held_out": args.held_out, "render_s_per_1k": round(1000 * render_s / n_label, 2),
                     "hidden": args.hidden, "steps": args.steps, "clusters": {}}
     for k in args.clusters:
@@ -178,7 +186,7 @@ def main() -> None:
             series[f"target {target:g}"] = (sizes, [target] * len(sizes))
             path = out / f"assignment_{field}_k{k}.png"
             path.write_bytes(figures.curves(series, "labelled latents", what,
-                                            f"K = {k}, {args.held_out} held-out latents"))
+                                            f"K = {k}, {args.held_out} held-out latents, {result['judge']}"))
             result["figures"].append(str(path))
     (out / "assignment.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

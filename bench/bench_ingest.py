@@ -95,7 +95,9 @@ def run(args, root: str, workdir: Path, server) -> dict:
     (workdir / "urls.txt").write_text("\n".join(urls))
     config = load_config(None, {
         "ingest.urls": str(workdir / "urls.txt"), "ingest.out": join(root, "shards"), "ingest.resolution": 32,
-        "ingest.shard_size": args.shard_size, "ingest.tasks": args.tasks, "ingest.threads": args.threads})
+        "ingest.shard_size": args.shard_size, "ingest.tasks": args.tasks, "ingest.threads": args.threads,
+        # The bench's server is on loopback, which the default address policy refuses.
+        "ingest.allow_networks": ["127.0.0.1/32"]})
     shards_summary = run_ingest(config)  # cold: includes starting Ray Data's task workers
     # Warm: the same URLs into another prefix, task workers already running (the steady state of a long run).
     warm_summary = run_ingest(config.model_copy(update={"ingest": config.ingest.model_copy(

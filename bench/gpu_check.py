@@ -16,7 +16,12 @@ No part of the project had run on a GPU before this script; it checks, with the 
      name or --peak-tflops; FLOPs counted here with bench_scoring.flops_per_image, the count
      docs/benchmarks.md reports);
   4. serve: the Sampler at 256 px, batch 1 and 16, mean vs multimodal truncation, ms per image;
-  5. auroc: bench/bench_filtering.py's AUROC-vs-length sweep at 64 px when that benchmark exists.
+  5. paper: serving throughput of the paper's generators (256, 512 and 1024 px with NVIDIA's channel counts:
+     paper256 channel_base 16384, paper512/1024 32768, channel_max 512, z = w = 512, 8 mapping layers;
+     random weights) through the Sampler, float32 against bf16 in NVIDIA's num_fp16_res = 4 blocks (the
+     bundle an `sdsg import` of an SDIP or NVIDIA-zoo pickle gives), batch 1 and 16, with peak GPU memory;
+     --tiny runs the same code at 32 px with tiny channels;
+  6. auroc: bench/bench_filtering.py's AUROC-vs-length sweep at 64 px when that benchmark exists.
 Every section checks the time left (--budget-s) and is skipped with a line rather than overrun it. Weights
 are random (speed does not depend on them). Exits 1 when a loss was not finite.
 """
@@ -43,7 +48,9 @@ NVIDIA_V100_S_PER_KIMG = (21.6, 24.2)  # stylegan2-ada-pytorch README, 256x256, 
 # Dense tensor-core peaks in TFLOP/s for bf16 (fp16 on V100/T4, which lack bf16), from the vendors' sheets.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0,
                "V100": 125.0, "T4": 65.0}
-SECTIONS = ("train", "ddp", "score", "serve", "auroc")
+SECTIONS = ("train", "ddp", "score", "serve", "paper", "auroc")
+# NVIDIA's train.py specs: (resolution, channel_base); channel_max 512, z_dim = w_dim = 512, 8 mapping layers
+PAPER_SIZES = ((256, 16384), (512, 32768), (1024, 32768))
 TABLE_MARKER = "GPU_CHECK_TABLE"
 
 
@@ -266,6 +273,57 @@ def check_serving(config, args, device: str, work: Path, table: Table) -> None:
                       f"{k} centers, LPIPS assignment ({metric.name})" if mode == "multimodal" else "")
 
 
+def check_paper_sizes(args, device: str, table: Table, left) -> None:
+    """ms/image of the Sampler (mean truncation, psi 0.7) on random paper-size generators, fp32 vs bf16."""
+    from sdsg_ray.checkpoint import InferenceBundle
+    from sdsg_ray.config import ModelConfig
+    from sdsg_ray.models.networks import build_generator, set_reduced_precision
+    from sdsg_ray.truncation.sampler import Sampler
+
+    if args.tiny:
+        sizes, batches = [dict(resolution=32, channel_base=256, channel_max=16, z_dim=32, w_dim=32, mapping_layers=2)], (1, 4)
+    else:
+        sizes = [dict(resolution=r, channel_base=base, channel_max=512, z_dim=512, w_dim=512, mapping_layers=8)
+                 for r, base in PAPER_SIZES]
+        batches = (1, 16)
+    reps = 2 if args.tiny else 5
+    for fields in sizes:
+        res = fields["resolution"]
+        if left() < 60:
+            table.add("paper", f"{res} px", None, "ms/image", f"skipped: {left():.0f} s of the budget left")
+            continue
+        model = ModelConfig(num_fp16_res=4, conv_clamp=256.0, **fields)
+        torch.manual_seed(0)
+        G = build_generator(model).to(device).eval().requires_grad_(False)
+        bundle = InferenceBundle(G_ema=G, E=None, w_avg=G.mapping.w_avg, model=model, identity="random", meta={})
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        per_dtype = {}
+        for dtype in (None, torch.bfloat16):
+            blocks = set_reduced_precision(G, dtype)
+            sampler = Sampler(bundle, batch_size=max(batches))
+            for batch in batches:
+                sampler.sample(list(range(batch)), psi=0.7, mode="mean")  # warm-up
+                _sync(device)
+                start = time.perf_counter()
+                for r in range(reps):
+                    sampler.sample([s + 1000 * (r + 1) for s in range(batch)], psi=0.7, mode="mean")
+                _sync(device)
+                ms = (time.perf_counter() - start) / (reps * batch) * 1000
+                per_dtype[(dtype, batch)] = ms
+                name = "bf16" if dtype is not None else "fp32"
+                note = f"bf16 blocks {sorted(blocks)}" if dtype is not None else ""
+                if dtype is not None:
+                    note += f"; {per_dtype[(None, batch)] / ms:.2f}x fp32's img/s"
+                table.add("paper", f"{res} px, batch {batch}, {name}", ms, "ms/image", note)
+        set_reduced_precision(G, None)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        table.add("paper", f"{res} px peak GPU memory", peak, "GiB", "" if peak is not None else "not measured on CPU")
+        del G, bundle, sampler
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def check_auroc(args, table: Table, remaining_s: float) -> None:
     script = ROOT / "bench" / "bench_filtering.py"
     if not script.exists():
@@ -322,6 +380,7 @@ def main(argv=None) -> int:
             table.add(section, "(not run)", None, "-", f"skipped: {left():.0f} s of the budget left")
             continue
         fn(config, args, device, work, table)
+    check_paper_sizes(args, device, table, left)
     check_auroc(args, table, left())
 
     title = f"{name}, torch {torch.__version__}, {time.perf_counter() - started:.0f} s"

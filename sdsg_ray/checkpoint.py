@@ -22,13 +22,15 @@ from torch import Tensor, nn
 
 from sdsg_ray.config import ModelConfig
 from sdsg_ray.errors import UserError
-from sdsg_ray.models.networks import Encoder, Generator, build_encoder, build_generator
+from sdsg_ray.models.networks import Discriminator, Encoder, Generator, build_discriminator, build_encoder, build_generator
 from sdsg_ray.storage import Storage, get_storage, join
 
 log = logging.getLogger(__name__)
 
 INFERENCE_FILE = "inference.pt"
 INFERENCE_FORMAT = "sdsg-inference/1"
+DISCRIMINATOR_FILE = "discriminator.pt"  # beside inference.pt: D for fine-tuning (imports, --resume-from)
+DISCRIMINATOR_FORMAT = "sdsg-discriminator/1"
 IDENTITY_HEX_CHARS = 16
 _REQUIRED_KEYS = ("format", "model", "G_ema", "E", "w_avg", "meta")
 
@@ -52,14 +54,27 @@ class InferenceBundle:
 ScoringPairName = Literal["ema", "live"]
 
 
+def no_encoder_error(bundle: InferenceBundle) -> CheckpointError:
+    """The one message for a bundle without E (an imported generator, or a stage-2 export)."""
+    origin = " (imported generator)" if bundle.meta.get("origin") else ""
+    return CheckpointError(f"checkpoint {bundle.identity}{origin}: this checkpoint has no encoder; "
+                           "run `sdsg train --stage encoder --checkpoint DIR`")
+
+
+def require_encoder(bundle: InferenceBundle) -> Encoder:
+    """``bundle.E``, or the CheckpointError every stage that needs E raises when there is none."""
+    if bundle.E is None:
+        raise no_encoder_error(bundle)
+    return bundle.E
+
+
 def scoring_pair(bundle: InferenceBundle, pair: ScoringPairName) -> tuple[Generator, Encoder]:
     """The (G, E) that computes G(E(x)) for scoring, evaluation and examples (config ``score.pair``).
 
     'ema': (G_ema, E_ema), 'live': (G, E): each pair was trained together. A bundle written before E_ema
     existed falls back to (G_ema, E) with a warning; one without the live G refuses 'live'.
     """
-    if bundle.E is None:
-        raise CheckpointError(f"checkpoint {bundle.identity} has no encoder E: scoring needs a stage-1 (joint) checkpoint")
+    require_encoder(bundle)
     if pair == "live":
         if bundle.G is None:
             raise CheckpointError(f"checkpoint {bundle.identity} has no live G (exported before it was kept): "
@@ -133,6 +148,45 @@ def export_inference(
     return identity
 
 
+def export_discriminator(D: Discriminator, model: ModelConfig, uri: str, storage: Storage | None = None) -> str:
+    """Write D's state dict and its model config to ``uri`` (a .pt file or a directory: ``DIR/discriminator.pt``).
+
+    Plain ``torch.save`` of tensors and JSON-like values, like the inference bundle, so it loads with
+    ``weights_only=True``. Returns the written URI.
+    """
+    storage = storage or get_storage()
+    payload = {"format": DISCRIMINATOR_FORMAT, "model": model.model_dump(mode="json"), "D": _cpu_state(D)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    target = uri if uri.endswith(".pt") else join(uri, DISCRIMINATOR_FILE)
+    storage.write_bytes(target, buffer.getvalue())
+    return target
+
+
+def load_discriminator(uri: str, storage: Storage | None = None, device: str | torch.device = "cpu") -> Discriminator:
+    """D written by :func:`export_discriminator` (trainable, in train mode: it is loaded to be fine-tuned).
+
+    Raises ObjectNotFound when missing, CheckpointError (naming the URI) when unreadable or mismatched.
+    """
+    storage = storage or get_storage()
+    target = uri if uri.endswith(".pt") else join(uri, DISCRIMINATOR_FILE)
+    data = storage.read_bytes(target)
+    try:
+        payload = torch.load(io.BytesIO(data), weights_only=True, map_location=device)
+    except Exception as err:  # see load_inference
+        raise CheckpointError(f"{target}: not a readable torch file ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != DISCRIMINATOR_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{target}: not an sdsg discriminator file (format {found!r}, expected {DISCRIMINATOR_FORMAT!r})")
+    try:
+        model = ModelConfig.model_validate(payload["model"])
+        D = build_discriminator(model)
+        D.load_state_dict(payload["D"])
+    except (KeyError, ValidationError, RuntimeError) as err:
+        raise CheckpointError(f"{target}: discriminator does not match its stored model config: {err}") from None
+    return D.to(device)
+
+
 def _frozen(module: nn.Module, device: str | torch.device) -> nn.Module:
     module = module.to(device).eval()
     module.requires_grad_(False)
@@ -143,7 +197,8 @@ def load_inference(uri: str, storage: Storage | None = None, device: str | torch
     """Load a bundle written by :func:`export_inference`; networks in eval() with requires_grad False.
 
     Raises ObjectNotFound (a FileNotFoundError) when the file is missing and CheckpointError when it is not
-    a readable sdsg inference bundle; both name the URI.
+    a readable sdsg inference bundle; both name the URI. ``E`` is None in a bundle without an encoder (an
+    imported generator, a stage-2 export): stages that need it call :func:`require_encoder`.
     """
     storage = storage or get_storage()
     target = inference_uri(uri)

@@ -38,7 +38,7 @@ log = logging.getLogger("sdsg")
 class Flag:
     """A command-line flag that sets one config field (``const``: a switch that sets that value)."""
 
-    name: str  # e.g. "--gpus-per-worker"
+    name: str  # e.g. "--gpus-per-worker"; without leading dashes: an optional positional argument (e.g. "source")
     field: str  # e.g. "train.gpus_per_worker"
     type: Callable[[str], Any] = str
     const: Any = None
@@ -86,12 +86,13 @@ COMMANDS: dict[str, Command] = {
         _flags("dataset", ("out", str), ("n", int), ("resolution", int), ("outlier-fraction", float), ("seed", int)),
     ),
     "train": Command(
-        "Train StyleGAN2 (+ encoder for stage 'joint') on Ray Train.",
+        "Train StyleGAN2 (+ encoder for stage 'joint'), or an encoder alone for a generator you have "
+        "(--stage encoder --checkpoint DIR), on Ray Train.",
         _stage("train"),
         _flags(
             "train",
             ("data", str), ("out", str), ("stage", str), ("workers", int), ("gpus-per-worker", float),
-            ("kimg", float), ("batch-size", int), ("seed", int),
+            ("kimg", float), ("batch-size", int), ("seed", int), ("checkpoint", str), ("resume-from", str),
         )
         + (Flag("--resolution", "model.resolution", int),),
     ),
@@ -102,6 +103,7 @@ COMMANDS: dict[str, Command] = {
             "score",
             ("data", str), ("checkpoint", str), ("out", str), ("metric", str), ("batch-size", int),
             ("actors", int), ("gpus-per-actor", float), ("cpus-per-actor", float), ("pair", str),
+            ("judge-resolution", int),
         ),
     ),
     "select": Command(
@@ -121,12 +123,33 @@ COMMANDS: dict[str, Command] = {
     "cluster": Command(
         "Fit the multi-modal truncation centers (KMeans on mapped latents).",
         _stage("cluster"),
-        _flags("cluster", ("checkpoint", str), ("out", str), ("n-latents", int), ("clusters", int), ("seed", int)),
+        _flags("cluster", ("checkpoint", str), ("out", str), ("n-latents", int), ("clusters", int), ("seed", int),
+               ("judge-resolution", int)),
     ),
     "serve": Command(
         "Serve the sampler over HTTP with Ray Serve.",
         _stage("serve"),
         _flags("serve", ("checkpoint", str), ("clusters", str), ("port", int), ("host", str)),
+    ),
+    "import": Command(
+        "Import a generator you already have (NVIDIA StyleGAN2 .pkl, without running its code; or an sdsg "
+        ".safetensors) into a checkpoint directory every stage can use.",
+        _stage("import"),
+        (Flag("source", "importer.source", str), Flag("--out", "importer.out", str)),
+    ),
+    "export": Command(
+        "Export a checkpoint's G_ema, E and w_avg without pickle (safetensors, model config as metadata).",
+        _stage("export"),
+        _flags("export", ("checkpoint", str), ("format", str), ("out", str)),
+    ),
+    "generate": Command(
+        "Write one PNG per seed and a grid (mean or multi-modal truncation), like NVIDIA's gen_images.py.",
+        _stage("generate"),
+        _flags(
+            "generate",
+            ("checkpoint", str), ("seeds", str), ("psi", float), ("truncation", str), ("clusters", str),
+            ("assign-by", str), ("out", str), ("batch-size", int),
+        ),
     ),
     "evaluate": Command(
         "FID/KID and the paper's comparisons (FID vs psi, filtered vs random vs raw).",
@@ -165,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{field_description('storage.endpoint_url')} [storage.endpoint_url]")
         for flag in cmd.flags:
             kind = {"action": "store_const", "const": flag.const} if flag.const is not None else {"type": flag.type}
+            if not flag.name.startswith("-"):  # positional: argparse takes the dest as its name
+                p.add_argument(flag.field, metavar=flag.name.upper(), nargs="?", default=None, help=_help(flag), **kind)
+                continue
             p.add_argument(flag.name, dest=flag.field, default=None, help=_help(flag), **kind)
         p.add_argument("--print-config", action="store_true",
                        help="Print the resolved config (each value a layer set is marked with that layer) and exit.")

@@ -6,6 +6,7 @@ overrides single fields with dotted names (``train.kimg=2``). Validation errors 
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -55,6 +56,9 @@ class ModelConfig(Section):
     channel_base: int = Field(2048, gt=0, description="Channels at resolution r are min(channel_base // r, channel_max).")
     channel_max: int = Field(64, gt=0, description="Most channels of any layer (512 in the paper).")
     encoder_w_plus: bool = Field(False, description="Encoder predicts one w per layer (W+) instead of one w.")
+    mbstd_group: int = Field(4, ge=1, description="D's minibatch-std group size (NVIDIA's mbstd_group_size; 4, or 8 "
+                             "in its paper256/512/1024 configs).")
+    mbstd_channels: int = Field(1, ge=1, description="Channels D's minibatch-std layer appends (NVIDIA's mbstd_num_channels).")
     num_fp16_res: int = Field(
         4, ge=0, description="Mixed precision (NVIDIA's policy): the N highest-resolution blocks of G, D and E compute in "
         "precision_dtype when train.mixed_precision is on; mapping, 4x4 blocks, losses and regularisers stay fp32. 0 disables.")
@@ -73,6 +77,13 @@ class ModelConfig(Section):
         return r
 
 
+def _judge_resolution(r: int | None) -> int | None:
+    """None, or a power of two in 32..1024: the AlexNet trunks need 32 px (pretrained.MIN_METRIC_SIDE)."""
+    if r is not None and (r < 32 or r > 1024 or r & (r - 1)):
+        raise ValueError(f"must be a power of two in 32..1024 (the side the perceptual metric sees), or null; got {r}")
+    return r
+
+
 class DatasetConfig(Section):
     """The Internet-like synthetic dataset (inliers in several modes plus planted outliers)."""
 
@@ -84,10 +95,18 @@ class DatasetConfig(Section):
 
 
 class TrainConfig(Section):
-    """Stage-1 (joint G+E) and stage-2 (generator only) training."""
+    """Stage-1 (joint G+E), stage-2 (generator only) and encoder-only training."""
 
-    stage: Literal["joint", "generator"] = Field(
-        "joint", description="'joint': G, D and the encoder E (stage 1); 'generator': G and D only (stage 2).")
+    stage: Literal["joint", "generator", "encoder"] = Field(
+        "joint", description="'joint': G, D and the encoder E (stage 1); 'generator': G and D only (stage 2); "
+        "'encoder': E alone against the frozen G_ema of train.checkpoint (a generator you already have).")
+    checkpoint: str | None = Field(
+        None, description="Stage 'encoder' only: the frozen generator (training --out directory, imported directory "
+        "or inference.pt); the model section is taken from it.")
+    resume_from: str | None = Field(
+        None, description="Stages 'joint'/'generator': start G, G_ema and D from this directory (inference.pt + "
+        "discriminator.pt, e.g. an `sdsg import`), E fresh, kimg from 0, no EMA ramp-up (NVIDIA's --resume); "
+        "the model section is taken from it.")
     data: str = Field("data/raw/images", description="Image prefix URI or a manifest (.parquet) of image URIs.")
     out: str = Field("runs/stage1", description="Checkpoints, sample grids and inference.pt go here.")
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
@@ -122,6 +141,17 @@ class TrainConfig(Section):
     cache_max_mb: float = Field(1024.0, ge=0, description="Decode the whole set into memory when it fits in this many MB.")
     data_workers: int = Field(2, ge=0, description="DataLoader processes per worker when images are read lazily.")
 
+    @model_validator(mode="after")
+    def _stage_inputs(self) -> "TrainConfig":
+        if self.stage == "encoder" and not self.checkpoint:
+            raise ValueError("stage 'encoder' trains E against a frozen generator: set train.checkpoint (--checkpoint)")
+        if self.stage != "encoder" and self.checkpoint:
+            raise ValueError(f"train.checkpoint is the frozen generator of stage 'encoder', not of stage {self.stage!r} "
+                             "(to fine-tune G and D from a directory use train.resume_from)")
+        if self.stage == "encoder" and self.resume_from:
+            raise ValueError("stage 'encoder' keeps G frozen; train.resume_from fine-tunes G and D (stages joint/generator)")
+        return self
+
 
 class ScoreConfig(Section):
     """Self-filtering step 1: d(x) = LPIPS(x, G(E(x))) for every image, with Ray Data."""
@@ -133,6 +163,10 @@ class ScoreConfig(Section):
     pair: Literal["ema", "live"] = Field(
         "ema", description="Which (G, E) computes G(E(x)): 'ema' (G_ema, E_ema), 'live' (G, E); both pairs "
         "were trained together, unlike G_ema with the live E.")
+    judge_resolution: int | None = Field(
+        None, description="Side in px x and G(E(x)) are both resized to before the perceptual metric (area when "
+        "shrinking, bilinear when enlarging: pretrained.judge_resize); null: the image's own size. A power of two "
+        "in 32..1024 (docs/benchmarks.md, 'The judge's size').")
     fid_features: FeatureName = Field("auto", description="Features for FD(Y, X): Inception when present.")
     batch_size: int = Field(32, gt=0, description="Images per scoring call.")
     actors: int = Field(1, ge=1, description="Scoring actors (each holds G, E and the metric).")
@@ -145,6 +179,11 @@ class ScoreConfig(Section):
         description="Keys per manifest shard = rows per score shard, the unit of resume; the driver buffers "
         "the scores (with both FID feature vectors) of the shards in flight.",
     )
+
+    @field_validator("judge_resolution")
+    @classmethod
+    def _judge_side(cls, r: int | None) -> int | None:
+        return _judge_resolution(r)
 
 
 class IngestConfig(Section):
@@ -159,8 +198,26 @@ class IngestConfig(Section):
     threads: int = Field(16, ge=1, description="Concurrent downloads per shard task (the paper's script: 16).")
     tasks: int = Field(2, ge=1, description="Shard tasks running at once (Ray Data): at most tasks x threads requests.")
     retries: int = Field(2, ge=0, description="Extra attempts on a timeout, connection error or HTTP 5xx/429.")
-    timeout_s: float = Field(10.0, gt=0, description="Seconds per HTTP request.")
+    timeout_s: float = Field(10.0, gt=0, description="Total deadline per attempt, in seconds: resolving, connecting, "
+                             "headers and the whole body (not per read; a server dripping bytes is cut off).")
+    max_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest body read; longer ones are cut at the cap "
+                           "whatever Content-Length says (status 'failed: too large').")
+    max_redirects: int = Field(5, ge=0, description="Redirects followed per URL; each hop's address is checked again.")
+    allow_networks: list[str] = Field(default_factory=list, description="CIDRs fetched from although not public "
+                                      "(e.g. ['10.1.0.0/16'] for an internal mirror). Default: public addresses only; "
+                                      "loopback, private, link-local (cloud metadata), shared, multicast and reserved "
+                                      "addresses are refused before connecting (status 'refused: address').")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the stored images.")
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as err:
+                raise ValueError(f"not a CIDR network: {cidr!r} ({err})") from None
+        return value
 
 
 class SelectConfig(Section):
@@ -173,11 +230,15 @@ class SelectConfig(Section):
     threshold_step: float = Field(0.005, gt=0, description="Grid spacing of theta.")
     min_size: int = Field(70_000, ge=1, description="|Y| must stay at or above this (FFHQ's size).")
     checkpoint: str | None = Field(
-        None, description="For best_worst.png only; default: the checkpoint recorded in the scores' summary.json."
+        None, description="For best_worst.png and curation.html's thumbnails only; default: the checkpoint "
+        "recorded in the scores' summary.json."
     )
     examples: int = Field(8, ge=1, description="Best and worst reconstructions shown in best_worst.png.")
     labels: str | None = Field(None, description="labels.csv of planted outliers (synthetic data): report.json "
                                "then gives the precision and recall of outlier removal beside random removal.")
+    page_images: int = Field(2000, ge=0, description="Thumbnails on curation.html, ordered by d(x): every image "
+                             "up to this many, a stratified sample (by d(x)) beyond; 0: no thumbnails.")
+    page_thumb_size: int = Field(64, ge=8, description="Largest side of a curation.html thumbnail, in pixels.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "SelectConfig":
@@ -194,6 +255,9 @@ class ClusterConfig(Section):
     n_latents: int = Field(60_000, gt=0, description="Random z mapped to w and clustered (60,000 in the paper).")
     clusters: int = Field(64, gt=0, description="KMeans centers (64 in the paper).")
     metric: MetricName = Field("auto", description="Perceptual metric the sampler assigns centers with.")
+    judge_resolution: int | None = Field(
+        None, description="Side in px G(w) and the center images are resized to before that metric (as "
+        "score.judge_resolution; null: the image's own size). Recorded in clusters.pt; the sampler uses it.")
     seed: int = Field(0, description="Seed of the z and of KMeans.")
     classifier_latents: int = Field(
         10_000, ge=0, description="Mapped latents labelled with their LPIPS-nearest center to fit the learned "
@@ -206,6 +270,11 @@ class ClusterConfig(Section):
     classifier_temperature: float = Field(
         0.01, ge=0, description="Fit the MLP to softmax(-LPIPS distances / temperature) over all centers "
         "(0: to the nearest center alone), so near-ties are learnt as ties (bench/bench_assignment.py).")
+
+    @field_validator("judge_resolution")
+    @classmethod
+    def _judge_side(cls, r: int | None) -> int | None:
+        return _judge_resolution(r)
 
     @model_validator(mode="after")
     def _enough_latents(self) -> "ClusterConfig":
@@ -309,6 +378,38 @@ class PipelineConfig(Section):
                         "until Ctrl-C (the demo's default; --no-serve turns it off).")
 
 
+class ImportConfig(Section):
+    """``sdsg import``: a generator you already have -> an sdsg checkpoint directory (no code from it runs)."""
+
+    source: str | None = Field(None, description="NVIDIA StyleGAN2 snapshot .pkl (stylegan2-ada-pytorch or stylegan3's "
+                               "StyleGAN2) or an `sdsg export` .safetensors: local path or s3:// URI.")
+    out: str = Field("runs/imported", description="Directory that gets inference.pt (and discriminator.pt).")
+
+
+class ExportConfig(Section):
+    """``sdsg export``: a checkpoint as a pickle-free file."""
+
+    checkpoint: str = Field("runs/stage2", description="Training --out directory, import --out, or an inference.pt.")
+    format: Literal["safetensors"] = Field("safetensors", description="File format of the export.")
+    out: str | None = Field(None, description="Directory (gets model.safetensors) or a .safetensors path; "
+                            "default: the checkpoint's directory.")
+
+
+class GenerateConfig(Section):
+    """``sdsg generate``: PNGs and a grid for a list of seeds, like NVIDIA's gen_images.py."""
+
+    checkpoint: str = Field("runs/stage2", description="Generator to sample from (any checkpoint or import --out).")
+    seeds: str = Field("0-7", description="Seeds: ranges and lists, e.g. '0-31' or '1,5,9-12'.")
+    psi: float = Field(0.7, ge=0, le=1, description="Truncation psi.")
+    truncation: Literal["none", "mean", "multimodal"] = Field(
+        "mean", description="none, mean (StyleGAN's global mean) or multimodal (nearest cluster center; needs --clusters).")
+    clusters: str | None = Field(None, description="`sdsg cluster` --out of this checkpoint (multimodal truncation).")
+    assign_by: Literal["auto", "lpips", "learned", "w"] = Field(
+        "auto", description="How multimodal truncation picks the nearest center ('auto': learned if fitted, else lpips).")
+    out: str = Field("runs/generated", description="seedNNNN.png per seed and grid.png go here.")
+    batch_size: int = Field(16, ge=1, description="Images per forward pass.")
+
+
 class SDSGConfig(Section):
     """Every section, plus where each value came from (see :func:`build_config`)."""
 
@@ -323,6 +424,9 @@ class SDSGConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    importer: ImportConfig = Field(default_factory=ImportConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
     # "section.field" -> the layer that set it last; absent = the built-in default.
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)

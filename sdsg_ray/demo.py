@@ -28,7 +28,9 @@ DEFAULT_OUT = "sdsg-demo"
 # CPU the VGG trunk in every step would cost several times the whole training budget. Scoring d(x) uses the
 # shipped shift-tolerant VGG LPIPS (the paper's VGG family), once per image: a network the reconstruction was not
 # optimised against judges it, and on the demo's 2-kimg generator it ranks outliers above its untrained
-# control where the AlexNet one does not (docs/benchmarks.md, "Which network judges d(x)").
+# control where the AlexNet one does not (docs/benchmarks.md, "Which network judges d(x)"). Both judge at the
+# images' own 32 px (judge_resolution null): shown the images at 64-256 px, no judge beat its untrained control by
+# more on both training seeds, at 2-10x the cost (docs/benchmarks.md, "The judge's size").
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"resolution": 32, "z_dim": 64, "w_dim": 64, "mapping_layers": 2, "channel_base": 2048,
               "channel_max": 64},
@@ -36,9 +38,9 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"workers": 1, "cpus_per_worker": 2, "batch_size": 16, "kimg": 2.0, "checkpoint_every_kimg": 1.0,
               "ema_kimg": 0.5, "r1_gamma": 0.1, "metric": "stlpips-alex", "log_every": 20, "seed": 0},
     "score": {"actors": 1, "batch_size": 64, "cpus_per_actor": 1.0, "metric": "stlpips-vgg",
-              "fid_features": "auto"},
+              "judge_resolution": None, "fid_features": "auto"},
     "select": {"target_threshold": 0.2, "threshold_step": 0.04, "min_size": 520},
-    "cluster": {"n_latents": 4000, "clusters": 8, "metric": "stlpips-alex", "seed": 0},
+    "cluster": {"n_latents": 4000, "clusters": 8, "metric": "stlpips-alex", "judge_resolution": None, "seed": 0},
     "serve": {"host": "127.0.0.1", "port": 8000, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
     "evaluate": {"num_samples": 200, "psis": [0.3, 0.5, 0.7, 1.0], "grid_seeds": 10, "grid_psi": 0.5,
                  "fid_features": "auto", "batch_size": 64},

@@ -14,6 +14,13 @@ LPIPS, written out (this is exactly what ``lpips.LPIPS.forward`` computes, ``spa
     d(x, y)   = sum_l mean_{h,w} sum_c w_{l,c} (f_l(x) - f_l(y))_{c,h,w}^2  with w_l the 1x1 "lin" weights
 so the per-layer features can be cached (:meth:`PerceptualMetric.features`) and distances computed later
 (:meth:`PerceptualMetric.distance_from_features`, :meth:`PerceptualMetric.pairwise_distance_from_features`).
+
+The judge's size (``judge_resolution``): the LPIPS heads were calibrated on 64 x 64 patches, and the deeper
+trunk layers shrink a 32-px image to 2 x 2 maps, so how large the metric sees an image is a parameter of
+the method (issue 31; NVIDIA's projector resizes to 256 px before LPIPS-VGG). A metric built with a
+``judge_resolution`` resizes every input to that side inside :meth:`PerceptualMetric.features`, the one
+door every distance goes through, so d(x) in scoring and in the controls and the perceptual assignment of
+multi-modal truncation all judge at the size they were configured with (:func:`judge_resize`).
 """
 
 from __future__ import annotations
@@ -138,20 +145,66 @@ def _build_upstream(name: str) -> nn.Module:
     return module
 
 
-class PerceptualMetric(nn.Module):
-    """LPIPS-family distance with cacheable features. Frozen, eval mode; differentiable in its inputs."""
+def judge_resize(x: Tensor, side: int) -> Tensor:
+    """x NCHW -> [N, C, side, side]: the one resize rule of the judge, the same for x and G(E(x)).
 
-    def __init__(self, name: str, upstream: nn.Module):
+    Shrinking: ``area`` (each output pixel the mean of the input pixels it covers, a box filter). It is
+    exact for the power-of-two factors used here and aliases nothing: no detail finer than the judge's
+    grid folds back into coarser, false detail. Enlarging: ``bilinear`` (``align_corners=False``), a smooth
+    filter that adds no detail and, unlike bicubic, never overshoots: no ringing at edges for the trunk
+    to read as texture, and values stay within [-1, 1]. The same side (no-op) returns x itself.
+    """
+    if x.shape[-2:] == (side, side):
+        return x
+    shrinking = x.shape[-2] > side and x.shape[-1] > side
+    if shrinking:
+        return F.interpolate(x, size=(side, side), mode="area")
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def judged_side(judge_resolution: int | None, side: int) -> int:
+    """The side a metric built with ``judge_resolution`` feeds its trunk for an input of side ``side``."""
+    return judge_resolution or max(side, MIN_METRIC_SIDE)
+
+
+def judge_label(name: str, judge_resolution: int | None, side: int) -> str:
+    """Metric and size together, as summaries and reports name the judge: "stlpips-vgg at 128 px"."""
+    return f"{name} at {judged_side(judge_resolution, side)} px"
+
+
+class PerceptualMetric(nn.Module):
+    """LPIPS-family distance with cacheable features. Frozen, eval mode; differentiable in its inputs.
+
+    ``judge_resolution``: the side every input is resized to before the trunk (:func:`judge_resize`);
+    None judges images at their own size (the upsampling to MIN_METRIC_SIDE aside), the behaviour
+    before issue 31 and what training's reconstruction loss uses.
+    """
+
+    def __init__(self, name: str, upstream: nn.Module, judge_resolution: int | None = None):
         super().__init__()
+        if judge_resolution is not None and (judge_resolution < MIN_METRIC_SIDE or judge_resolution & (judge_resolution - 1)):
+            raise ConfigError(f"judge_resolution must be a power of two >= {MIN_METRIC_SIDE} "
+                              f"(the AlexNet trunk's smallest input), got {judge_resolution}")
         self.name = name
+        self.judge_resolution = judge_resolution
         self.scaling_layer = upstream.scaling_layer  # (x - shift) / scale, ImageNet-style
         self.net = upstream.net  # trunk: returns a namedtuple of per-layer activations
         self.lins = upstream.lins  # per-layer 1x1 convs, no bias, one output channel
 
+    def judged_side(self, side: int) -> int:
+        """The side the trunk sees for an input of side ``side``."""
+        return judged_side(self.judge_resolution, side)
+
+    def label(self, side: int) -> str:
+        """What judged an input of side ``side``, for summaries and reports: "stlpips-vgg at 128 px"."""
+        return judge_label(self.name, self.judge_resolution, side)
+
     def features(self, x: Tensor) -> list[Tensor]:
         """Unit-normalised (over channels) activations of each trunk layer, [B, C_l, H_l, W_l]."""
         assert x.ndim == 4 and x.shape[1] == 3, f"expected NCHW RGB, got {tuple(x.shape)}"
-        if min(x.shape[-2:]) < MIN_METRIC_SIDE:
+        if self.judge_resolution is not None:
+            x = judge_resize(x, self.judge_resolution)
+        elif min(x.shape[-2:]) < MIN_METRIC_SIDE:
             x = F.interpolate(x, size=(MIN_METRIC_SIDE, MIN_METRIC_SIDE), mode="bilinear", align_corners=False)
         # Same eps as lpips.normalize_tensor, so forward() matches the upstream module to float precision.
         return [f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10) for f in self.net(self.scaling_layer(x))]
@@ -189,10 +242,12 @@ class PerceptualMetric(nn.Module):
         return self.distance_from_features(self.features(x), self.features(y))
 
 
-def build_metric(name: str = "auto", device: str | torch.device = "cpu") -> PerceptualMetric:
-    """A frozen perceptual metric on ``device`` (eval mode, no parameter requires grad)."""
+def build_metric(name: str = "auto", device: str | torch.device = "cpu",
+                 judge_resolution: int | None = None) -> PerceptualMetric:
+    """A frozen perceptual metric on ``device`` (eval mode, no parameter requires grad) that judges its
+    inputs at ``judge_resolution`` px (None: at their own size)."""
     name = resolve_metric(name)
-    metric = PerceptualMetric(name, _build_upstream(name)).eval().to(device)
+    metric = PerceptualMetric(name, _build_upstream(name), judge_resolution).eval().to(device)
     for p in metric.parameters():
         p.requires_grad_(False)
     return metric
@@ -322,6 +377,6 @@ def build_fid_features(
 
 
 __all__ = [
-    "METRIC_NAMES", "PretrainedMissing", "PerceptualMetric", "resolve_metric", "build_metric",
+    "METRIC_NAMES", "PretrainedMissing", "PerceptualMetric", "judge_resize", "judge_label", "judged_side", "resolve_metric", "build_metric",
     "FeatureExtractor", "build_fid_features", "distance_labels", "find_inception", "frechet_distance",
 ]

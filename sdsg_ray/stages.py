@@ -14,10 +14,12 @@ from sdsg_ray.config import SDSGConfig
 from sdsg_ray.dataset.synthetic import run_make_dataset
 from sdsg_ray.distributed.train import run_training
 from sdsg_ray.evaluation.evaluate import run_evaluation
+from sdsg_ray.export import run_export, run_import
 from sdsg_ray.filtering.score import run_scoring
 from sdsg_ray.filtering.select import run_selection
 from sdsg_ray.ingest import run_ingest
 from sdsg_ray.truncation.clusters import run_clustering
+from sdsg_ray.truncation.generate import run_generate
 
 Stage = Callable[[SDSGConfig], Any]
 
@@ -30,4 +32,7 @@ STAGES: dict[str, Stage] = {
     "cluster": run_clustering,
     "evaluate": run_evaluation,
     "serve": run_serve,
+    "import": run_import,
+    "export": run_export,
+    "generate": run_generate,
 }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import mimetypes
 import os
 import tempfile
 import threading
@@ -80,6 +81,13 @@ def join(uri: str, *parts: str) -> str:
         if part:
             out = f"{out}/{part}" if not out.endswith("/") else f"{out}{part}"
     return out
+
+
+def _content_type(key: str) -> dict[str, str]:
+    """The object's Content-Type from its name, so an S3 website serves pages and images (the report, the
+    curation page and its sprites) as such; S3 would otherwise label every upload binary/octet-stream."""
+    content_type, _ = mimetypes.guess_type(key)
+    return {"ContentType": content_type} if content_type else {}
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -366,9 +374,9 @@ class S3Objects:
         spool.seek(0)
         with self.errors(uri, "PUT"):
             if size <= _SINGLE_PUT_BYTES:
-                self.client.put_object(Bucket=bucket, Key=key, Body=spool.read())  # one PUT: atomic on S3
+                self.client.put_object(Bucket=bucket, Key=key, Body=spool.read(), **_content_type(key))  # one PUT: atomic on S3
             else:
-                self.client.upload_fileobj(spool, bucket, key)
+                self.client.upload_fileobj(spool, bucket, key, ExtraArgs=_content_type(key))
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         if len(data) > _SINGLE_PUT_BYTES:
@@ -377,7 +385,7 @@ class S3Objects:
             return
         bucket, key = split_s3(uri)
         with self.errors(uri, "PUT"):
-            self.client.put_object(Bucket=bucket, Key=key, Body=data)
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, **_content_type(key))
 
     def delete(self, uri: str) -> None:
         bucket, key = split_s3(uri)

@@ -6,6 +6,7 @@
 
 Multi-sample responses (POST /v1/samples): ``format=png`` -> JSON ``{"seeds": [...], "images": [base64 PNG,
 ...]}``; ``format=grid`` -> one PNG grid (row-major in seed order); ``format=npy`` -> one .npy uint8 [N, R, R, 3].
+``GET /`` is the sampler page (serve_app/static/index.html), a client of these same endpoints.
 """
 
 # No `from __future__ import annotations` here: Serve's ingress rebuilds the endpoint functions and FastAPI
@@ -14,12 +15,13 @@ import asyncio
 import base64
 import io
 import math
+from importlib import resources
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError
@@ -40,6 +42,10 @@ from .schemas import (
     on_unavailable,
     on_validation_error,
 )
+
+
+# Plain HTML + JS calling this API with relative URLs (so it works under any route prefix), no CDN: offline.
+SAMPLER_PAGE = resources.files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -170,6 +176,11 @@ class Ingress:
         except (RayActorError, DeploymentUnavailableError) as err:
             raise ServiceUnavailable(f"the sampler replica is restarting ({type(err).__name__}); retry") from None
         return np.concatenate(parts)
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The sampler page (serve_app/static/index.html): controls, model card, a grid of samples."""
+        return HTMLResponse(SAMPLER_PAGE)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

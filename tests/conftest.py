@@ -43,6 +43,30 @@ def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s}s")
 
 
+def cluster_worker_pids(actor_class: str) -> list[int]:
+    """PIDs of the Ray worker processes that run ``actor_class`` (e.g. ``RayTrainWorker``,
+    ``ServeReplica:sdsg:SamplerDeployment``) in the Ray cluster this test process started.
+
+    The test cluster (``ray_cluster``, or one a test builds with ``ray.cluster_utils.Cluster``) is started
+    by this process, so its raylets are this process's children and every worker is a raylet's child:
+    only this process tree is searched, never the machine, so another test run's (or anyone's) Ray
+    processes are never found, let alone killed. The state API (``ray.util.state.list_actors``, which
+    gives PIDs) needs the dashboard, which test clusters do not start. A worker names itself
+    ``ray::<class>`` (``ray::<class>.<method>`` while it runs one)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title, parent = proc.cmdline(), proc.parent()
+            raylet = parent is not None and os.path.basename((parent.cmdline() or [""])[0]) == "raylet"
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue  # ended while we looked
+        if raylet and title and title[0].split(".")[0] == f"ray::{actor_class}":
+            pids.append(proc.pid)
+    return sorted(pids)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto in server mode as a separate process on 127.0.0.1; yields its endpoint URL."""

@@ -25,7 +25,7 @@ def test_gpu_check_tiny_prints_the_full_table_with_finite_numbers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     sections = [r["section"] for r in rows]
-    assert sorted(set(sections), key=sections.index) == ["train", "ddp", "score", "serve", "auroc"]
+    assert sorted(set(sections), key=sections.index) == ["train", "ddp", "score", "serve", "paper", "auroc"]
 
     by = {s: [r for r in rows if r["section"] == s] for s in set(sections)}
     assert [r["unit"] for r in by["train"]] == ["s/kimg", "img/s", "count"]
@@ -36,8 +36,13 @@ def test_gpu_check_tiny_prints_the_full_table_with_finite_numbers(tmp_path):
     assert len(by["serve"]) == 4 and {r["setting"].split(", ", 1)[1] for r in by["serve"]} == {
         "batch 1, mean", "batch 1, multimodal", "batch 16, mean", "batch 16, multimodal"}
     assert len(by["auroc"]) == 1
+    # the paper-size serving section at its --tiny size: fp32 and bf16 at batch 1 and 4, then memory
+    assert [r["setting"] for r in by["paper"]] == [
+        "32 px, batch 1, fp32", "32 px, batch 4, fp32", "32 px, batch 1, bf16", "32 px, batch 4, bf16",
+        "32 px peak GPU memory"]
+    assert "bf16 blocks [8, 16, 32]" in by["paper"][2]["note"] and by["paper"][4]["value"] is None
     for r in rows:
-        if r["section"] not in ("ddp", "auroc"):
+        if r["section"] not in ("ddp", "auroc") and r["unit"] != "GiB":
             assert r["value"] is not None and math.isfinite(r["value"]) and r["value"] >= 0, r
             if r["unit"] != "count":
                 assert r["value"] > 0, r

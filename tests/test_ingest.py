@@ -9,6 +9,7 @@ import json
 import tarfile
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -28,6 +29,7 @@ from sdsg_ray.storage import get_storage, join
 
 N_GOOD, N_MISSING, N_TRUNCATED, N_SLOW, N_FLAKY = 14, 3, 3, 2, 2
 SHARD_SIZE = 6
+LOOPBACK = "127.0.0.1/32"  # the test servers' network; by default ingest refuses it like any non-public one
 
 
 def _png(index: int, size: int = 48) -> bytes:
@@ -110,7 +112,7 @@ def url_list(base: str) -> list[str]:
 def ingest_config(urls: str, out: str, fmt: str = "tar", **extra):
     values = {"ingest.urls": urls, "ingest.out": out, "ingest.format": fmt, "ingest.resolution": 32,
               "ingest.shard_size": SHARD_SIZE, "ingest.threads": 4, "ingest.tasks": 2, "ingest.retries": 2,
-              "ingest.timeout_s": 5.0, **extra}
+              "ingest.timeout_s": 5.0, "ingest.allow_networks": [LOOPBACK], **extra}
     return load_config(None, values)
 
 
@@ -180,19 +182,205 @@ def test_url_lists_and_the_papers_crop(tmp_path) -> None:
     assert items[0].box == (0, 20, 30, 60) and items[1].box is None
     assert [i.url for i in read_url_list(str(tmp_path / "l.csv"), storage)] == ["http://a/1.jpg", "http://a/2.jpg"]
     assert len(read_url_list(str(tmp_path / "l.txt"), storage)) == 2
-    # left half red, right half blue, RGBA: the box over the right half gives a blue square
+    # Four quadrants (RGBA, 40 high x 80 wide): red | green over blue | white. The box [y0, y1, x0, x1] =
+    # [0, 20, 40, 80] is the top-right quadrant (green); read as [y0, x0, y1, x1] it would be rows 0..40,
+    # columns 20..80 (a mix of all four), and as PIL's (x0, y0, x1, y1) an empty or different region.
     img = np.zeros((40, 80, 4), np.uint8)
     img[..., 3] = 255
-    img[:, :40, 0] = 255
-    img[:, 40:, 2] = 255
+    img[:20, :40, :3] = (255, 0, 0)
+    img[:20, 40:, :3] = (0, 255, 0)
+    img[20:, :40, :3] = (0, 0, 255)
+    img[20:, 40:, :3] = (255, 255, 255)
     buf = io.BytesIO()
     Image.fromarray(img, "RGBA").save(buf, format="PNG")
-    jpeg, w, h = process(buf.getvalue(), (0, 40, 40, 80), 16, 95)
-    out = np.asarray(Image.open(io.BytesIO(jpeg)))
+    jpeg, w, h = process(buf.getvalue(), (0, 20, 40, 80), 16, 95)
+    out = np.asarray(Image.open(io.BytesIO(jpeg))).astype(int)
     assert (w, h) == (80, 40) and out.shape == (16, 16, 3)
-    assert out[..., 2].mean() > 200 and out[..., 0].mean() < 40
+    np.testing.assert_allclose(out.reshape(-1, 3).mean(0), (0, 255, 0), atol=12)  # all green, nothing else
+    jpeg, _, _ = process(buf.getvalue(), (20, 40, 0, 40), 16, 95)  # bottom-left: blue
+    np.testing.assert_allclose(np.asarray(Image.open(io.BytesIO(jpeg))).reshape(-1, 3).mean(0), (0, 0, 255), atol=12)
     with pytest.raises(ValueError, match="outside"):
         process(buf.getvalue(), (0, 50, 0, 10), 16, 95)
+
+
+# ----- untrusted URL lists: the fetch policy, on loopback only --------------------------------------
+
+CAP = 256 * 1024  # ingest.max_bytes in these tests; the valid PNGs are ~7 KB, the bomb ~80 KB
+DRIP_S, DEADLINE_S = 0.3, 0.5  # a byte every 0.3 s against a 0.5 s deadline: per-read timeouts never fire
+
+
+def _png_bomb(side: int = 9000) -> bytes:
+    """A valid grayscale PNG of side x side (81 Mpixel > MAX_IMAGE_PIXELS) in ~80 KB: zeros compress well."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (side + 1)  # filter byte + one row of black
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+class HostileServer:
+    """A loopback HTTP server with the answers an untrusted list meets, counting requests by path:
+    /img/i.png (valid), /drip/i.png (headers, then one body byte every DRIP_S), /drip-headers (one header
+    line every DRIP_S), /big-length (Content-Length over the cap), /big-close (no length, body until close),
+    /big-chunked (chunked, over the cap), /bomb.png, /to/<url> (302 to <url>), /loop/n (302 to /loop/n+1),
+    /chain/n (n redirects, then an image). Every loop is bounded (drips end after 40 steps)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.requests: Counter = Counter()
+        self.lock = threading.Lock()
+        self.bomb = _png_bomb()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle(self):
+                try:
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up: what a deadline or a cap is for
+
+            def _head(self, status: int, headers: dict) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+
+            def do_GET(self):
+                with server.lock:
+                    server.requests[self.path] += 1
+                kind, _, rest = self.path.strip("/").partition("/")
+                if kind == "img":
+                    body = _png(int(rest.split(".")[0]))
+                    self._head(200, {"Content-Type": "image/png", "Content-Length": len(body)})
+                    self.wfile.write(body)
+                elif kind == "drip":
+                    self._head(200, {"Content-Type": "image/png", "Content-Length": 40})
+                    for _ in range(40):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(DRIP_S)
+                elif kind == "drip-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    for i in range(40):
+                        self.wfile.write(f"X-Drip-{i}: 1\r\n".encode())
+                        self.wfile.flush()
+                        time.sleep(DRIP_S)
+                elif kind == "big-length":
+                    self._head(200, {"Content-Length": 4 * CAP})
+                    self.wfile.write(b"\0" * 4 * CAP)
+                elif kind == "big-close":
+                    self._head(200, {"Connection": "close"})
+                    for _ in range(16):
+                        self.wfile.write(b"\0" * CAP)
+                elif kind == "big-chunked":
+                    self._head(200, {"Transfer-Encoding": "chunked"})
+                    for _ in range(16):
+                        self.wfile.write(b"%x\r\n" % CAP + b"\0" * CAP + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                elif kind == "bomb.png":
+                    self._head(200, {"Content-Type": "image/png", "Content-Length": len(server.bomb)})
+                    self.wfile.write(server.bomb)
+                elif kind == "to":
+                    self._head(302, {"Location": urllib.parse.unquote(rest), "Content-Length": 0})
+                elif kind in ("loop", "chain"):
+                    n = int(rest)
+                    target = f"/loop/{n + 1}" if kind == "loop" else f"/chain/{n - 1}" if n else "/img/7.png"
+                    self._head(302, {"Location": target, "Content-Length": 0})
+                else:
+                    self._head(404, {"Content-Length": 0})
+
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    """The hostile server on 127.0.0.1 (allowed in these tests) and a counting one on 127.0.0.2, which
+    ``allow_networks: [127.0.0.1/32]`` forbids: its count must stay 0 (refused before connecting)."""
+    allowed, forbidden = HostileServer("127.0.0.1"), HostileServer("127.0.0.2")
+    yield allowed, forbidden
+    allowed.close()
+    forbidden.close()
+
+
+def hostile_cases(allowed: str, forbidden: str) -> dict[str, tuple[str, str, str]]:
+    """case -> (URL, expected status, a phrase of the expected message)."""
+    quote = urllib.parse.quote
+    return {
+        "valid image": (f"{allowed}/img/1.png", "success", ""),
+        "valid after 2 redirects": (f"{allowed}/chain/2", "success", ""),
+        "drip body (deadline)": (f"{allowed}/drip/1.png", "failed_to_download", "deadline"),
+        "drip headers (deadline)": (f"{allowed}/drip-headers", "failed_to_download", "deadline"),
+        "body over cap, Content-Length": (f"{allowed}/big-length", "failed: too large", "Content-Length"),
+        "body over cap, no length": (f"{allowed}/big-close", "failed: too large", "max_bytes"),
+        "body over cap, chunked": (f"{allowed}/big-chunked", "failed: too large", "max_bytes"),
+        "forbidden address": (f"{forbidden}/img/2.png", "refused: address", "127.0.0.2 is loopback"),
+        "redirect to forbidden": (f"{allowed}/to/{quote(forbidden + '/img/3.png', safe='')}", "refused: address",
+                                  "127.0.0.2"),
+        "redirect to file://": (f"{allowed}/to/{quote('file:///etc/passwd', safe='')}", "refused: scheme", "file"),
+        "too many redirects": (f"{allowed}/loop/0", "failed_to_download", "max_redirects"),
+        "file://": ("file:///etc/passwd", "refused: scheme", "file"),
+        "ftp://": (f"ftp://{allowed.split('//')[1]}/img/4.png", "refused: scheme", "ftp"),
+        "link-local metadata": ("http://169.254.169.254/latest/meta-data/", "refused: address", "link-local"),
+        "IPv4-mapped loopback": ("http://[::ffff:127.0.0.2]/", "refused: address", "loopback"),
+        "decompression bomb": (f"{allowed}/bomb.png", "failed_to_resize", "decompression bomb"),
+    }
+
+
+def _fetch_config(**extra):
+    return load_config(None, {"ingest.resolution": 32, "ingest.retries": 0, "ingest.timeout_s": DEADLINE_S,
+                              "ingest.max_bytes": CAP, "ingest.max_redirects": 3,
+                              "ingest.allow_networks": [LOOPBACK], **extra}).ingest
+
+
+def test_the_fetch_policy_refuses_each_hostile_case_and_still_fetches_images(hostile) -> None:
+    """Each case alone, without Ray: its status and message; nothing reaches 127.0.0.2; the deadline is
+    total (the drips end near it, not after 40 drips); the body cap holds with and without a length."""
+    from sdsg_ray.ingest.download import fetch_one
+    from sdsg_ray.ingest.urls import UrlItem
+
+    allowed, forbidden = hostile
+    cfg = _fetch_config()
+    for case, (url, status, phrase) in hostile_cases(allowed.url, forbidden.url).items():
+        started = time.monotonic()
+        result = fetch_one("000", UrlItem(url), cfg)
+        elapsed = time.monotonic() - started
+        print(f"{case:32s} {result.status:20s} {elapsed:5.2f}s {result.error[:90]}")
+        assert result.status == status and phrase in result.error, (case, result)
+        assert (result.jpeg is not None) == (status == "success"), case
+        if "deadline" in case:
+            assert DEADLINE_S <= elapsed < DEADLINE_S + 0.6, (case, elapsed)  # not 40 x 0.3 s
+        if "no length" in case or "chunked" in case:
+            read = int(result.error.rsplit("cut after ", 1)[1].split()[0])
+            assert CAP < read <= CAP + 64 * 1024, read  # memory bounded by the cap plus one chunk
+    assert sum(forbidden.requests.values()) == 0, forbidden.requests  # refused before connecting
+    assert allowed.requests["/loop/3"] == 1 and "/loop/4" not in allowed.requests  # 3 hops followed, no more
+
+    # The defaults: every non-public address refused, loopback included, by IP and by name; nothing sent.
+    default = load_config(None, {"ingest.retries": 0}).ingest
+    before = sum(allowed.requests.values())
+    port = allowed.url.rsplit(":", 1)[1]
+    for host in ("127.0.0.1", "localhost", "0x7f000001", "127.1"):  # by IP, by name, in inet_aton's spellings
+        url = f"http://{host}:{port}/img/5.png"
+        result = fetch_one("000", UrlItem(url), default)
+        assert result.status == "refused: address" and "is loopback" in result.error, result
+    assert sum(allowed.requests.values()) == before
+    with pytest.raises(Exception, match="not a CIDR"):
+        _fetch_config(**{"ingest.allow_networks": ["127.0.0.1/33"]})
 
 
 # ----- on the Ray test cluster -------------------------------------------------------------------
@@ -324,7 +512,8 @@ def test_ingest_killed_mid_run_resumes_without_refetching(ray_cluster, server, t
     (tmp_path / "urls.txt").write_text("\n".join(urls))
     out = tmp_path / "shards"
     cmd = [sys.executable, "-m", "sdsg_ray", "ingest", "--urls", str(tmp_path / "urls.txt"), "--out", str(out),
-           "--resolution", "32", "--shard-size", str(SHARD_SIZE), "--tasks", "1", "--threads", "2"]
+           "--resolution", "32", "--shard-size", str(SHARD_SIZE), "--tasks", "1", "--threads", "2",
+           "--set", f"ingest.allow_networks=[{LOOPBACK}]"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -352,3 +541,44 @@ def test_ingest_killed_mid_run_resumes_without_refetching(ray_cluster, server, t
     assert not (set(fetched) & first_shard), "a finished shard was downloaded again"
     assert summary["shards_resumed"] >= 1 and summary["successes"] == len(urls)
     assert set(_statuses(str(out))) == set(urls)
+
+
+@pytest.mark.slow  # ~20 s: one Ray Data run over 4 shards
+def test_ingest_of_a_hostile_url_list_runs_to_the_end_with_only_the_valid_images(ray_cluster, hostile,
+                                                                                  tmp_path) -> None:
+    """`sdsg ingest`'s stage over every hostile case interleaved with valid images: the run ends, every URL
+    has its status in a <shard>_stats.json, the shards hold the valid images and nothing else, and no
+    request reached the forbidden address."""
+    from sdsg_ray.ingest import run_ingest
+
+    allowed, forbidden = hostile
+    cases = hostile_cases(allowed.url, forbidden.url)
+    valid = [f"{allowed.url}/img/{20 + i}.png" for i in range(6)]
+    urls = [url for url, _, _ in cases.values()]
+    for i, url in enumerate(valid):
+        urls.insert(3 * i + 1, url)
+    expected = {**{url: status for url, status, _ in cases.values()}, **{url: "success" for url in valid}}
+    (tmp_path / "urls.txt").write_text("\n".join(urls))
+    out = str(tmp_path / "shards")
+    config = ingest_config(str(tmp_path / "urls.txt"), out, **{
+        "ingest.retries": 0, "ingest.timeout_s": DEADLINE_S, "ingest.max_bytes": CAP, "ingest.max_redirects": 3})
+    summary = run_ingest(config)
+
+    status = _statuses(out)
+    assert status == expected  # every URL, each with the status of its case
+    successes = [url for url in urls if expected[url] == "success"]
+    assert summary["successes"] == len(successes) and summary["urls"] == len(urls)
+    assert summary["refused"] == sum(s.startswith("refused") for s in expected.values()) == 7
+    assert summary["too_large"] == 3 and summary["failed_to_resize"] == 1
+    in_shards = {}
+    for i in range(summary["shards"]):
+        with tarfile.open(join(out, f"{i:05d}.tar")) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    image = Image.open(io.BytesIO(tar.extractfile(member.name[:-5] + ".jpg").read()))
+                    in_shards[meta["url"]] = image.size
+    assert sorted(in_shards) == sorted(successes) and set(in_shards.values()) == {(32, 32)}
+    assert sum(forbidden.requests.values()) == 0, forbidden.requests
+    for case, (url, _, _) in cases.items():
+        print(f"hostile list: {case:32s} -> {status[url]}")

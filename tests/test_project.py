@@ -160,3 +160,26 @@ def test_bad_cli_values_exit_2_naming_the_field(argv, field):
     )
     assert proc.returncode == 2
     assert field in proc.stderr, proc.stderr
+
+
+def test_no_test_or_script_finds_processes_by_name_across_the_machine():
+    """On a shared machine a name (``ray::RayTrainWorker``, ``raylet``) matches other people's processes
+    too: tests and scripts end only what they started, by PID (``conftest.cluster_worker_pids`` finds
+    them inside the test's own cluster). This keeps machine-wide matchers out of tests, scripts and code."""
+    machine_wide = re.compile(
+        r"\b(pkill|killall|pgrep|pidof)\b"  # the shell tools
+        r"|process_iter\s*\("  # psutil over every process
+        r"|/proc/[^\s'\"]*/cmdline|listdir\(\s*['\"]/proc"  # the same by hand
+        r"|['\"]ray['\"]\s*,\s*['\"]stop['\"]|^\s*ray stop\b",  # `ray stop` stops every Ray on the machine
+        re.MULTILINE,
+    )
+    suffixes = {".py", ".sh", ".yml", ".yaml", ".toml", ".cfg", ""}
+    found = []
+    for folder in ("tests", "bench", "infra", ".ci", "sdsg_ray", "serve_app", "jobs"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if not path.is_file() or path.suffix not in suffixes or path == Path(__file__).resolve():
+                continue
+            text = path.read_text(errors="replace")
+            found += [f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+                      for m in machine_wide.finditer(text)]
+    assert not found, found

@@ -279,3 +279,32 @@ def test_planted_outliers_score_high_after_stage1_training(ray_cluster, tmp_path
     n_out, n_in = int(y.sum()), int(len(y) - y.sum())
     null_std = np.sqrt((n_out + n_in + 1) / (12 * n_out * n_in))
     assert auroc > 0.5 + 2 * null_std, f"AUROC {auroc:.3f} is within two null standard errors of chance"
+
+
+def test_the_score_writer_stores_a_row_once_even_when_it_arrives_late(tmp_path) -> None:
+    """A retried task can deliver a row again, before or after its shard was written: the shard holds the
+    row once, the late copy is dropped (never a KeyError) and both copies are counted; a row of a shard
+    the run is not scoring is refused with a message naming it."""
+    from sdsg_ray.filtering.writer import ShardAssembler
+
+    def batch(shard: int, keys: list[str], d: float) -> dict[str, np.ndarray]:
+        n = len(keys)
+        feats = np.empty(n, dtype=object)
+        feats[:] = [np.full(2, d, np.float32) for _ in range(n)]
+        return {"shard": np.full(n, shard), "key": np.array(keys, dtype=object),
+                "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object),
+                "d_lpips": np.full(n, d, np.float32), "d_l1": np.full(n, d, np.float32),
+                "feat_real": feats, "feat_recon": feats}
+
+    storage = get_storage()
+    out = str(tmp_path / "scores")
+    assembler = ShardAssembler(out, storage, {0: 2, 1: 2})
+    assert assembler.add(batch(0, ["a"], 0.1)) == []
+    assert assembler.add(batch(0, ["a"], 0.1)) == [] and assembler.duplicates == 1  # early copy: pending
+    assert assembler.add(batch(0, ["b"], 0.2)) == [0]  # shard 0 complete: written
+    assert assembler.add(batch(0, ["a", "b"], 0.1)) == [] and assembler.duplicates == 3  # late copies: dropped
+    assert assembler.add(batch(1, ["c", "d"], 0.3)) == [1] and assembler.incomplete == {}
+    keys = [k for b in iter_score_batches(out, storage, ["key"]) for k in b["key"].tolist()]
+    assert sorted(keys) == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="shard 7"):
+        assembler.add(batch(7, ["e"], 0.4))

@@ -127,27 +127,56 @@ def test_batched_equals_unbatched(client, app):
     assert Image.open(io.BytesIO(grid.content)).size == (4 * 32, 3 * 32)
 
 
-def test_assignment_modes_over_http(client, app, local_sampler):
-    """The clusters carry a classifier, so the default is learned; a request may pick lpips (the paper's rule)
-    or w, and each lands (psi = 0) on the center the library's rule picks, lpips equal to brute force."""
+def _rule_choices(local_sampler, seeds: list[int]) -> dict[str, "torch.Tensor"]:
+    """The center each rule picks for each seed: lpips by brute force (the paper's rule: one LPIPS call per
+    (sample, center) pair), learned by the classifier, w by Euclidean distance in W."""
     import torch
 
     from sdsg_ray.truncation.assign import render
+
+    w = local_sampler.latents(seeds)
+    images = render(local_sampler.G.synthesis, w)
+    lpips_assigner = local_sampler.assigners["lpips"]
+    with torch.no_grad():
+        brute = torch.stack([lpips_assigner.metric(images, lpips_assigner.center_images[k:k + 1].expand_as(images))
+                             for k in range(len(lpips_assigner.center_images))], 1)
+    return {"lpips": brute.argmin(1), "learned": local_sampler.assigners["learned"].assign(w),
+            "w": torch.cdist(w, local_sampler.centers).argmin(1)}
+
+
+def _seeds_where_rules_disagree(local_sampler, candidates: int = 64, keep: int = 4) -> list[int]:
+    """A few seeds on which every pair of rules picks different centers on at least one seed (seeds where
+    all three differ first): a server that answered one rule with another would serve other images."""
+    chosen = _rule_choices(local_sampler, list(range(candidates)))
+    lp, le, w = (chosen[by].tolist() for by in ("lpips", "learned", "w"))
+    differ = {s: {pair for pair, (a, b) in {("lpips", "learned"): (lp[s], le[s]), ("lpips", "w"): (lp[s], w[s]),
+                                            ("learned", "w"): (le[s], w[s])}.items() if a != b}
+              for s in range(candidates)}
+    seeds, covered = [], set()
+    for s in sorted(differ, key=lambda s: -len(differ[s])):
+        if len(seeds) < keep and (differ[s] - covered or len(differ[s]) == 3):
+            seeds.append(s)
+            covered |= differ[s]
+    return seeds
+
+
+def test_assignment_modes_over_http(client, app, local_sampler):
+    """The clusters carry a classifier, so the default is learned; a request may pick lpips (the paper's rule)
+    or w, and each lands (psi = 0) on the center the library's rule picks, lpips equal to brute force. The
+    seeds are ones on which the three rules disagree (asserted first), so each answer tells the rules apart."""
+    import torch
 
     model = client.get("/v1/model").json()
     assert model["assign_by"] == "learned" and model["assignments"] == ["lpips", "learned", "w"]
     quality = model["assignment_quality"]
     assert 0 <= quality["learned_top1"] <= quality["learned_top3"] <= 1 and "w_regret" in quality
-    seeds = [5, 6, 7]
-    w = local_sampler.latents(seeds)
-    images = render(local_sampler.G.synthesis, w)
-    lpips_assigner = local_sampler.assigners["lpips"]
+    seeds = _seeds_where_rules_disagree(local_sampler)
+    chosen = _rule_choices(local_sampler, seeds)
+    for a, b in (("lpips", "learned"), ("lpips", "w"), ("learned", "w")):
+        assert not torch.equal(chosen[a], chosen[b]), (a, b, seeds, chosen)  # the rules are told apart here
+    print(f"assignment seeds {seeds}: " + ", ".join(f"{by} -> {picked.tolist()}" for by, picked in chosen.items()))
     centers = local_sampler.center_images()
-    with torch.no_grad():  # the paper's rule, brute force: one LPIPS call per (sample, center) pair
-        brute = torch.stack([lpips_assigner.metric(images, lpips_assigner.center_images[k:k + 1].expand_as(images))
-                             for k in range(len(centers))], 1)
-    chosen = {"lpips": brute.argmin(1), "learned": local_sampler.assigners["learned"].assign(w),
-              "w": torch.cdist(w, local_sampler.centers).argmin(1)}
+    probe = max(range(len(seeds)), key=lambda i: len({int(chosen[by][i]) for by in chosen}))  # most disagreement
     for by, picked in chosen.items():
         body = {"seeds": seeds, "psi": 0.0, "truncation": "multimodal", "assignment": by, "format": "npy"}
         # G(c_picked) drawn as the replica draws this request: same pass, and torch on the replica's one
@@ -160,10 +189,10 @@ def test_assignment_modes_over_http(client, app, local_sampler):
         finally:
             torch.set_num_threads(threads)
         assert np.array_equal(npy(client.post("/v1/samples", json=body)), forced), by
-        one = client.get("/v1/sample", params={"seed": 6, "psi": 0.0, "assignment": by, "format": "npy"})
-        assert np.array_equal(npy(one), centers[int(picked[1])]), by
-    default = npy(client.get("/v1/sample", params={"seed": 6, "psi": 0.0, "format": "npy"}))
-    assert np.array_equal(default, centers[int(chosen["learned"][1])])
+        one = client.get("/v1/sample", params={"seed": seeds[probe], "psi": 0.0, "assignment": by, "format": "npy"})
+        assert np.array_equal(npy(one), centers[int(picked[probe])]), by
+    default = npy(client.get("/v1/sample", params={"seed": seeds[probe], "psi": 0.0, "format": "npy"}))
+    assert np.array_equal(default, centers[int(chosen["learned"][probe])])
 
 
 GET_CASES = [

@@ -238,3 +238,21 @@ def test_pin_settings_records_once_then_reports_what_differs(tmp_path):
     assert storage.pin_settings(uri, {"metric": "stlpips-alex", "batch": 32}) == {}
     assert storage.pin_settings(uri, {"metric": "stlpips-vgg", "batch": 32}) == {"metric": ("stlpips-alex", "stlpips-vgg")}
     assert json.loads(storage.read_text(uri))["metric"] == "stlpips-alex"  # the first record stays
+
+
+def test_s3_objects_carry_the_content_type_of_their_name(s3_bucket, storage):
+    """An S3 website serves the report and the curation page only when they are labelled text/html
+    (S3 labels an upload binary/octet-stream unless told); both write paths set it."""
+    from sdsg_ray.storage import split_s3
+
+    storage.write_text(join(s3_bucket, "site", "curation.html"), "<html></html>")
+    with storage.open_write(join(s3_bucket, "site", "sprite.jpg")) as f:
+        f.write(b"\xff\xd8jpeg")
+    storage.write_bytes(join(s3_bucket, "site", "scores.unknownext"), b"x")
+    kinds = {}
+    for name in ("curation.html", "sprite.jpg", "scores.unknownext"):
+        bucket, key = split_s3(join(s3_bucket, "site", name))
+        kinds[name] = storage.s3.client.head_object(Bucket=bucket, Key=key)["ContentType"]
+    assert kinds["curation.html"] == "text/html"
+    assert kinds["sprite.jpg"] == "image/jpeg"
+    assert kinds["scores.unknownext"] == "binary/octet-stream"  # S3's default where the name says nothing

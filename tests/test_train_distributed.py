@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+from conftest import cluster_worker_pids
 
 from sdsg_ray.config import load_config
 from sdsg_ray.storage import get_storage, join
@@ -60,19 +61,6 @@ def s3_data(ray_cluster, s3_endpoint):
     return bucket, join(bucket, "raw", "images")
 
 
-def _train_workers() -> list[int]:
-    """PIDs of the live Ray Train worker processes on this machine (the test cluster's nodes are local;
-    the state API needs the dashboard, which the test cluster does not start)."""
-    import psutil
-
-    pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::RayTrainWorker"):
-            pids.append(proc.pid)
-    return sorted(pids)
-
-
 def _run_killing_a_worker_after_checkpoint(config, checkpoint_name: str) -> tuple[dict, int]:
     """run_training(config) while a watcher SIGKILLs one worker process once ``checkpoint_name`` exists
     under the run; returns (summary, the step the run had checkpointed when the kill landed)."""
@@ -89,8 +77,8 @@ def _run_killing_a_worker_after_checkpoint(config, checkpoint_name: str) -> tupl
         deadline = time.monotonic() + 600
         try:
             while not done.is_set() and time.monotonic() < deadline:
-                if len(pids) < 2:
-                    pids = _train_workers()  # learnt before the checkpoint, so the kill is not delayed by it
+                if len(pids) < 2:  # learnt before the checkpoint, so the kill is not delayed by it
+                    pids = cluster_worker_pids("RayTrainWorker")  # in this session's cluster only
                 if pids and any(checkpoint_name in uri for uri in storage.list(run_dir)):
                     os.kill(pids[-1], signal.SIGKILL)
                     checkpoints = {u.split("/")[-2] for u in storage.list(run_dir) if "/checkpoint-" in u}

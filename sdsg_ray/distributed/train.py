@@ -1,7 +1,7 @@
 """Ray Train wiring for ``sdsg train`` (thin: the training itself is ``sdsg_ray.training.loop``).
 
-One TorchTrainer worker per ``train.workers``; each wraps G.mapping, G.synthesis, D and E with
-``prepare_model`` (DDP when there are several workers), reports every ``log_every`` steps and attaches
+One TorchTrainer worker per ``train.workers``; each wraps the modules its stage trains (G.mapping,
+G.synthesis, D and E; E alone for stage 'encoder') with ``prepare_model`` (DDP when there are several workers), reports every ``log_every`` steps and attaches
 the training state at every checkpoint (rank 0 only; ``report`` is a barrier on every rank). Ray Train
 keeps the run state under ``<out>/ray``: a failed worker group restarts from the latest checkpoint
 (``FailureConfig.max_failures``), and calling ``run_training`` again with the same ``--out`` resumes
@@ -30,8 +30,10 @@ STATE_FILE = "state.pt"
 def _absolute_uris(config: SDSGConfig) -> SDSGConfig:
     """Local paths made absolute on the driver: Ray workers run in other working directories
     (``normalize`` leaves s3:// URIs as they are)."""
-    train = config.train.model_copy(update={"data": normalize(config.train.data), "out": normalize(config.train.out)})
-    return config.model_copy(update={"train": train})
+    tc = config.train
+    update = {"data": normalize(tc.data), "out": normalize(tc.out)}
+    update.update({name: normalize(getattr(tc, name)) for name in ("checkpoint", "resume_from") if getattr(tc, name)})
+    return config.model_copy(update={"train": tc.model_copy(update=update)})  # keeps which layer set what
 
 
 def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +116,9 @@ def build_trainer(config: SDSGConfig):
 
 def run_training(config: SDSGConfig) -> dict[str, Any]:
     """``sdsg train``: fit (or resume) the run under ``train.out``; returns its summary."""
-    config = _absolute_uris(config)
+    from sdsg_ray.training.loop import with_checkpoint_model
+
+    config = with_checkpoint_model(_absolute_uris(config))  # fails here, before Ray starts, on a bad checkpoint
     _check_data(config)
     ensure_ray(config.storage)
     tc = config.train

@@ -329,10 +329,11 @@ def outlier_controls(keys: Sequence[str], is_outlier: np.ndarray, kinds: np.ndar
     ok = batch["status"] == "ok"
     images, y, k = batch["image"][ok], np.asarray(is_outlier)[ok], np.asarray(kinds)[ok]
     seed = int(bundle.meta.get("seed", 0))
-    metric = build_metric(summary["metric"], device=device)
+    metric = build_metric(summary["metric"], device=device, judge_resolution=summary.get("judge_resolution"))
     d0 = untrained_scores(bundle.model, seed, images, metric, device, batch_size)
     return {
         "untrained": {**auroc_report(y, d0, k), "seed": seed, "metric": summary["metric"],
+                      "judge": metric.label(bundle.model.resolution),
                       "note": "same architecture, initialised from the training seed, scored the same way"},
         "trivial": trivial_report(images, y, k),
         "images": int(ok.sum()),
@@ -365,7 +366,8 @@ def run_evaluation(config: SDSGConfig) -> dict:
     clusters = load_clusters(cfg.clusters, storage) if storage.exists(clusters_uri(cfg.clusters)) else None
     if clusters is None:
         log.warning("no clusters at %s: multi-modal truncation is left out", cfg.clusters)
-    metric = build_metric(clusters.metric, device=device) if clusters is not None else None
+    metric = (build_metric(clusters.metric, device=device, judge_resolution=clusters.judge_resolution)
+              if clusters is not None else None)
     # The paper's LPIPS rule is the reference; the learned rule (if the clusters have it) is a second curve.
     sampler = Sampler(bundle, clusters, metric=metric, assign_by="lpips", batch_size=cfg.batch_size)
 

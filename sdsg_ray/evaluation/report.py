@@ -7,9 +7,12 @@ import base64
 import html
 import json
 import logging
+import os
+import posixpath
 from typing import Any, Sequence
 
 from sdsg_ray.evaluation.evaluate import KID_BLOCKS
+from sdsg_ray.filtering.curation_page import PAGE_FILE as CURATION_PAGE
 from sdsg_ray.storage import Storage, get_storage, join
 
 log = logging.getLogger(__name__)
@@ -146,15 +149,32 @@ def _truncation_section(results: dict, storage: Storage, eval_uri: str) -> str:
                       "The same seeds: no truncation, global mean, multi-modal"))
 
 
-def _selection_section(results: dict, storage: Storage, selection_uri: str | None) -> str:
+def _relative_href(target: str, page_dir: str) -> str:
+    """A link from a page in ``page_dir`` to ``target`` that works from a file and on an S3 website: relative
+    when both live on the same filesystem or bucket, else the target's URI."""
+    from sdsg_ray.storage import is_s3, normalize, split_s3
+
+    if is_s3(target) != is_s3(page_dir):
+        return target
+    if is_s3(target):
+        (bucket, key), (page_bucket, page_key) = split_s3(target), split_s3(page_dir)
+        return posixpath.relpath(key, page_key or ".") if bucket == page_bucket else target
+    return os.path.relpath(normalize(target), normalize(page_dir))
+
+
+def _selection_section(results: dict, storage: Storage, selection_uri: str | None, report_dir: str) -> str:
     parts = ["<h2>Self-filtering</h2>"]
+    if selection_uri and storage.exists(join(selection_uri, CURATION_PAGE)):
+        href = html.escape(_relative_href(join(selection_uri, CURATION_PAGE), report_dir), quote=True)
+        parts.append(f"<p><a href='{href}'>Curation page</a>: every image ordered by d(x), x beside G(E(x)), and "
+                     "a θ slider showing what each threshold keeps and removes.</p>")
     sel = results.get("selection")
     if sel:
         parts.append(_table(
             ["θ", "stopped by", "|Y|", "|X| (readable)", "unreadable", f"{sel['distance_name']}(Y, X)",
-             f"{sel['distance_name']}(G(E(X)), X) (bound)", "metric"],
+             f"{sel['distance_name']}(G(E(X)), X) (bound)", "judge of d(x) (metric and size)"],
             [(sel["theta"], sel["bound"], sel["size_kept"], sel["size_raw"], sel["failed"],
-              sel["distance_kept_vs_raw"], sel["distance_recon_vs_raw"], sel["metric"])]))
+              sel["distance_kept_vs_raw"], sel["distance_recon_vs_raw"], sel.get("judge", sel["metric"]))]))
     out = results.get("outliers")
     if out:
         parts.append("<h3>Outlier detection against the planted labels</h3>")
@@ -208,11 +228,13 @@ def write_report(root: str, out: str | None = None, storage: Storage | None = No
     sections = [f"<h1>{html.escape(title)}</h1><p>Pipeline root: <code>{html.escape(root)}</code></p>"]
     if results is None:
         sections.append(f"<p class='missing'>No evaluation results at {html.escape(eval_uri)}.</p>")
+        if layout.get("selection"):  # the selection's figures and curation page need no evaluation
+            sections.append(_selection_section({}, storage, layout["selection"], out))
     else:
         sections.append(_claims_section(results))
         sections.append(_models_section(results))
         sections.append(_truncation_section(results, storage, eval_uri))
-        sections.append(_selection_section(results, storage, layout.get("selection")))
+        sections.append(_selection_section(results, storage, layout.get("selection"), out))
     samples = [(caption, _latest_grid(storage, layout[key], kind)) for caption, key, kind in (
         ("Stage 1 (joint G+E): samples", "stage1", "samples"),
         ("Stage 1: reconstructions G(E(x))", "stage1", "recon"),

@@ -77,6 +77,7 @@ def build_dataset(pending: list[ManifestShard], storage: Storage, config: SDSGCo
         fn_constructor_kwargs={
             "checkpoint": cfg.checkpoint,
             "metric": cfg.metric,
+            "judge_resolution": cfg.judge_resolution,
             "fid_features": cfg.fid_features,
             "storage": config.storage,
             "pair": cfg.pair,
@@ -119,7 +120,7 @@ def count_status(out: str, storage: Storage) -> Counter:
 def run_scoring(config: SDSGConfig) -> dict:
     """Score every image of score.data with the stage-1 checkpoint; write score shards and summary.json."""
     from sdsg_ray.checkpoint import load_inference, scoring_pair
-    from sdsg_ray.pretrained import build_fid_features, resolve_metric
+    from sdsg_ray.pretrained import build_fid_features, judge_label, resolve_metric
 
     # Ray workers run in other working directories: local paths are made absolute here on the driver.
     cfg = config.score.model_copy(update={"checkpoint": normalize(config.score.checkpoint)})
@@ -136,6 +137,8 @@ def run_scoring(config: SDSGConfig) -> dict:
         "checkpoint": cfg.checkpoint,
         "checkpoint_identity": bundle.identity,
         "metric": metric,
+        # The side the metric judged x and G(E(x)) at (null: the image's own); metric and size say what d(x) is.
+        "judge_resolution": cfg.judge_resolution,
         "pair": cfg.pair,
         "features": features.name,
         "features_is_inception": features.is_inception,
@@ -154,6 +157,7 @@ def run_scoring(config: SDSGConfig) -> dict:
     first_batch_at, rows_after_first = None, 0
     busy_s = busy_after_first_s = 0.0
     started = time.perf_counter()
+    duplicates = 0
     if pending:
         scored_config = config.model_copy(update={"score": cfg.model_copy(update={"metric": metric, "fid_features": features.name})})
         ds = build_dataset(pending, storage, scored_config, resolution)
@@ -172,6 +176,7 @@ def run_scoring(config: SDSGConfig) -> dict:
                     busy_after_first_s += batch_busy
         if assembler.incomplete:
             raise RuntimeError(f"scoring stream ended with incomplete shards (shard: rows received) {assembler.incomplete}")
+        duplicates = assembler.duplicates
     finished = time.perf_counter()
     elapsed = finished - started
     # Steady state: from the first scored batch on, i.e. without listing, plan and actor start-up.
@@ -184,11 +189,13 @@ def run_scoring(config: SDSGConfig) -> dict:
     counts = count_status(cfg.out, storage)
     summary = {
         **run,
+        "judge": judge_label(metric, cfg.judge_resolution, resolution),  # metric and size, as reports name them
         "data": cfg.data,
         "images": total,
         "scored": counts.get("ok", 0),
         "failed": sum(v for k, v in counts.items() if k != "ok"),
         "scored_this_run": todo,
+        "duplicate_rows_dropped": duplicates,  # rows delivered twice (e.g. a restarted actor), stored once
         "seconds_this_run": round(elapsed, 3),
         "images_per_s": round(todo / elapsed, 2) if todo and elapsed > 0 else None,
         "images_per_s_steady": round(steady, 2) if steady else None,

@@ -24,7 +24,11 @@ def default_device() -> torch.device:
 
 
 class ReconstructionScorer:
-    """Scores uint8 images with a stage-1 bundle (the `score.pair` of G and E), a perceptual metric and an FID feature net."""
+    """Scores uint8 images with a stage-1 bundle (the `score.pair` of G and E), a perceptual metric and an FID feature net.
+
+    The metric judges at its own ``judge_resolution`` (pretrained.PerceptualMetric): x and G(E(x)) are resized
+    there, together, so this and the controls' d(x) (evaluation.controls.reconstruction_scores) cannot differ.
+    """
 
     def __init__(self, bundle, metric, features, device: torch.device, pair: str = "ema") -> None:
         from sdsg_ray.checkpoint import scoring_pair
@@ -62,7 +66,8 @@ class ReconstructionScorer:
 class ScoreActor:
     """Ray Data actor: rows with status "ok" are scored; error rows pass through with NaN scores."""
 
-    def __init__(self, checkpoint: str, metric: str, fid_features: str, storage: StorageConfig, pair: str = "ema") -> None:
+    def __init__(self, checkpoint: str, metric: str, fid_features: str, storage: StorageConfig, pair: str = "ema",
+                 judge_resolution: int | None = None) -> None:
         import ray
 
         from sdsg_ray.checkpoint import load_inference
@@ -72,7 +77,8 @@ class ScoreActor:
         device = default_device()
         bundle = load_inference(checkpoint, get_storage(storage), device="cpu")
         self.scorer = ReconstructionScorer(
-            bundle, build_metric(metric, device=device), build_fid_features(fid_features, device=device), device,
+            bundle, build_metric(metric, device=device, judge_resolution=judge_resolution),
+            build_fid_features(fid_features, device=device), device,
             pair=pair,
         )
         self.feature_dim = self.scorer.features.dim

@@ -4,6 +4,7 @@
   pass 2  features: moments of X and G(E(X)), per-θ-bin moments of X, the histogram
           -> FD(Y_θ, X) for every θ of the grid and the bound FD(G(E(X)), X) (maths: selection.py)
   pass 3  the kept rows -> kept.parquet (a manifest: key, d_lpips)
+  page    a stratified sample of the rows by d(x) -> curation.html and its thumbnails (curation_page.py)
 
 Memory is one batch of rows plus the per-bin statistics, whatever the number of images.
 """
@@ -28,6 +29,7 @@ from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.manifest import write_parquet_stream
 from sdsg_ray.storage import Storage, get_storage, join
 
+from .curation_page import write_curation_page
 from .scores import iter_score_batches, read_summary
 from .selection import BinnedMoments, CurvePoint, DistanceToReference, Moments, Selection, apply_rule, mean_cov, threshold_grid
 
@@ -124,23 +126,30 @@ def kept_batches(scores_uri: str, storage: Storage, theta: float) -> Iterator[pa
         )
 
 
-def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Storage,
-                            pair: str = "ema") -> tuple[list[float], np.ndarray, np.ndarray]:
-    """(scores, originals, G(E(x))) as uint8 NHWC for the readable images among ``items`` (score, key);
-    G and E are the scoring ``pair`` that computed the scores."""
+def reconstruct_keys(keys: list[str], bundle, storage: Storage,
+                     pair: str = "ema") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(readable mask over ``keys``, originals, G(E(x))) as uint8 NHWC for the readable ones; G and E
+    are the scoring ``pair`` that computed the scores."""
     from sdsg_ray.checkpoint import scoring_pair
     from sdsg_ray.imaging import load_batch, to_tensor, to_uint8
     from sdsg_ray.models import reconstruct
 
-    loaded = load_batch([key for _, key in items], storage, bundle.model.resolution)
+    loaded = load_batch(keys, storage, bundle.model.resolution)
     good = loaded["status"] == "ok"
     originals = loaded["image"][good]
     if not good.any():
-        return [], originals, originals
+        return good, originals, originals
     with torch.no_grad():
         G, E = scoring_pair(bundle, pair)
         recon = reconstruct(G.synthesis, E, to_tensor(originals)).image
-    return [d for (d, _), ok in zip(items, good) if ok], originals, to_uint8(recon)
+    return good, originals, to_uint8(recon)
+
+
+def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Storage,
+                            pair: str = "ema") -> tuple[list[float], np.ndarray, np.ndarray]:
+    """(scores, originals, G(E(x))) as uint8 NHWC for the readable images among ``items`` (score, key)."""
+    good, originals, recon = reconstruct_keys([key for _, key in items], bundle, storage, pair)
+    return [d for (d, _), ok in zip(items, good) if ok], originals, recon
 
 
 def run_selection(config: SDSGConfig) -> dict:
@@ -192,6 +201,8 @@ def run_selection(config: SDSGConfig) -> dict:
         np.array([p.size for p in sel.curve]), sel.theta, sel.bound, upper_bound, cfg.min_size, label))
     checkpoint = cfg.checkpoint or summary["checkpoint"]
     examples_note = "best_worst.png"
+    bundle = None
+    pair = summary.get("pair", "ema")  # scores written before score.pair existed used G_ema (+ E)
     try:
         if checkpoint is None:
             raise FileNotFoundError("the scores name no checkpoint and select.checkpoint is not set")
@@ -203,7 +214,6 @@ def run_selection(config: SDSGConfig) -> dict:
         if bundle.identity != summary.get("checkpoint_identity", bundle.identity):
             log.warning("%s is not the checkpoint that computed the scores (%s): best_worst.png uses it anyway",
                         checkpoint, summary.get("checkpoint_identity"))
-        pair = summary.get("pair", "ema")  # scores written before score.pair existed used G_ema (+ E)
         rows = [(name, *reconstruction_examples(items, bundle, storage, pair)) for name, items in (("best", ov.best),
                                                                                                ("worst", ov.worst))]
         storage.write_bytes(join(out, "best_worst.png"), figures.originals_over_reconstructions(rows))
@@ -223,6 +233,7 @@ def run_selection(config: SDSGConfig) -> dict:
         "distance_kept_vs_raw": chosen_distance,
         "distance_recon_vs_raw": upper_bound,
         "metric": summary["metric"],
+        "judge": summary.get("judge", summary["metric"]),  # metric and size; scores before issue 31: metric only
         "checkpoint": summary.get("checkpoint"),
         "checkpoint_identity": summary.get("checkpoint_identity"),
         "best": [{"key": k, "d_lpips": d} for d, k in ov.best],
@@ -234,6 +245,11 @@ def run_selection(config: SDSGConfig) -> dict:
         from sdsg_ray.evaluation.evaluate import outlier_detection
 
         report["outliers"] = outlier_detection(cfg.scores, join(out, "kept.parquet"), cfg.labels, storage)
+    # the page to look at: thumbnails by d(x), a θ slider over this curve, precision/recall per kind
+    report["curation_page"] = write_curation_page(
+        report, cfg.scores, out, storage, edges=fp.hist_edges, counts=fp.hist_counts, cap=cfg.page_images,
+        thumb_size=cfg.page_thumb_size, bundle=bundle, pair=pair, labels=cfg.labels,
+        bundle_note=examples_note.removeprefix("skipped: "))
     storage.write_text(join(out, "report.json"), json.dumps(report, indent=2))
     log.info("selected θ=%.4f (stopped by %s): kept %d/%d; %s(Y,X)=%.4g <= %s(G(E(X)),X)=%.4g; failed=%d",
              sel.theta, sel.bound, sel.size, ov.ok, label, chosen_distance, label, upper_bound, ov.failed)

@@ -25,7 +25,10 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 class ShardAssembler:
     """Buffers scored rows per manifest shard and writes a shard the moment its last row arrives.
 
-    Rows are keyed by image URI, so a row delivered twice (a retried task) is stored once.
+    Rows are keyed by image URI, so a row delivered twice (a retried task) is stored once: a second copy
+    that arrives while its shard is still pending replaces the first (the same scores), and one that
+    arrives after its shard was written is dropped. Both are counted in ``duplicates``. A row of a shard
+    this run was never asked to score is a bug upstream and raises a ValueError naming it.
     """
 
     def __init__(self, out: str, storage: Storage, expected_rows: dict[int, int]) -> None:
@@ -33,24 +36,37 @@ class ShardAssembler:
         self.storage = storage
         self.expected_rows = dict(expected_rows)
         self.pending: dict[int, dict[str, dict]] = {i: {} for i in expected_rows}
+        self.written: set[int] = set()
+        self.duplicates = 0  # rows delivered more than once, stored once
 
     def add(self, batch: dict[str, np.ndarray]) -> list[int]:
         """Take one batch of scored rows (with a `shard` column); return the shard ids written."""
         shards = batch["shard"]
         for i in range(len(shards)):
+            shard_id = int(shards[i])
+            if shard_id in self.written:  # a late copy of a row already on storage
+                self.duplicates += 1
+                continue
+            if shard_id not in self.pending:
+                raise ValueError(f"row {batch['key'][i]!r} belongs to shard {shard_id}, which this run is not "
+                                 f"scoring (shards: {sorted(self.expected_rows)})")
             row = {name: batch[name][i] for name in SCORE_COLUMNS}
             if row["status"] != "ok":  # scores of an unreadable image are null, not NaN or zeros
                 row.update(d_lpips=None, d_l1=None, feat_real=None, feat_recon=None)
             else:
                 row["error"] = None
-            self.pending[int(shards[i])][row["key"]] = row
-        finished = [s for s in np.unique(shards).tolist() if len(self.pending[s]) >= self.expected_rows[s]]
+            if row["key"] in self.pending[shard_id]:
+                self.duplicates += 1
+            self.pending[shard_id][row["key"]] = row
+        finished = [s for s in np.unique(shards).tolist()
+                    if s in self.pending and len(self.pending[s]) >= self.expected_rows[s]]
         for shard_id in finished:
             self._write(shard_id)
         return finished
 
     def _write(self, shard_id: int) -> None:
         rows = self.pending.pop(shard_id)
+        self.written.add(shard_id)
         assert len(rows) == self.expected_rows[shard_id], (shard_id, len(rows), self.expected_rows[shard_id])
         ordered = [rows[k] for k in sorted(rows)]
         columns = {}

@@ -27,7 +27,7 @@ from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.ray_utils import ensure_ray
 from sdsg_ray.storage import Storage, get_storage, is_s3, join, normalize
 
-from .download import ingest_shard, shard_data_name, shard_stats_name
+from .download import COUNTS, ingest_shard, shard_data_name, shard_stats_name
 from .urls import UrlItem, read_url_list
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,12 @@ def finished_shards(cfg: IngestConfig, storage: Storage, count: int) -> set[int]
 
 def _shard_batch(batch: dict[str, np.ndarray], storage: Storage, cfg: IngestConfig) -> dict[str, np.ndarray]:
     """Ray Data UDF: rows (shard, items as JSON) -> rows (shard, counts)."""
-    out: dict[str, list] = {"shard": [], "count": [], "successes": [], "failed_to_download": [], "failed_to_resize": []}
+    out: dict[str, list] = {"shard": [], **{k: [] for k in COUNTS}}
     for shard, payload in zip(batch["shard"], batch["items"]):
         items = [UrlItem(u, tuple(b) if b else None) for u, b in json.loads(payload)]
         stats = ingest_shard(int(shard), items, storage, cfg)
         out["shard"].append(int(shard))
-        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+        for k in COUNTS:
             out[k].append(stats[k])
     return {k: np.array(v, np.int64) for k, v in out.items()}
 
@@ -96,14 +96,14 @@ def run_ingest(config: SDSGConfig) -> dict:
             compute=ray.data.TaskPoolStrategy(size=cfg.tasks),
         )
         for row in ds.iter_rows():
-            this_run.update({k: int(row[k]) for k in ("count", "successes", "failed_to_download", "failed_to_resize")})
+            this_run.update({k: int(row[k]) for k in COUNTS})
             log.info("shard %05d: %d/%d downloaded", row["shard"], row["successes"], row["count"])
     elapsed = time.perf_counter() - started
 
     totals: Counter = Counter()
     for i in range(count):
         stats = json.loads(storage.read_text(join(cfg.out, shard_stats_name(i))))
-        totals.update({k: stats[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")})
+        totals.update({k: stats.get(k, 0) for k in COUNTS})  # shards of an older run lack the newer counts
     assert totals["count"] == len(items), (totals, len(items))
     summary = {
         "urls": len(items),
@@ -114,10 +114,13 @@ def run_ingest(config: SDSGConfig) -> dict:
         "successes": totals["successes"],
         "failed_to_download": totals["failed_to_download"],
         "failed_to_resize": totals["failed_to_resize"],
+        "refused": totals["refused"],
+        "too_large": totals["too_large"],
         "downloaded_this_run": this_run["count"],
         "seconds_this_run": round(elapsed, 3),
         "urls_per_s": round(this_run["count"] / elapsed, 2) if this_run["count"] and elapsed > 0 else None,
     }
-    log.info("ingested %d URLs into %d shards: %d ok, %d failed to download, %d not images", len(items), count,
-             summary["successes"], summary["failed_to_download"], summary["failed_to_resize"])
+    log.info("ingested %d URLs into %d shards: %d ok, %d failed to download, %d not images, %d refused by the "
+             "scheme/address policy, %d over ingest.max_bytes", len(items), count, summary["successes"],
+             summary["failed_to_download"], summary["failed_to_resize"], summary["refused"], summary["too_large"])
     return summary

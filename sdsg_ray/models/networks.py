@@ -620,12 +620,12 @@ class Discriminator(nn.Module):
     """Residual D; epilogue at 4x4: minibatch-std -> conv3x3 -> FC -> FC to one logit per image."""
 
     def __init__(self, resolution: int, channel_base: int, channel_max: int, img_channels: int = 3, mbstd_group: int = 4,
-                 conv_clamp: float | None = None, num_fp16_res: int = 0):
+                 conv_clamp: float | None = None, num_fp16_res: int = 0, mbstd_channels: int = MBSTD_CHANNELS):
         super().__init__()
         self.trunk = _ResidualTrunk(resolution, channel_base, channel_max, img_channels, conv_clamp, num_fp16_res)
         c = self.trunk.out_channels
-        self.mbstd = MinibatchStdLayer(mbstd_group)
-        self.conv = Conv2dLayer(c + MBSTD_CHANNELS, c, kernel_size=3, conv_clamp=conv_clamp)
+        self.mbstd = MinibatchStdLayer(mbstd_group, mbstd_channels)
+        self.conv = Conv2dLayer(c + mbstd_channels, c, kernel_size=3, conv_clamp=conv_clamp)
         self.fc = FullyConnectedLayer(c * INIT_RESOLUTION**2, c, lrelu=True)
         self.out = FullyConnectedLayer(c, 1)
 
@@ -701,6 +701,11 @@ def build_generator(model: "ModelConfig") -> Generator:
                      conv_clamp=model.conv_clamp, num_fp16_res=model.num_fp16_res)
 
 
+def build_discriminator(model: "ModelConfig") -> Discriminator:
+    return Discriminator(model.resolution, model.channel_base, model.channel_max, mbstd_group=model.mbstd_group,
+                         mbstd_channels=model.mbstd_channels, conv_clamp=model.conv_clamp, num_fp16_res=model.num_fp16_res)
+
+
 def build_encoder(model: "ModelConfig", num_ws: int) -> Encoder:
     """E for one model config (num_ws: its generator's)."""
     return Encoder(model.resolution, model.channel_base, model.channel_max, model.w_dim, num_ws, w_plus=model.encoder_w_plus,
@@ -711,7 +716,6 @@ def build_networks(model: "ModelConfig") -> tuple[Generator, Discriminator, Enco
     """Freshly initialised (G, D, E) for one model config; E's num_ws matches G's. Every block computes in
     float32 until :func:`set_reduced_precision` switches the eligible ones (the training loop does)."""
     G = build_generator(model)
-    D = Discriminator(model.resolution, model.channel_base, model.channel_max, conv_clamp=model.conv_clamp,
-                      num_fp16_res=model.num_fp16_res)
+    D = build_discriminator(model)
     E = build_encoder(model, G.num_ws)
     return G, D, E

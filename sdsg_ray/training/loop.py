@@ -1,10 +1,13 @@
 """The per-step training logic and the loop around it (NVIDIA's ``training_loop.py``, without Ray).
 
 ``TrainingRun`` owns G, G_ema, D, E, their optimizers and the loss; ``step()`` runs the phases of one
-iteration. ``run_loop`` feeds it batches, logs, and at every checkpoint writes the sample grid, the
-reconstruction grid, ``metrics.jsonl`` and ``inference.pt`` (rank 0) and hands the training state to a
-``report`` callback (Ray Train's ``report`` in ``sdsg_ray.distributed.train``; nothing outside tests
-otherwise).
+iteration. Three stages share it: 'joint' (stage 1: G, D and E), 'generator' (stage 2: G and D) and
+'encoder' (E alone against the frozen G_ema of ``train.checkpoint``, for a generator trained elsewhere).
+``train.resume_from`` starts 'joint'/'generator' from another run's or an import's G, G_ema and D (NVIDIA's
+``--resume``: transfer learning, kimg from 0). ``run_loop`` feeds it batches, logs, and at every
+checkpoint writes the sample grid, the reconstruction grid, ``metrics.jsonl``, ``inference.pt`` and
+``discriminator.pt`` (rank 0) and hands the training state to a ``report`` callback (Ray Train's
+``report`` in ``sdsg_ray.distributed.train``; nothing outside tests otherwise).
 
 Reproducibility: the global torch RNG is re-seeded from (seed, step, rank) before every step and data
 order is a function of (seed, step, rank), so step k is a pure function of (seed, k, state) and a
@@ -28,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sdsg_ray.checkpoint import export_inference
-from sdsg_ray.config import ModelConfig, SDSGConfig
+from sdsg_ray.checkpoint import InferenceBundle, export_discriminator, export_inference, load_discriminator, load_inference
+from sdsg_ray.config import ConfigError, ModelConfig, SDSGConfig
 from sdsg_ray.imaging import encode_png, image_grid, to_uint8
 from sdsg_ray.models.networks import REDUCED_DTYPES, build_networks, set_reduced_precision
 from sdsg_ray.storage import Storage, get_storage, join
@@ -88,11 +91,39 @@ class Phase:
     interval: int  # runs on steps where step % interval == 0; gain = interval
 
 
+def start_checkpoint(config: SDSGConfig) -> str | None:
+    """The checkpoint a run starts from: the frozen generator of stage 'encoder', or ``train.resume_from``."""
+    tc = config.train
+    return tc.checkpoint if tc.stage == "encoder" else tc.resume_from
+
+
+def with_checkpoint_model(config: SDSGConfig) -> SDSGConfig:
+    """``config`` with the model section of the checkpoint the run starts from (unchanged when there is none).
+
+    The networks are that checkpoint's, so its architecture wins over the defaults; a model field that a
+    layer (flag, --set, YAML) set to another value is a ConfigError rather than silently ignored."""
+    uri = start_checkpoint(config)
+    if uri is None:
+        return config
+    stored = load_inference(uri, get_storage(config.storage)).model
+    conflicts = [f"model.{name}={getattr(config.model, name)!r} (checkpoint: {getattr(stored, name)!r})"
+                 for name in ModelConfig.model_fields
+                 if config.is_set(f"model.{name}") and getattr(config.model, name) != getattr(stored, name)]
+    if conflicts:
+        raise ConfigError(f"{uri} holds another model than configured: {', '.join(conflicts)}; "
+                          "leave the model section unset, it comes from the checkpoint")
+    if stored != config.model:
+        log.info("model section taken from %s: %s", uri, stored.model_dump(mode="json"))
+    return config.model_copy(update={"model": stored})
+
+
 class TrainingRun:
     """Networks, optimizers and loss of one run; ``step(real)`` performs one training iteration.
 
     ``wrap`` turns each trained module into its distributed version (Ray's ``prepare_model``); the
-    plain modules stay reachable here for EMA, checkpoints and export.
+    plain modules stay reachable here for EMA, checkpoints and export. Stage 'encoder' has no live G and
+    no D (``self.G``, ``self.D`` are None): E trains against ``G_ema``, loaded from ``train.checkpoint``
+    and never updated. Its config's model section must be the checkpoint's (:func:`with_checkpoint_model`).
     """
 
     def __init__(
@@ -109,7 +140,6 @@ class TrainingRun:
         tc, model = config.train, config.model
         self.config = config
         self.device = torch.device(device)
-        self.joint = tc.stage == "joint"
         self.world_size = world_size
         if tc.batch_size % world_size:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.workers={world_size}")
@@ -121,14 +151,26 @@ class TrainingRun:
         self.amp = cuda and self.reduced_dtype is not None  # channels_last goes with it on CUDA
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+        # Built from the seed in every stage, so a fresh E starts where the joint stage's E would.
         G, D, E = build_networks(model)
-        self.G, self.D = G.to(self.device), D.to(self.device)
-        self.E = E.to(self.device) if self.joint else None
+        encoder_only = tc.stage == "encoder"
+        self.start = self._load_start(G, D, config) if start_checkpoint(config) else None
+        self.G = G.to(self.device) if not encoder_only else None
+        self.D = D.to(self.device) if not encoder_only else None
+        self.E = E.to(self.device) if tc.stage != "generator" else None
         if self.amp:
-            for module in (self.G.synthesis, self.D, self.E):
+            for module in (self.G.synthesis if self.G is not None else None, self.D, self.E):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)  # float32: grids, eval, export
+        if encoder_only:  # the frozen generator E learns to invert
+            self.G_ema = self.start.G_ema.to(self.device).eval().requires_grad_(False)
+        else:
+            self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)  # float32: grids, eval, export
+            if self.start is not None:
+                self.G_ema.load_state_dict(self.start.G_ema.state_dict())
+        if self.E is not None:
+            # E outputs w_avg + offset: start it at the generator's mean latent (zeros for a fresh G).
+            self.E.w_avg.copy_((self.G if self.G is not None else self.G_ema).mapping.w_avg)
         # E_ema follows E as G_ema follows G (same beta): scoring can then use a pair trained together.
         self.E_ema = copy.deepcopy(self.E).eval().requires_grad_(False) if self.E is not None else None
         self.reduced_blocks = {
@@ -136,36 +178,50 @@ class TrainingRun:
             for name, module in (("G", self.G), ("D", self.D), ("E", self.E)) if module is not None
         }
 
-        wrapped = Wrapped(
-            mapping=wrap(self.G.mapping),
-            synthesis=wrap(self.G.synthesis),
-            D=wrap(self.D),
-            E=wrap(self.E) if self.E is not None else None,
-        )
+        if encoder_only:
+            # G_ema stays float32 for grids and export; the loss runs a reduced-precision copy when the
+            # policy asks for one (it is frozen: no gradients, no DDP wrapper, no sync).
+            frozen = self.G_ema
+            if self.reduced_dtype is not None:
+                frozen = copy.deepcopy(self.G_ema)
+                set_reduced_precision(frozen, self.reduced_dtype)
+                if self.amp:
+                    frozen.synthesis.to(memory_format=torch.channels_last)
+            wrapped = Wrapped(mapping=frozen.mapping, synthesis=frozen.synthesis, D=None, E=wrap(self.E))
+        else:
+            wrapped = Wrapped(
+                mapping=wrap(self.G.mapping),
+                synthesis=wrap(self.G.synthesis),
+                D=wrap(self.D),
+                E=wrap(self.E) if self.E is not None else None,
+            )
         for module in (self.G, self.D, self.E):
             if module is not None:
                 module.requires_grad_(False)  # each phase enables only what it trains
 
-        g_interval = tc.pl_interval if tc.pl_weight > 0 else None
-        d_interval = tc.r1_interval if tc.r1_gamma > 0 else None
-        lr_g, betas_g = lazy_regularization_adam(tc.lr_g, ADAM_BETAS, g_interval)
-        lr_d, betas_d = lazy_regularization_adam(tc.lr_d, ADAM_BETAS, d_interval)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas_g, eps=1e-8)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas_d, eps=1e-8)
         self.opt_E = torch.optim.Adam(self.E.parameters(), lr=tc.lr_e, betas=ADAM_BETAS, eps=1e-8) if self.E is not None else None
-
-        self.phases = [Phase("Gmain", [self.G] + ([self.E] if self.E is not None else []), [self.opt_G] + ([self.opt_E] if self.opt_E else []), 1)]
-        if g_interval:
-            self.phases.append(Phase("Greg", [self.G], [self.opt_G], g_interval))
-        self.phases.append(Phase("Dmain", [self.D], [self.opt_D], 1))
-        if d_interval:
-            self.phases.append(Phase("Dreg", [self.D], [self.opt_D], d_interval))
+        if encoder_only:
+            self.opt_G = self.opt_D = None
+            self.phases = [Phase("Emain", [self.E], [self.opt_E], 1)]
+        else:
+            g_interval = tc.pl_interval if tc.pl_weight > 0 else None
+            d_interval = tc.r1_interval if tc.r1_gamma > 0 else None
+            lr_g, betas_g = lazy_regularization_adam(tc.lr_g, ADAM_BETAS, g_interval)
+            lr_d, betas_d = lazy_regularization_adam(tc.lr_d, ADAM_BETAS, d_interval)
+            self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas_g, eps=1e-8)
+            self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas_d, eps=1e-8)
+            self.phases = [Phase("Gmain", [self.G] + ([self.E] if self.E is not None else []), [self.opt_G] + ([self.opt_E] if self.opt_E else []), 1)]
+            if g_interval:
+                self.phases.append(Phase("Greg", [self.G], [self.opt_G], g_interval))
+            self.phases.append(Phase("Dmain", [self.D], [self.opt_D], 1))
+            if d_interval:
+                self.phases.append(Phase("Dreg", [self.D], [self.opt_D], d_interval))
 
         self.metric = metric
         self.loss = SDSGLoss(
             wrapped,
-            self.G.num_ws,
-            metric=metric if self.joint else None,
+            self.G_ema.num_ws,
+            metric=metric if self.E is not None else None,
             r1_gamma=tc.r1_gamma,
             pl_weight=tc.pl_weight,
             style_mixing_prob=tc.style_mixing_prob,
@@ -176,6 +232,30 @@ class TrainingRun:
         self.loss.pl_mean.to(self.device)
         self.step_count = 0
         self.nimg = 0
+
+    def _load_start(self, G: nn.Module, D: nn.Module, config: SDSGConfig) -> InferenceBundle:
+        """The checkpoint the run starts from (:func:`start_checkpoint`); for ``train.resume_from`` its live G
+        (G_ema when the bundle has none, e.g. a stage-2 export) and its D are loaded into ``G`` and ``D``."""
+        uri = start_checkpoint(config)
+        storage = get_storage(config.storage)
+        bundle = load_inference(uri, storage)
+        if bundle.model != config.model:
+            raise ConfigError(f"{uri} holds another model than config.model; build the config with "
+                              "with_checkpoint_model() (sdsg train does)")
+        if config.train.stage != "encoder":
+            if bundle.G is None:
+                log.warning("%s has no live G: fine-tuning starts G from its G_ema", uri)
+            G.load_state_dict((bundle.G if bundle.G is not None else bundle.G_ema).state_dict())
+            D.load_state_dict(load_discriminator(uri, storage).state_dict())
+        log.info("starting from %s (identity %s, %s)", uri, bundle.identity, bundle.meta.get("stage", "?"))
+        return bundle
+
+    def start_meta(self) -> dict[str, Any]:
+        """Where the run's starting weights came from (inference.pt's meta and the training state)."""
+        if self.start is None:
+            return {}
+        key = "generator" if self.config.train.stage == "encoder" else "resumed_from"
+        return {key: {"uri": start_checkpoint(self.config), "identity": self.start.identity}}
 
     @property
     def kimg(self) -> float:
@@ -198,7 +278,7 @@ class TrainingRun:
         for phase in self.phases:
             if self.step_count % phase.interval:
                 continue
-            gen_z = torch.randn(self.local_batch, self.G.z_dim, device=self.device)
+            gen_z = torch.randn(self.local_batch, self.G_ema.z_dim, device=self.device)
             for module in phase.modules:
                 module.requires_grad_(True)
             for opt in phase.optimizers:
@@ -222,7 +302,9 @@ class TrainingRun:
     @torch.no_grad()
     def _sync_w_avg(self) -> None:
         """Average the tracked mean latent over ranks (= the global batch's update) and hand it to E,
-        whose output is w_avg + offset (see ``Encoder``)."""
+        whose output is w_avg + offset (see ``Encoder``). Stage 'encoder': G is frozen, nothing moves."""
+        if self.G is None:
+            return
         w_avg = self.G.mapping.w_avg
         _, world = _dist_world()
         if world > 1:
@@ -235,8 +317,11 @@ class TrainingRun:
     def _update_ema(self) -> None:
         tc = self.config.train
         beta = ema_beta(tc.batch_size, tc.ema_kimg, self.nimg, tc.ema_rampup)  # nimg: before this step's
-        for ema, live in ((self.G_ema, self.G), (self.E_ema, self.E)):
-            if ema is None:
+        # A G fine-tuned from train.resume_from keeps G_ema's history (NVIDIA turns the ramp-up off with
+        # --resume); a fresh E still ramps up.
+        beta_G = ema_beta(tc.batch_size, tc.ema_kimg, self.nimg, None) if tc.resume_from else beta
+        for ema, live, beta in ((self.G_ema, self.G, beta_G), (self.E_ema, self.E, beta)):
+            if ema is None or live is None:
                 continue
             for p_ema, p in zip(ema.parameters(), live.parameters()):
                 p_ema.copy_(p.detach().lerp(p_ema, beta))
@@ -247,20 +332,22 @@ class TrainingRun:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-exactly; loadable with torch.load(weights_only=True)."""
-        cpu = lambda module: {k: v.detach().cpu() for k, v in module.state_dict().items()}  # noqa: E731
+        cpu = lambda module: {k: v.detach().cpu() for k, v in module.state_dict().items()} if module is not None else None  # noqa: E731
+        state = lambda opt: opt.state_dict() if opt is not None else None  # noqa: E731
         return {
             "format": STATE_FORMAT,
             "config": self.config.model_dump(mode="json"),
+            "start": self.start_meta(),
             "step": self.step_count,
             "nimg": self.nimg,
             "G": cpu(self.G),
             "G_ema": cpu(self.G_ema),
             "D": cpu(self.D),
-            "E": cpu(self.E) if self.E is not None else None,
-            "E_ema": cpu(self.E_ema) if self.E_ema is not None else None,
-            "opt_G": self.opt_G.state_dict(),
-            "opt_D": self.opt_D.state_dict(),
-            "opt_E": self.opt_E.state_dict() if self.opt_E is not None else None,
+            "E": cpu(self.E),
+            "E_ema": cpu(self.E_ema),
+            "opt_G": state(self.opt_G),
+            "opt_D": state(self.opt_D),
+            "opt_E": state(self.opt_E),
             "pl_mean": self.loss.pl_mean.value.detach().cpu(),
             "rng": _rng_state(),
         }
@@ -277,11 +364,15 @@ class TrainingRun:
                 f"saved model={saved['model']} stage={saved['train']['stage']}, "
                 f"now model={mine['model']} stage={mine['train']['stage']}; use a fresh --out"
             )
-        self.G.load_state_dict(state["G"])
+        if state.get("start", {}) != self.start_meta():
+            raise ValueError(f"the checkpoint under train.out started from {state.get('start')}, this run from "
+                             f"{self.start_meta()}; use a fresh --out")
         self.G_ema.load_state_dict(state["G_ema"])
-        self.D.load_state_dict(state["D"])
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
+        if self.G is not None:
+            self.G.load_state_dict(state["G"])
+            self.D.load_state_dict(state["D"])
+            self.opt_G.load_state_dict(state["opt_G"])
+            self.opt_D.load_state_dict(state["opt_D"])
         if self.E is not None:
             self.E.load_state_dict(state["E"])
             self.opt_E.load_state_dict(state["opt_E"])
@@ -299,9 +390,14 @@ class TrainingRun:
     # --- evaluation ------------------------------------------------------------------------
 
     def scoring_pair(self) -> tuple[nn.Module, nn.Module]:
-        """(G, E) that scoring will use (``score.pair``): (G_ema, E_ema) or the live (G, E)."""
+        """(G, E) that scoring will use (``score.pair``): (G_ema, E_ema) or the live (G, E); stage 'encoder'
+        trains E against G_ema, which is then also the live pair's G."""
         assert self.E is not None, "stage 'generator' has no encoder"
-        return (self.G_ema, self.E_ema) if self.config.score.pair == "ema" else (self.G, self.E)
+        return (self.G_ema, self.E_ema) if self.config.score.pair == "ema" else (self.trained_against(), self.E)
+
+    def trained_against(self) -> nn.Module:
+        """The G that E's reconstruction terms ran through: the live G, or the frozen G_ema (stage 'encoder')."""
+        return self.G if self.G is not None else self.G_ema
 
     @torch.no_grad()
     def reconstruct(self, real: Tensor) -> Tensor:
@@ -310,9 +406,14 @@ class TrainingRun:
         return reconstruct(G.synthesis, E, real).image
 
     def export_inference(self, meta: dict, uri: str, storage) -> str:
-        """Write inference.pt: G_ema, E, and for stage 1 also E_ema and the live G (both scoring pairs)."""
-        return export_inference(self.G_ema, self.E, self.config.model, meta, uri, storage,
-                                G_live=self.G if self.E is not None else None, E_ema=self.E_ema)
+        """Write inference.pt: G_ema, E, and with an encoder also E_ema and the G E was trained against (both
+        scoring pairs; for stage 'encoder' that G is G_ema itself)."""
+        return export_inference(self.G_ema, self.E, self.config.model, {**self.start_meta(), **meta}, uri, storage,
+                                G_live=self.trained_against() if self.E is not None else None, E_ema=self.E_ema)
+
+    def export_discriminator(self, uri: str, storage) -> str | None:
+        """Write discriminator.pt beside inference.pt, so ``train.resume_from`` can fine-tune from this run."""
+        return export_discriminator(self.D, self.config.model, uri, storage) if self.D is not None else None
 
     @torch.no_grad()
     def recon_lpips(self, real: Tensor, batch: int = 32) -> float:
@@ -411,23 +512,24 @@ class _Artifacts:
         self.run, self.storage, self.out, self.metric_name = run, storage, out, metric_name
         rows, cols = SAMPLE_GRID
         gen = torch.Generator().manual_seed(run.config.train.seed)
-        self.z = torch.randn(rows * cols, run.G.z_dim, generator=gen).to(run.device)
+        self.z = torch.randn(rows * cols, run.G_ema.z_dim, generator=gen).to(run.device)
         n_eval = min(RECON_EVAL_IMAGES, len(dataset))
-        self.real = torch.stack([dataset[i][0] for i in range(n_eval)]) if run.joint else None
+        self.real = torch.stack([dataset[i][0] for i in range(n_eval)]) if run.E is not None else None
         self.pending: list[dict[str, Any]] = []
         self.tensorboard = _TensorBoard(storage, out)
 
     def eval_metrics(self) -> dict[str, float]:
-        if not self.run.joint:
+        if self.run.E is None:
             return {}
         return {"eval/recon_lpips": self.run.recon_lpips(self.run.to_images(self.real))}
 
     def write(self, metrics: dict[str, Any]) -> str:
         run, storage, out = self.run, self.storage, self.out
         name = artifact_name(run.kimg)
-        grid = image_grid(to_uint8(run.samples(self.z)), ncols=SAMPLE_GRID[1])
-        storage.write_bytes(join(out, "samples", name), encode_png(grid))
-        if run.joint:
+        if run.G is not None:  # stage 'encoder': G is frozen, its samples never change
+            grid = image_grid(to_uint8(run.samples(self.z)), ncols=SAMPLE_GRID[1])
+            storage.write_bytes(join(out, "samples", name), encode_png(grid))
+        if run.E is not None:
             real = run.to_images(self.real[:RECON_GRID_COLUMNS])
             pair = torch.cat([real, run.reconstruct(real)])
             storage.write_bytes(join(out, "recon", name), encode_png(image_grid(to_uint8(pair), ncols=real.shape[0])))
@@ -436,6 +538,7 @@ class _Artifacts:
                 "seed": run.config.train.seed}  # the untrained-network control rebuilds the initialisation from it
         uri = join(out, "inference.pt")
         run.export_inference(meta, uri, storage)
+        run.export_discriminator(out, storage)
         return uri
 
     def _flush_metrics(self) -> None:
@@ -480,13 +583,14 @@ def run_loop(
     """
     from sdsg_ray.pretrained import build_metric
 
+    config = with_checkpoint_model(config)
     tc = config.train
     rank, world_size = _dist_world()
     if tc.threads_per_worker:
         torch.set_num_threads(tc.threads_per_worker)
     storage = get_storage(config.storage)
     dataset = load_dataset(config, storage, progress=rank == 0)
-    metric = build_metric(tc.metric, device=device) if tc.stage == "joint" else None
+    metric = build_metric(tc.metric, device=device) if tc.stage != "generator" else None
     run = TrainingRun(config, device, wrap, world_size, metric=metric)
     if resume is not None:
         run.load_state_dict(resume)

@@ -17,6 +17,9 @@ Which network each term updates (the phase that computes it decides, see ``SDSGL
 * ``L_w = |w - E(G(w))|`` updates E only (w and G(w) are detached): it is the encoder's latent-space
   cycle consistency; training G on it would reward images that are easy to encode, not realistic ones.
 
+Stage 'encoder' (a generator trained elsewhere) runs the same encoder terms in a phase of their own,
+``Emain``, against a frozen G: there they update E alone.
+
 No Ray here: distributed execution is only the DDP wrappers handed in and an optional
 ``torch.distributed`` mean for the path-length EMA.
 """
@@ -34,7 +37,7 @@ from torch import Tensor, nn
 
 from sdsg_ray.models.networks import reconstruct
 
-Phase = Literal["Gmain", "Greg", "Dmain", "Dreg"]
+Phase = Literal["Gmain", "Greg", "Dmain", "Dreg", "Emain"]
 
 
 # --- maths, one function per term -------------------------------------------------------------------
@@ -152,12 +155,13 @@ class Wrapped:
     """The modules the loss calls: DDP wrappers (or the plain modules on one process).
 
     ``mapping``/``synthesis``/``D``/``E`` share their parameters with the plain networks the loop keeps
-    for EMA, checkpoints and exports. ``E`` is None for stage ``generator``.
+    for EMA, checkpoints and exports. ``E`` is None for stage ``generator``; for stage ``encoder``, ``D`` is
+    None and ``mapping``/``synthesis`` are the frozen G's plain modules.
     """
 
     mapping: nn.Module
     synthesis: nn.Module
-    D: nn.Module
+    D: nn.Module | None
     E: nn.Module | None
 
 
@@ -174,8 +178,9 @@ class SDSGLoss:
 
     Phases: ``Gmain`` (G's adversarial term, plus the encoder terms for stage ``joint``; steps G and E),
     ``Greg`` (path length, every ``pl_interval`` steps), ``Dmain`` (D's adversarial term), ``Dreg``
-    (R1, every ``r1_interval`` steps). ``gain`` multiplies the loss: the lazy regularisers pass their
-    interval, so their expected contribution matches an every-step regulariser.
+    (R1, every ``r1_interval`` steps); stage ``encoder`` runs ``Emain`` alone (the encoder terms; steps E).
+    ``gain`` multiplies the loss: the lazy regularisers pass their interval, so their expected
+    contribution matches an every-step regulariser.
     """
 
     def __init__(
@@ -238,6 +243,8 @@ class SDSGLoss:
             return self._d_main(real_img, gen_z, gain)
         if phase == "Dreg":
             return self._d_reg(real_img, gain)
+        if phase == "Emain":
+            return self._e_main(real_img, gen_z, gain)
         raise ValueError(f"unknown phase {phase!r}")
 
     def _g_main(self, real_img: Tensor, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
@@ -250,6 +257,12 @@ class SDSGLoss:
             total = total + encoder_loss
             logs.update(encoder_logs)
         total.mul(gain).backward()
+        return logs
+
+    def _e_main(self, real_img: Tensor, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
+        """Stage 'encoder': the encoder terms alone; G is frozen, so only E receives gradients."""
+        loss, logs = self.encoder_terms(real_img, gen_z)
+        loss.mul(gain).backward()
         return logs
 
     def encoder_terms(self, real_img: Tensor, gen_z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

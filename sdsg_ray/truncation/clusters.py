@@ -41,6 +41,7 @@ class ClusterSet:
     w_mean: torch.Tensor | None = None  # [w_dim] mean of the mapped w clustered: mean truncation's centre
     classifier: dict | None = None  # learned.CenterClassifier.state(): w -> LPIPS-nearest center (tensors)
     assignment_quality: dict = field(default_factory=dict)  # its held-out quality (learned.assignment_quality)
+    judge_resolution: int | None = None  # side the metric sees G(w) and the centers at (None: the image's own)
 
     def __post_init__(self) -> None:
         assert self.centers.ndim == 2, f"centers must be [K, w_dim], got {tuple(self.centers.shape)}"
@@ -60,6 +61,8 @@ class ClusterSet:
             "checkpoint": self.checkpoint,
             "config": dict(self.config),
         }
+        if self.judge_resolution is not None:
+            payload["judge_resolution"] = int(self.judge_resolution)
         if self.w_mean is not None:
             payload["w_mean"] = self.w_mean.detach().cpu().float().contiguous()
         if self.classifier is not None:
@@ -106,6 +109,7 @@ def load_clusters(uri: str, storage: Storage | None = None) -> ClusterSet:
         w_mean=payload["w_mean"].float() if "w_mean" in payload else None,  # absent in older files
         classifier=payload.get("classifier"),
         assignment_quality=dict(payload.get("assignment_quality", {})),
+        judge_resolution=payload.get("judge_resolution"),  # absent: files written before issue 31 (own size)
     )
 
 
@@ -142,7 +146,8 @@ def _learned_assignment(cfg, bundle, w: torch.Tensor, centers: torch.Tensor, met
     full = int(bundle.G_ema.resolution)
     coarse = tuple(r for r in (full // 2, full // 4) if r in bundle.G_ema.synthesis.block_resolutions)
     classifier, report = fit_learned_assignment(
-        bundle.G_ema.synthesis, centers.to(device), w[:n].to(device), build_metric(metric, device=device),
+        bundle.G_ema.synthesis, centers.to(device), w[:n].to(device),
+        build_metric(metric, device=device, judge_resolution=cfg.judge_resolution),
         cfg.classifier_held_out, cfg.classifier_hidden, cfg.classifier_steps, cfg.seed, coarse_resolutions=coarse,
         temperature=cfg.classifier_temperature)
     return classifier.state(), report
@@ -164,7 +169,7 @@ def run_clustering(config: SDSGConfig) -> str:
     centers, sizes = fit_centers(w, cfg.clusters, cfg.seed)
     result = ClusterSet(
         centers=centers, sizes=sizes, seed=cfg.seed, metric=metric, checkpoint=bundle.identity,
-        config=cfg.model_dump(mode="json"), w_mean=w.mean(dim=0),
+        config=cfg.model_dump(mode="json"), w_mean=w.mean(dim=0), judge_resolution=cfg.judge_resolution,
     )
     if cfg.classifier_latents > 0:
         result.classifier, result.assignment_quality = _learned_assignment(cfg, bundle, w, centers, metric, device)

@@ -242,6 +242,6 @@ def load_sampler(checkpoint: str, clusters: str | None = None, storage=None,
     if cluster_set is not None:
         from sdsg_ray.pretrained import build_metric
 
-        metric = build_metric(cluster_set.metric, device=device)
+        metric = build_metric(cluster_set.metric, device=device, judge_resolution=cluster_set.judge_resolution)
     return Sampler(bundle, cluster_set, metric, assign_by=assign_by, batch_size=batch_size,
                    assign_resolution=assign_resolution)

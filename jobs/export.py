@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python -m jobs.export [flags]`: the same as `sdsg export [flags]`."""
+
+import sys
+
+from sdsg_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["export", *sys.argv[1:]]))

@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python -m jobs.generate [flags]`: the same as `sdsg generate [flags]`."""
+
+import sys
+
+from sdsg_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["generate", *sys.argv[1:]]))

@@ -1,0 +1,8 @@
+"""`ray job submit --working-dir . -- python -m jobs.import_generator SOURCE [flags]`: the same as `sdsg import`."""
+
+import sys
+
+from sdsg_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["import", *sys.argv[1:]]))
