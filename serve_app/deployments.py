@@ -5,7 +5,7 @@
                                --@serve.batch--> one forward pass for many concurrent requests
 
 Multi-sample responses (POST /v1/samples): ``format=png`` -> JSON ``{"seeds": [...], "images": [base64 PNG,
-...]}``; ``format=grid`` -> one PNG grid (row-major in seed order); ``format=npy`` -> one .npy uint8 [N, R, R, 3].
+...], "clusters": [center index or null, ...]}``; ``format=grid`` -> one PNG grid (row-major in seed order); ``format=npy`` -> one .npy uint8 [N, R, R, 3].
 ``GET /`` is the sampler page (serve_app/static/index.html), a client of these same endpoints.
 """
 
@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.imaging import encode_png, image_grid
-from sdsg_ray.truncation.sampler import InvalidSample, Mode, SampleSpec
+from sdsg_ray.truncation.sampler import NO_CENTER, InvalidSample, Mode, SampleSpec
 
 from .schemas import (
     ASSIGNMENT_HELP,
@@ -107,20 +107,21 @@ class SamplerDeployment:
     def center_grid(self) -> bytes:
         return self.sampler.center_grid()
 
-    async def sample(self, specs: list[SampleSpec]) -> np.ndarray:
-        """uint8 [len(specs), R, R, 3]. Validated before batching so one bad call cannot fail its batch."""
+    async def sample(self, specs: list[SampleSpec]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [len(specs), R, R, 3] and each image's center (Sampler.render_with_centers). Validated
+        before batching so one bad call cannot fail its batch."""
         for spec in specs:
             self.sampler.validate(spec)
         return await self._render_batch(specs)
 
     @serve.batch(batch_size_fn=_images_in)
-    async def _render_batch(self, requests: list[list[SampleSpec]]) -> list[np.ndarray]:
+    async def _render_batch(self, requests: list[list[SampleSpec]]) -> list[tuple[np.ndarray, np.ndarray]]:
         flat = [spec for request in requests for spec in request]
         # Off the event loop: the replica keeps collecting the next batch while this one renders.
-        images = await asyncio.to_thread(self.sampler.render_specs, flat)
+        images, centers = await asyncio.to_thread(self.sampler.render_with_centers, flat)
         out, start = [], 0
         for request in requests:
-            out.append(images[start:start + len(request)])
+            out.append((images[start:start + len(request)], centers[start:start + len(request)]))
             start += len(request)
         return out
 
@@ -167,15 +168,15 @@ class Ingress:
                 raise FieldError(seed_field(i) if err.field == "seed" else err.field, err.message) from None
         return specs
 
-    async def _render(self, specs: list[SampleSpec]) -> np.ndarray:
-        """The images, or ServiceUnavailable (503) when the sampler replica died with the request in flight
-        (Serve restarts it; the client retries): never a 500, never a hung connection."""
+    async def _render(self, specs: list[SampleSpec]) -> tuple[np.ndarray, np.ndarray]:
+        """The images and their centers, or ServiceUnavailable (503) when the sampler replica died with the
+        request in flight (Serve restarts it; the client retries): never a 500, never a hung connection."""
         chunks = [specs[i:i + self.chunk] for i in range(0, len(specs), self.chunk)]
         try:
             parts = await asyncio.gather(*(self.sampler.sample.remote(c) for c in chunks))
         except (RayActorError, DeploymentUnavailableError) as err:
             raise ServiceUnavailable(f"the sampler replica is restarting ({type(err).__name__}); retry") from None
-        return np.concatenate(parts)
+        return np.concatenate([images for images, _ in parts]), np.concatenate([centers for _, centers in parts])
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -215,7 +216,7 @@ class Ingress:
         assignment: Assignment | None = Query(None, description=ASSIGNMENT_HELP),
     ) -> Response:
         """One image: PNG, or a .npy uint8 [R, R, 3]."""
-        images = await self._render(await self._specs([seed], psi, truncation, cluster, assignment=assignment))
+        images, _ = await self._render(await self._specs([seed], psi, truncation, cluster, assignment=assignment))
         if format == "npy":
             return Response(_npy(images[0]), media_type="application/octet-stream")
         return Response(encode_png(images[0]), media_type="image/png")
@@ -230,10 +231,12 @@ class Ingress:
         if not seeds:
             raise FieldError("seeds", "give at least one seed")
         specs = await self._specs(seeds, spec.psi, spec.truncation, spec.cluster, spec.seed_field, spec.assignment)
-        images = await self._render(specs)
+        images, centers = await self._render(specs)
         if spec.format == "npy":
             return Response(_npy(images), media_type="application/octet-stream")
         if spec.format == "grid":
             return Response(encode_png(image_grid(images, ncols=math.ceil(math.sqrt(len(images))))),
                             media_type="image/png")
-        return JSONResponse({"seeds": seeds, "images": [base64.b64encode(encode_png(im)).decode() for im in images]})
+        return JSONResponse({"seeds": seeds, "images": [base64.b64encode(encode_png(im)).decode() for im in images],
+                             # the center each image was truncated toward (null for modes none and mean)
+                             "clusters": [None if c == NO_CENTER else int(c) for c in centers]})

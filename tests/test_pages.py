@@ -119,7 +119,12 @@ def test_sampler_page_renders_the_service_samples(sampler_page, service):
     # what the page shows is what the API answers for its one batched request
     api = httpx.post(f"{service}/v1/samples", json=state["body"], timeout=60).json()
     assert [s["src"].split(",", 1)[1] for s in samples] == api["images"]
-    assert samples[3]["alt"].startswith("sample, seed 3, ψ 0.7, multimodal truncation, cluster nearest by learned")
+    # the hover names the center the service chose, and forcing that center draws the same image
+    center = api["clusters"][3]
+    assert isinstance(center, int) and 0 <= center < 6
+    assert samples[3]["alt"] == f"sample, seed 3, ψ 0.7, multimodal truncation, cluster {center} (nearest by learned)"
+    forced = httpx.get(f"{service}/v1/sample", params={"seed": 3, "psi": 0.7, "cluster": center}, timeout=60)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(forced.content))), decode(samples[3]["src"]))
     # each image's link reproduces it, alone
     one = httpx.get(samples[3]["href"], timeout=60)
     assert one.status_code == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(one.content))),

@@ -121,6 +121,9 @@ def test_batched_equals_unbatched(client, app):
     assert np.array_equal(single, together[5])
     listed = client.post("/v1/samples", json={**body, "format": "png"}).json()
     assert listed["seeds"] == seeds and len(listed["images"]) == 12
+    assert len(listed["clusters"]) == 12 and all(isinstance(k, int) for k in listed["clusters"])  # multimodal
+    mean = client.post("/v1/samples", json={**body, "truncation": "mean", "format": "png"}).json()
+    assert mean["clusters"] == [None] * 12  # mean truncation goes toward no center
     counted = npy(client.post("/v1/samples", json={"count": 12, "seed": 100, "psi": 0.6, "format": "npy"}))
     assert np.array_equal(counted, together)
     grid = client.post("/v1/samples", json={**body, "format": "grid"})
@@ -189,6 +192,9 @@ def test_assignment_modes_over_http(client, app, local_sampler):
         finally:
             torch.set_num_threads(threads)
         assert np.array_equal(npy(client.post("/v1/samples", json=body)), forced), by
+        # the JSON answer names the center each image went to (the sampler page's hover shows it)
+        named = client.post("/v1/samples", json={**body, "format": "png"}).json()["clusters"]
+        assert named == picked.tolist(), (by, named)
         one = client.get("/v1/sample", params={"seed": seeds[probe], "psi": 0.0, "assignment": by, "format": "npy"})
         assert np.array_equal(npy(one), centers[int(picked[probe])]), by
     default = npy(client.get("/v1/sample", params={"seed": seeds[probe], "psi": 0.0, "format": "npy"}))

@@ -80,6 +80,9 @@ class SampleSpec:
                                     f"available: {tuple(assignments)}")
 
 
+NO_CENTER = -1  # the center index of a sample truncated toward none (modes 'none' and 'mean')
+
+
 def seed_latent(seed: int, z_dim: int) -> torch.Tensor:
     """z [z_dim] for one seed, independent of every other sample."""
     if not 0 <= seed <= SEED_MAX:
@@ -171,35 +174,47 @@ class Sampler:
         return self.rows.run(self._map, torch.stack([seed_latent(int(s), self.G.z_dim) for s in seeds]))
 
     @torch.no_grad()
-    def truncated_latents(self, specs: Sequence[SampleSpec], w: torch.Tensor) -> torch.Tensor:
-        """w_t [B, w_dim] for each spec's own psi, mode and cluster (B <= batch_size)."""
+    def truncated_latents(self, specs: Sequence[SampleSpec], w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w_t [B, w_dim] for each spec's own psi, mode and cluster (B <= batch_size), and the center each
+        sample was truncated toward, int64 [B] (NO_CENTER for modes 'none' and 'mean'), so a client can
+        say which cluster 'nearest' chose."""
         targets = w.clone()
+        center = torch.full((len(specs),), NO_CENTER, dtype=torch.long)
         is_mean = torch.tensor([s.mode == "mean" for s in specs], device=self.device)
         targets[is_mean] = self.w_avg
         forced = [i for i, s in enumerate(specs) if s.mode == "multimodal" and s.cluster is not None]
         if forced:
-            targets[forced] = self.centers[[specs[i].cluster for i in forced]]
+            center[forced] = torch.tensor([specs[i].cluster for i in forced])
         for by, assigner in self.assigners.items():
             nearest = [i for i, s in enumerate(specs)
                        if s.mode == "multimodal" and s.cluster is None and (s.assignment or self.assign_by) == by]
             if nearest:  # each assigner pads its own passes: a center never depends on the rest of the chunk
-                targets[nearest] = self.centers[assigner.assign(w[nearest])]
+                center[nearest] = assigner.assign(w[nearest]).cpu()
+        chosen = (center != NO_CENTER).nonzero().flatten().tolist()
+        if chosen:
+            targets[chosen] = self.centers[center[chosen].to(self.device)]
         psi = torch.tensor([s.psi if s.mode != "none" else 1.0 for s in specs], device=self.device)
-        return truncate(w, targets, psi)
+        return truncate(w, targets, psi), center
 
     @torch.no_grad()
-    def render_specs(self, specs: Sequence[SampleSpec]) -> np.ndarray:
-        """Images for mixed per-item settings, uint8 NHWC [B, R, R, 3]."""
+    def render_with_centers(self, specs: Sequence[SampleSpec]) -> tuple[np.ndarray, np.ndarray]:
+        """Images for mixed per-item settings, uint8 NHWC [B, R, R, 3], and each one's center, int64 [B]
+        (NO_CENTER where the mode has none): see :meth:`truncated_latents`."""
         for spec in specs:
             self.validate(spec)
-        out = []
+        out, centers = [], []
         for start in range(0, len(specs), self.batch_size):
             chunk = specs[start:start + self.batch_size]
-            w_t = self.truncated_latents(chunk, self.latents([s.seed for s in chunk]))
+            w_t, center = self.truncated_latents(chunk, self.latents([s.seed for s in chunk]))
             out.append(to_uint8(render(self.G.synthesis, w_t, self.rows).cpu()))
+            centers.append(center.numpy())
         images = np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
         assert images.shape == (len(specs), self.resolution, self.resolution, 3), images.shape
-        return images
+        return images, (np.concatenate(centers) if centers else np.zeros(0, np.int64))
+
+    def render_specs(self, specs: Sequence[SampleSpec]) -> np.ndarray:
+        """Images for mixed per-item settings, uint8 NHWC [B, R, R, 3]."""
+        return self.render_with_centers(specs)[0]
 
     def sample(self, seeds: Sequence[int], psi: float = 1.0, mode: Mode = "none",
                cluster: int | None = None) -> np.ndarray:
