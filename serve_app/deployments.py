@@ -189,8 +189,9 @@ class Ingress:
 
     @api.get("/v1/model")
     async def model(self) -> dict[str, Any]:
-        """Resolution, checkpoint identity, metric, w_dim and the clusters' identity."""
-        return await self.model_info()
+        """Resolution, checkpoint identity, metric, w_dim, the clusters' identity, and the psi a request
+        without one gets (the sampler page starts there)."""
+        return {**await self.model_info(), "default_psi": self.default_psi}
 
     @api.get("/v1/clusters")
     async def clusters(self) -> dict[str, Any]:

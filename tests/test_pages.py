@@ -81,7 +81,8 @@ def service(ray_cluster, tmp_path_factory):
     from serve_app.app import start_app
 
     ckpt, clusters = make_tiny_model(tmp_path_factory.mktemp("pages"))
-    base = start_app(serve_config(ckpt, clusters, free_port()))
+    # serve.default_psi other than the page's own 0.7: the page must start where the service says
+    base = start_app(serve_config(ckpt, clusters, free_port(), default_psi=0.6))
     yield base
     serve.shutdown()  # give the cluster's resources back to the other test modules
 
@@ -113,7 +114,7 @@ def sampler_page(browser, service):
 def test_sampler_page_renders_the_service_samples(sampler_page, service):
     driver = sampler_page
     state = page_state(driver)
-    assert state["requests"] == 1 and state["body"] == {"seed": 0, "count": 8, "psi": 0.7,
+    assert state["requests"] == 1 and state["body"] == {"seed": 0, "count": 8, "psi": 0.6,
                                                         "truncation": "multimodal", "format": "png"}
     samples = shown(driver)
     # what the page shows is what the API answers for its one batched request
@@ -122,8 +123,8 @@ def test_sampler_page_renders_the_service_samples(sampler_page, service):
     # the hover names the center the service chose, and forcing that center draws the same image
     center = api["clusters"][3]
     assert isinstance(center, int) and 0 <= center < 6
-    assert samples[3]["alt"] == f"sample, seed 3, ψ 0.7, multimodal truncation, cluster {center} (nearest by learned)"
-    forced = httpx.get(f"{service}/v1/sample", params={"seed": 3, "psi": 0.7, "cluster": center}, timeout=60)
+    assert samples[3]["alt"] == f"sample, seed 3, ψ 0.6, multimodal truncation, cluster {center} (nearest by learned)"
+    forced = httpx.get(f"{service}/v1/sample", params={"seed": 3, "psi": 0.6, "cluster": center}, timeout=60)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(forced.content))), decode(samples[3]["src"]))
     # each image's link reproduces it, alone
     one = httpx.get(samples[3]["href"], timeout=60)
@@ -144,12 +145,12 @@ def test_moving_psi_with_the_keyboard_requests_new_images_once(sampler_page):
     driver = sampler_page
     before = shown(driver)
     driver.find_element("id", "psi").send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)  # two quick steps of 0.05
-    wait_for(driver, lambda d: (page_state(d)["shown"] or {}).get("psi") == 0.8 and not page_state(d)["pending"],
-             "samples at ψ 0.8")
+    wait_for(driver, lambda d: (page_state(d)["shown"] or {}).get("psi") == 0.7 and not page_state(d)["pending"],
+             "samples at ψ 0.7")
     state = page_state(driver)
     assert state["requests"] == 2  # debounced: one batched request for both key presses
     after = shown(driver)
-    assert all("ψ 0.8" in s["alt"] for s in after) and "psi=0.8" in after[0]["href"]
+    assert all("ψ 0.7" in s["alt"] for s in after) and "psi=0.7" in after[0]["href"]
     assert all(not np.array_equal(decode(a["src"]), decode(b["src"])) for a, b in zip(after, before))
     # forcing a center: the next request names it, and the captions say so
     driver.find_element("css selector", '#clusters button[aria-label^="cluster 2 "]').click()
