@@ -94,6 +94,11 @@ def inference_uri(uri: str) -> str:
     return uri if uri.endswith(".pt") else join(uri, INFERENCE_FILE)
 
 
+def discriminator_uri(uri: str) -> str:
+    """``uri`` itself if it names a ``.pt`` file, else ``<uri>/discriminator.pt``."""
+    return uri if uri.endswith(".pt") else join(uri, DISCRIMINATOR_FILE)
+
+
 def identity_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:IDENTITY_HEX_CHARS]
 
@@ -158,7 +163,7 @@ def export_discriminator(D: Discriminator, model: ModelConfig, uri: str, storage
     payload = {"format": DISCRIMINATOR_FORMAT, "model": model.model_dump(mode="json"), "D": _cpu_state(D)}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    target = uri if uri.endswith(".pt") else join(uri, DISCRIMINATOR_FILE)
+    target = discriminator_uri(uri)
     storage.write_bytes(target, buffer.getvalue())
     return target
 
@@ -169,7 +174,7 @@ def load_discriminator(uri: str, storage: Storage | None = None, device: str | t
     Raises ObjectNotFound when missing, CheckpointError (naming the URI) when unreadable or mismatched.
     """
     storage = storage or get_storage()
-    target = uri if uri.endswith(".pt") else join(uri, DISCRIMINATOR_FILE)
+    target = discriminator_uri(uri)
     data = storage.read_bytes(target)
     try:
         payload = torch.load(io.BytesIO(data), weights_only=True, map_location=device)

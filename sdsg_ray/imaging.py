@@ -10,6 +10,7 @@ off and ``load()`` runs inside the ``try``).
 from __future__ import annotations
 
 import io
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -173,6 +174,11 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def square_grid(images: np.ndarray) -> np.ndarray:
+    """NHWC -> one HWC grid as near square as the count allows (ceil(sqrt(N)) columns), row-major."""
+    return image_grid(images, ncols=math.ceil(math.sqrt(len(images))))
 
 
 def image_grid(images: np.ndarray, ncols: int, pad: int = 0, pad_value: int = 255) -> np.ndarray:

@@ -14,7 +14,6 @@ Multi-sample responses (POST /v1/samples): ``format=png`` -> JSON ``{"seeds": [.
 import asyncio
 import base64
 import io
-import math
 from importlib import resources
 from typing import Any
 
@@ -28,7 +27,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from sdsg_ray.config import SDSGConfig
-from sdsg_ray.imaging import encode_png, image_grid
+from sdsg_ray.imaging import encode_png, square_grid
 from sdsg_ray.truncation.sampler import NO_CENTER, InvalidSample, Mode, SampleSpec
 
 from .schemas import (
@@ -236,7 +235,7 @@ class Ingress:
         if spec.format == "npy":
             return Response(_npy(images), media_type="application/octet-stream")
         if spec.format == "grid":
-            return Response(encode_png(image_grid(images, ncols=math.ceil(math.sqrt(len(images))))),
+            return Response(encode_png(square_grid(images)),
                             media_type="image/png")
         return JSONResponse({"seeds": seeds, "images": [base64.b64encode(encode_png(im)).decode() for im in images],
                              # the center each image was truncated toward (null for modes none and mean)

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from sdsg_ray.config import StorageConfig
-from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import to_tensor
 from sdsg_ray.models import reconstruct
 
@@ -33,11 +32,7 @@ class ReconstructionScorer:
     def __init__(self, bundle, metric, features, device: torch.device, pair: str = "ema") -> None:
         from sdsg_ray.checkpoint import scoring_pair
 
-        if bundle.E is None:
-            raise InvalidRequest(
-                f"checkpoint {bundle.identity} has no encoder E: scoring needs a stage-1 (joint) checkpoint"
-            )
-        G, E = scoring_pair(bundle, pair)  # (G_ema, E_ema) or (G, E): a pair trained together
+        G, E = scoring_pair(bundle, pair)  # (G_ema, E_ema) or (G, E): a pair trained together; no E: CheckpointError
         self.G = G.to(device).eval()
         self.E = E.to(device).eval()
         self.metric = metric

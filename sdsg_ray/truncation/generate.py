@@ -8,11 +8,10 @@ truncation), so a seed gives the same image here, over HTTP and in the evaluatio
 from __future__ import annotations
 
 import logging
-import math
 
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.errors import InvalidRequest
-from sdsg_ray.imaging import encode_png, image_grid
+from sdsg_ray.imaging import encode_png, square_grid
 from sdsg_ray.storage import get_storage, join
 from sdsg_ray.truncation.sampler import SEED_MAX, SampleSpec, load_sampler
 
@@ -54,7 +53,7 @@ def run_generate(config: SDSGConfig) -> dict:
         storage.write_bytes(path, encode_png(image))
         paths.append(path)
     grid = join(cfg.out, "grid.png")
-    storage.write_bytes(grid, encode_png(image_grid(images, ncols=math.ceil(math.sqrt(len(images))))))
+    storage.write_bytes(grid, encode_png(square_grid(images)))
     log.info("wrote %d images and %s (psi %.2f, truncation %s)", len(paths), grid, cfg.psi, cfg.truncation)
     return {"grid": grid, "images": len(paths), "psi": cfg.psi, "truncation": cfg.truncation,
             "assignment": sampler.assign_by if cfg.truncation == "multimodal" else None,

@@ -16,7 +16,6 @@ round differently; never on which other samples shared its batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Sequence, get_args
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from sdsg_ray.errors import InvalidRequest
-from sdsg_ray.imaging import encode_png, image_grid, to_uint8
+from sdsg_ray.imaging import encode_png, square_grid, to_uint8
 from sdsg_ray.models import truncate
 from sdsg_ray.truncation.assign import ASSIGNMENTS, AssignBy, PassRows, build_assigner, render
 from sdsg_ray.truncation.clusters import ClusterSet
@@ -232,7 +231,7 @@ class Sampler:
     def center_grid(self) -> bytes:
         """All center images in one PNG, row-major in cluster order."""
         images = self.center_images()
-        return encode_png(image_grid(images, ncols=math.ceil(math.sqrt(len(images)))))
+        return encode_png(square_grid(images))
 
 
 def resolve_assignment(assign_by: str, clusters: ClusterSet | None) -> str:
