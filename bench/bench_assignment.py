@@ -86,7 +86,7 @@ def main() -> None:
     args = p.parse_args()
 
     from sdsg_ray import figures
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.artifacts.checkpoint import load_inference
     from sdsg_ray.pretrained import build_metric
     from sdsg_ray.truncation.assign import LatentAssigner, PassRows, PerceptualAssigner, render
     from sdsg_ray.truncation.clusters import fit_centers, map_latents

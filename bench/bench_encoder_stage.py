@@ -40,7 +40,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # sdsg_ray and bench_filtering, ru
 
 from bench_filtering import PAIRS, d_report, demo_images, pair_networks  # noqa: E402
 
-from sdsg_ray.checkpoint import load_inference  # noqa: E402
+from sdsg_ray.artifacts.checkpoint import load_inference  # noqa: E402
 from sdsg_ray.config import SDSGConfig  # noqa: E402
 from sdsg_ray.dataset.synthetic import make_dataset  # noqa: E402
 from sdsg_ray.demo import demo_config  # noqa: E402

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from sdsg_ray import figures
-from sdsg_ray.checkpoint import load_inference
+from sdsg_ray.artifacts.checkpoint import load_inference
 from sdsg_ray.config import SDSGConfig, overrides_layer
 from sdsg_ray.dataset.synthetic import MODES, OUTLIER_KINDS, encode, plan, render
 from sdsg_ray.demo import demo_config

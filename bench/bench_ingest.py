@@ -78,7 +78,7 @@ def run(args, root: str, workdir: Path, server) -> dict:
     import ray
     import torch
 
-    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.config import ModelConfig, load_config
     from sdsg_ray.filtering.score import run_scoring
     from sdsg_ray.ingest import run_ingest

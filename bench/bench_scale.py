@@ -170,7 +170,7 @@ def write_score_shards(out: Path, rows: int, seed: int = 0, shard_rows: int = 10
 
     import pyarrow.parquet as pq
 
-    from sdsg_ray.filtering.scores import SCORE_SCHEMA, SUMMARY_FILE, score_shard_uri
+    from sdsg_ray.artifacts.scores import SCORE_SCHEMA, SUMMARY_FILE, score_shard_uri
     from sdsg_ray.storage import get_storage
 
     storage, rng = get_storage(), np.random.default_rng(seed)
@@ -260,7 +260,7 @@ def bench_scoring(images: int, checkpoint: str | None, workdir: Path, actors: in
     import torch
 
     from sdsg_ray import figures
-    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.config import ModelConfig, load_config
     from sdsg_ray.dataset.synthetic import make_dataset
     from sdsg_ray.demo import DEMO_DEFAULTS

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from sdsg_ray.checkpoint import load_inference
+from sdsg_ray.artifacts.checkpoint import load_inference
 from sdsg_ray.config import load_config
 from sdsg_ray.dataset.synthetic import plan, render
 from sdsg_ray.demo import DEMO_DEFAULTS

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdsg_ray.checkpoint import export_inference, load_inference
+from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
 from sdsg_ray.config import ModelConfig, load_config
 from sdsg_ray.filtering.scorer import ReconstructionScorer
 from sdsg_ray.imaging import load_batch

@@ -50,7 +50,7 @@ import torch  # noqa: E402
 
 def tiny_model(root: Path, resolution: int, clusters: int, classifier_steps: int,
                n_latents: int = 4000) -> tuple[str, str]:
-    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.config import ModelConfig, load_config
     from sdsg_ray.models.networks import build_generator
     from sdsg_ray.storage import get_storage
@@ -73,7 +73,7 @@ def tiny_model(root: Path, resolution: int, clusters: int, classifier_steps: int
 def null_model(root: Path) -> str:
     """A generator that costs next to nothing (16 px, 4 channels, 8-d latents): serving it measures what the
     HTTP + Serve path alone can carry on this machine, the other ceiling batching runs into."""
-    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.models.networks import build_generator
     from sdsg_ray.storage import get_storage

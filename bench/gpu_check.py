@@ -201,7 +201,7 @@ def device_peak_tflops(device: str, flag: float | None) -> tuple[float | None, s
 
 def export_random(config, root: Path, with_encoder: bool):
     """A random-weight inference bundle of this model, loaded back as the stages would load it."""
-    from sdsg_ray.checkpoint import export_inference, load_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
     from sdsg_ray.models.networks import build_networks
     from sdsg_ray.storage import get_storage
 
@@ -275,7 +275,7 @@ def check_serving(config, args, device: str, work: Path, table: Table) -> None:
 
 def check_paper_sizes(args, device: str, table: Table, left) -> None:
     """ms/image of the Sampler (mean truncation, psi 0.7) on random paper-size generators, fp32 vs bf16."""
-    from sdsg_ray.checkpoint import InferenceBundle
+    from sdsg_ray.artifacts.checkpoint import InferenceBundle
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.models.networks import build_generator, set_reduced_precision
     from sdsg_ray.truncation.sampler import Sampler

@@ -27,8 +27,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from pydantic import ValidationError
 
-from sdsg_ray.checkpoint import (
-    INFERENCE_FILE,
+from sdsg_ray.artifacts.checkpoint import (
+    ModelDir,
     CheckpointError,
     _cpu_state,
     export_discriminator,
@@ -45,7 +45,6 @@ from sdsg_ray.storage import Storage, get_storage, join
 log = logging.getLogger(__name__)
 
 SAFETENSORS_FORMAT = "sdsg-safetensors/1"
-SAFETENSORS_FILE = "model.safetensors"
 EXPORTED_NETWORKS = ("G_ema", "E", "E_ema")  # plus the tensor "w_avg"
 PICKLE_PROTO = 0x80  # first byte of every pickle of protocol >= 2
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -80,7 +79,7 @@ def export_safetensors(checkpoint: str, out: str, storage: Storage | None = None
         "meta": json.dumps(bundle.meta),
         "source_identity": bundle.identity,
     }
-    target = out if out.endswith(".safetensors") else join(out, SAFETENSORS_FILE)
+    target = out if out.endswith(".safetensors") else ModelDir(out).export
     storage.write_bytes(target, save_safetensors_bytes(tensors, metadata=metadata))
     log.info("exported %s (identity %s) to %s: %d tensors", checkpoint, bundle.identity, target, len(tensors))
     return target
@@ -154,7 +153,7 @@ def import_model(source: str, out: str, storage: Storage | None = None) -> dict:
     """Read ``source`` (local path or S3 URI) and write ``out/inference.pt`` (+ ``discriminator.pt``)."""
     storage = storage or get_storage()
     if out.endswith(".pt"):
-        raise InvalidRequest(f"--out must be a directory (it gets {INFERENCE_FILE} and discriminator.pt), got {out}")
+        raise InvalidRequest(f"--out must be a directory (it gets {ModelDir.INFERENCE_FILE} and {ModelDir.DISCRIMINATOR_FILE}), got {out}")
     data = storage.read_bytes(source)
     kind = _source_kind(data, source)
     log.info("importing %s (%s, %d bytes) into %s", source, kind, len(data), out)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdsg_ray.checkpoint import CheckpointError
+from sdsg_ray.artifacts.checkpoint import CheckpointError
 from sdsg_ray.config import ModelConfig
 from sdsg_ray.models.networks import (
     MAPPING_LR_MUL,

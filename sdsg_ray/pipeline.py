@@ -170,7 +170,7 @@ def plan(config: SDSGConfig) -> list[Stage]:
 
 def run_random_subset(config: SDSGConfig) -> str:
     """Table 3's control: as many images as the filtered set Y, drawn uniformly from the readable part of X."""
-    from sdsg_ray.filtering.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import iter_score_batches
     from sdsg_ray.manifest import read_manifest, write_manifest
 
     lay = Layout.from_config(config)

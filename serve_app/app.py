@@ -121,7 +121,7 @@ def serve_config_yaml(args: dict[str, Any]) -> str:
 
 def _check_inputs(config: SDSGConfig) -> None:
     """Fail before starting Ray if the checkpoint or clusters are missing, saying how to make them."""
-    from sdsg_ray.checkpoint import inference_uri
+    from sdsg_ray.artifacts.checkpoint import inference_uri
     from sdsg_ray.storage import ObjectNotFound, get_storage
     from sdsg_ray.truncation.clusters import clusters_uri
 

@@ -110,7 +110,7 @@ def test_outlier_controls_rebuild_the_scoring_checkpoints_initialisation(tmp_pat
     and score the same images with it (not the trained weights)."""
     import json
 
-    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.config import build_config
     from sdsg_ray.evaluation.evaluate import outlier_controls
     from sdsg_ray.imaging import encode_png

@@ -14,9 +14,9 @@ import pytest
 
 from sdsg_ray.config import load_config
 from sdsg_ray.filtering.curation_page import PAGE_FILE, allocate, sample_by_score
-from sdsg_ray.filtering.scores import SUMMARY_FILE
+from sdsg_ray.artifacts.scores import SUMMARY_FILE
 from sdsg_ray.filtering.select import run_selection
-from sdsg_ray.filtering.writer import ShardAssembler
+from sdsg_ray.artifacts.score_writer import ShardAssembler
 from sdsg_ray.storage import get_storage, join
 
 
@@ -26,7 +26,7 @@ def make_small_selection(root: Path, n: int = 120, page_images: int = 2000, **se
     and ``sdsg select`` over them with the labels. Returns report.json plus the paths."""
     import torch
 
-    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.config import build_config
     from sdsg_ray.dataset.synthetic import make_dataset, read_labels
     from sdsg_ray.evaluation.controls import untrained_networks

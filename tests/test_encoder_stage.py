@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdsg_ray.checkpoint import export_discriminator, export_inference, load_inference, scoring_pair
+from sdsg_ray.artifacts.checkpoint import export_discriminator, export_inference, load_inference, scoring_pair
 from sdsg_ray.config import ConfigError, load_config
 from sdsg_ray.storage import ObjectNotFound, get_storage, join
 
@@ -165,7 +165,7 @@ def test_resume_from_starts_G_G_ema_and_D_from_the_directory_with_a_fresh_E(tmp_
     from sdsg_ray.pretrained import build_metric
     from sdsg_ray.training.losses import ema_beta
     from sdsg_ray.training.loop import TrainingRun
-    from sdsg_ray.checkpoint import load_discriminator
+    from sdsg_ray.artifacts.checkpoint import load_discriminator
 
     uri = _generator_dir(tmp_path / "g", discriminator=True)
     source = load_inference(uri)

@@ -51,7 +51,7 @@ def test_only_inception_features_are_called_fid():
 
 
 def write_scores(storage, out: str, rows: list[tuple[str, str, float]]) -> None:
-    from sdsg_ray.filtering.scores import SCORE_SCHEMA, score_shard_uri
+    from sdsg_ray.artifacts.scores import SCORE_SCHEMA, score_shard_uri
     from sdsg_ray.manifest import write_parquet_stream
 
     n = len(rows)

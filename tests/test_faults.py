@@ -66,12 +66,12 @@ def test_a_flaky_store_loses_nothing(ray_cluster, s3_endpoint, flaky_store, tmp_
     """Listing, training checkpoints (Ray Train through the storage layer's pyarrow view), scoring (Ray Data
     reads, per-image reads, score-shard writes) and selection all complete through a store that fails one
     request in ten: every key is scored exactly once, with the scores a direct computation gives."""
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.artifacts.checkpoint import load_inference
     from sdsg_ray.dataset.synthetic import make_dataset
     from sdsg_ray.distributed.train import run_training
     from sdsg_ray.filtering.score import run_scoring
     from sdsg_ray.filtering.scorer import ReconstructionScorer
-    from sdsg_ray.filtering.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import iter_score_batches
     from sdsg_ray.filtering.select import run_selection
     from sdsg_ray.imaging import decode_image
     from sdsg_ray.manifest import read_manifest
@@ -162,7 +162,7 @@ import ray
 from ray.cluster_utils import Cluster
 from sdsg_ray.config import load_config
 from sdsg_ray.filtering.score import run_scoring
-from sdsg_ray.filtering.scores import written_shards
+from sdsg_ray.artifacts.scores import written_shards
 from sdsg_ray.storage import get_storage
 
 settings = json.loads(sys.argv[1])
@@ -212,11 +212,11 @@ def test_losing_the_scoring_node_mid_run_scores_every_key_exactly_once(tmp_path)
     the scores a direct computation gives, and every score shard holds exactly its keys."""
     import torch
 
-    from sdsg_ray.checkpoint import export_inference, load_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.dataset.synthetic import make_dataset
     from sdsg_ray.filtering.scorer import ReconstructionScorer
-    from sdsg_ray.filtering.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import iter_score_batches
     from sdsg_ray.imaging import decode_image
     from sdsg_ray.manifest import read_manifest
     from sdsg_ray.models import build_networks

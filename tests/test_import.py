@@ -28,7 +28,7 @@ from PIL import Image
 from test_serve import assert_names_field, npy, serve_config
 from test_truncation import METRIC
 
-from sdsg_ray.checkpoint import CheckpointError, load_discriminator, load_inference, scoring_pair
+from sdsg_ray.artifacts.checkpoint import CheckpointError, load_discriminator, load_inference, scoring_pair
 from sdsg_ray.cli import main
 from sdsg_ray.export import import_model
 from sdsg_ray.models.networks import truncate
@@ -281,7 +281,7 @@ def test_resnet_free_discriminator_and_stylegan3_are_refused(tmp_path, monkeypat
 
 
 def test_safetensors_export_imports_back_bit_for_bit(tmp_path):
-    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.models import build_networks
 

@@ -390,7 +390,7 @@ def test_the_fetch_policy_refuses_each_hostile_case_and_still_fetches_images(hos
 def checkpoint(tmp_path_factory) -> str:
     import torch
 
-    from sdsg_ray.checkpoint import export_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.models.networks import build_networks
 
     torch.manual_seed(0)
@@ -412,7 +412,7 @@ def _statuses(out: str) -> dict[str, str]:
 
 def _score_select_and_read_kept(data: str, work: str, checkpoint: str) -> dict:
     from sdsg_ray.filtering.score import run_scoring
-    from sdsg_ray.filtering.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import iter_score_batches
     from sdsg_ray.filtering.select import run_selection
     from sdsg_ray.training.data import ImageDataset
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdsg_ray.checkpoint import export_inference, load_inference
+from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
 from sdsg_ray.config import ConfigError, ModelConfig, ScoreConfig, load_config
 from sdsg_ray.evaluation.controls import reconstruction_scores, untrained_networks
 from sdsg_ray.pretrained import build_fid_features, build_metric, judge_resize
@@ -134,7 +134,7 @@ def test_scoring_summary_records_metric_and_size(ray_cluster, tmp_path) -> None:
     from PIL import Image
 
     from sdsg_ray.filtering.score import run_scoring
-    from sdsg_ray.filtering.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import iter_score_batches
 
     data = tmp_path / "images"
     data.mkdir()

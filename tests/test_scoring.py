@@ -20,10 +20,10 @@ import pytest
 import ray
 from PIL import Image
 
-from sdsg_ray.checkpoint import export_inference
+from sdsg_ray.artifacts.checkpoint import export_inference
 from sdsg_ray.config import ModelConfig, load_config
 from sdsg_ray.filtering.score import footer_actors, run_scoring
-from sdsg_ray.filtering.scores import iter_score_batches, score_shard_uri
+from sdsg_ray.artifacts.scores import iter_score_batches, score_shard_uri
 from sdsg_ray.filtering.select import run_selection
 from sdsg_ray.models.networks import build_networks
 from sdsg_ray.storage import get_storage, join
@@ -285,7 +285,7 @@ def test_the_score_writer_stores_a_row_once_even_when_it_arrives_late(tmp_path) 
     """A retried task can deliver a row again, before or after its shard was written: the shard holds the
     row once, the late copy is dropped (never a KeyError) and both copies are counted; a row of a shard
     the run is not scoring is refused with a message naming it."""
-    from sdsg_ray.filtering.writer import ShardAssembler
+    from sdsg_ray.artifacts.score_writer import ShardAssembler
 
     def batch(shard: int, keys: list[str], d: float) -> dict[str, np.ndarray]:
         n = len(keys)

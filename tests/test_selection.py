@@ -19,9 +19,9 @@ from sdsg_ray.filtering.selection import (
     mean_cov,
     threshold_grid,
 )
-from sdsg_ray.filtering.scores import SUMMARY_FILE
+from sdsg_ray.artifacts.scores import SUMMARY_FILE
 from sdsg_ray.filtering.select import run_selection
-from sdsg_ray.filtering.writer import ShardAssembler
+from sdsg_ray.artifacts.score_writer import ShardAssembler
 from sdsg_ray.storage import get_storage, join
 
 

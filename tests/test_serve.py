@@ -15,7 +15,7 @@ from conftest import free_port
 from PIL import Image
 from test_truncation import METRIC, make_tiny_model
 
-from sdsg_ray.checkpoint import load_inference
+from sdsg_ray.artifacts.checkpoint import load_inference
 from sdsg_ray.config import load_config
 from sdsg_ray.truncation import Sampler, SampleSpec, load_clusters
 

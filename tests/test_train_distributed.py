@@ -124,7 +124,7 @@ def test_ddp_replicas_hold_identical_parameters(runs):
 
 
 def test_a_run_writes_its_outputs_under_s3(runs):
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.artifacts.checkpoint import load_inference
 
     summary, out = runs["recovered"]
     storage = get_storage()

@@ -216,7 +216,7 @@ def test_a_joint_step_moves_G_E_D_and_the_ema_and_shares_w_avg_with_E():
 def test_a_short_joint_run_lowers_reconstruction_lpips_and_writes_its_outputs(tmp_path):
     """16 steps on the generated dataset (in-process loop, no Ray): LPIPS(x, G_ema(E(x))) on fixed
     training images falls, and every checkpoint leaves its grids, metrics and inference bundle."""
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.artifacts.checkpoint import load_inference
     from sdsg_ray.dataset.synthetic import make_dataset
     from sdsg_ray.training.loop import run_loop
 

@@ -67,7 +67,7 @@ def test_training_with_rampup_copies_G_into_G_ema_at_the_first_step_then_lags():
 
 @pytest.mark.slow  # a few training steps: ~1-2 min on the loaded 2-core box
 def test_E_ema_follows_E_with_G_emas_beta_and_the_bundle_hands_out_the_configured_pair(tmp_path):
-    from sdsg_ray.checkpoint import load_inference, scoring_pair
+    from sdsg_ray.artifacts.checkpoint import load_inference, scoring_pair
     from sdsg_ray.pretrained import build_metric
     from sdsg_ray.training.loop import TrainingRun
 
@@ -99,7 +99,7 @@ def test_E_ema_follows_E_with_G_emas_beta_and_the_bundle_hands_out_the_configure
 
 
 def test_old_bundle_without_E_ema_loads_with_a_warning_and_refuses_the_live_pair(tmp_path, caplog):
-    from sdsg_ray.checkpoint import CheckpointError, export_inference, load_inference, scoring_pair
+    from sdsg_ray.artifacts.checkpoint import CheckpointError, export_inference, load_inference, scoring_pair
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.models.networks import build_networks
 
@@ -117,7 +117,7 @@ def test_old_bundle_without_E_ema_loads_with_a_warning_and_refuses_the_live_pair
 
 
 def test_scorer_uses_the_configured_pair(tmp_path):
-    from sdsg_ray.checkpoint import export_inference, load_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.filtering.scorer import ReconstructionScorer
     from sdsg_ray.models.networks import build_networks
@@ -178,7 +178,7 @@ def test_mapping_w_avg_is_a_debiased_ema_and_old_state_dicts_still_load():
 
 
 def test_mean_truncation_uses_the_clusters_w_mean_when_present(tmp_path):
-    from sdsg_ray.checkpoint import export_inference, load_inference
+    from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.models.networks import build_generator
     from sdsg_ray.truncation.clusters import ClusterSet, fit_centers, load_clusters, map_latents, save_clusters

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdsg_ray.checkpoint import export_inference, load_inference
+from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
 from sdsg_ray.config import ModelConfig
 from sdsg_ray.models.networks import build_generator
 from sdsg_ray.storage import get_storage

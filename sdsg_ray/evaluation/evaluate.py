@@ -194,7 +194,7 @@ def nearest_centers(sampler, seeds: Sequence[int], by: str | None = None) -> lis
 def evaluate_models(models: Sequence[EvalModel], raw: str, bank: FeatureBank, seeds: Sequence[int],
                     storage: Storage, device: str, batch_size: int) -> list[dict]:
     """Tables 1/3: every model against its own training set and against the raw set X."""
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.artifacts.checkpoint import load_inference
     from sdsg_ray.truncation import Sampler
 
     rows = []
@@ -269,7 +269,7 @@ def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: 
     With ``controls_device``, also the controls on the same images (:func:`outlier_controls`)."""
     from sdsg_ray.dataset.synthetic import read_labels
     from sdsg_ray.evaluation.controls import auroc_report
-    from sdsg_ray.filtering.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import iter_score_batches
     from sdsg_ray.manifest import read_manifest
 
     label_by_key = {row["key"]: row for row in read_labels(labels_uri, storage)}
@@ -318,7 +318,7 @@ def outlier_controls(keys: Sequence[str], is_outlier: np.ndarray, kinds: np.ndar
     """The controls beside d(x)'s AUROC on the same images: the untrained network (stage 1's seeded
     initialisation, same architecture and metric, scored through models.reconstruct) and the trivial
     detectors (sdsg_ray.evaluation.controls)."""
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.artifacts.checkpoint import load_inference
     from sdsg_ray.evaluation.controls import auroc_report, trivial_report, untrained_scores
     from sdsg_ray.imaging import load_batch
     from sdsg_ray.pretrained import build_metric
@@ -346,7 +346,7 @@ def outlier_controls(keys: Sequence[str], is_outlier: np.ndarray, kinds: np.ndar
 
 def run_evaluation(config: SDSGConfig) -> dict:
     """``sdsg evaluate``: write ``<out>/results.json``, fid_vs_psi.png and truncation_grid.png."""
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.artifacts.checkpoint import load_inference
     from sdsg_ray.pretrained import build_fid_features, build_metric
     from sdsg_ray.truncation import Sampler, load_clusters
     from sdsg_ray.truncation.clusters import clusters_uri

@@ -45,7 +45,7 @@ from PIL import Image
 from sdsg_ray.imaging import image_grid
 from sdsg_ray.storage import Storage, join
 
-from .scores import iter_score_batches
+from sdsg_ray.artifacts.scores import iter_score_batches
 from .selection import BinnedMoments
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from sdsg_ray.storage import Storage, get_storage, join, normalize
 
 from .decode import read_and_decode
 from .scorer import ScoreActor
-from .scores import SCORES_DIR, SUMMARY_FILE, iter_score_batches, written_shards
-from .writer import ShardAssembler
+from sdsg_ray.artifacts.scores import SCORES_DIR, SUMMARY_FILE, iter_score_batches, written_shards
+from sdsg_ray.artifacts.score_writer import ShardAssembler
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def count_status(out: str, storage: Storage) -> Counter:
 
 def run_scoring(config: SDSGConfig) -> dict:
     """Score every image of score.data with the stage-1 checkpoint; write score shards and summary.json."""
-    from sdsg_ray.checkpoint import load_inference, scoring_pair
+    from sdsg_ray.artifacts.checkpoint import load_inference, scoring_pair
     from sdsg_ray.pretrained import build_fid_features, judge_label, resolve_metric
 
     # Ray workers run in other working directories: local paths are made absolute here on the driver.

@@ -30,7 +30,7 @@ class ReconstructionScorer:
     """
 
     def __init__(self, bundle, metric, features, device: torch.device, pair: str = "ema") -> None:
-        from sdsg_ray.checkpoint import scoring_pair
+        from sdsg_ray.artifacts.checkpoint import scoring_pair
 
         G, E = scoring_pair(bundle, pair)  # (G_ema, E_ema) or (G, E): a pair trained together; no E: CheckpointError
         self.G = G.to(device).eval()
@@ -65,7 +65,7 @@ class ScoreActor:
                  judge_resolution: int | None = None) -> None:
         import ray
 
-        from sdsg_ray.checkpoint import load_inference
+        from sdsg_ray.artifacts.checkpoint import load_inference
         from sdsg_ray.pretrained import build_fid_features, build_metric
         from sdsg_ray.storage import get_storage
 

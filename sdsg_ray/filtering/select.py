@@ -30,7 +30,7 @@ from sdsg_ray.manifest import write_parquet_stream
 from sdsg_ray.storage import Storage, get_storage, join
 
 from .curation_page import write_curation_page
-from .scores import iter_score_batches, read_summary
+from sdsg_ray.artifacts.scores import iter_score_batches, read_summary
 from .selection import BinnedMoments, CurvePoint, DistanceToReference, Moments, Selection, apply_rule, mean_cov, threshold_grid
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def reconstruct_keys(keys: list[str], bundle, storage: Storage,
                      pair: str = "ema") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(readable mask over ``keys``, originals, G(E(x))) as uint8 NHWC for the readable ones; G and E
     are the scoring ``pair`` that computed the scores."""
-    from sdsg_ray.checkpoint import scoring_pair
+    from sdsg_ray.artifacts.checkpoint import scoring_pair
     from sdsg_ray.imaging import load_batch, to_tensor, to_uint8
     from sdsg_ray.models import reconstruct
 
@@ -154,7 +154,7 @@ def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Sto
 
 def run_selection(config: SDSGConfig) -> dict:
     """Choose θ, write kept.parquet, report.json and the three figures under select.out."""
-    from sdsg_ray.checkpoint import CheckpointError, load_inference
+    from sdsg_ray.artifacts.checkpoint import CheckpointError, load_inference
     from sdsg_ray.pretrained import distance_labels, frechet_distance
 
     cfg = config.select

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sdsg_ray.checkpoint import InferenceBundle, export_discriminator, export_inference, load_discriminator, load_inference
+from sdsg_ray.artifacts.checkpoint import InferenceBundle, export_discriminator, export_inference, load_discriminator, load_inference
 from sdsg_ray.config import ConfigError, ModelConfig, SDSGConfig
 from sdsg_ray.imaging import encode_png, image_grid, to_uint8
 from sdsg_ray.models.networks import REDUCED_DTYPES, build_networks, set_reduced_precision

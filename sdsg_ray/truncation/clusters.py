@@ -155,7 +155,7 @@ def _learned_assignment(cfg, bundle, w: torch.Tensor, centers: torch.Tensor, met
 
 def run_clustering(config: SDSGConfig) -> str:
     """``sdsg cluster``: fit the centers for a checkpoint's G_ema and write ``<out>/clusters.pt``."""
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.artifacts.checkpoint import load_inference
     from sdsg_ray.pretrained import resolve_metric
 
     cfg = config.cluster

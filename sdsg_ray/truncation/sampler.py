@@ -246,7 +246,7 @@ def load_sampler(checkpoint: str, clusters: str | None = None, storage=None,
                  assign_resolution: int | None = None) -> Sampler:
     """A Sampler from URIs: the checkpoint's G_ema, its clusters and the metric the clusters name (loaded
     whenever there are clusters, so the paper's LPIPS rule stays available per sample)."""
-    from sdsg_ray.checkpoint import load_inference
+    from sdsg_ray.artifacts.checkpoint import load_inference
     from sdsg_ray.truncation.clusters import load_clusters
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

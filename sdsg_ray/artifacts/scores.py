@@ -1,7 +1,7 @@
 """Score shards on storage: where they live, what a row holds, and streaming them back.
 
 Score shard i (``<out>/scores/scores-0000i.parquet``) holds the scores of manifest shard i, every key
-exactly once; a shard file that exists is complete (see :mod:`sdsg_ray.filtering.writer`). Everything
+exactly once; a shard file that exists is complete (see :mod:`sdsg_ray.artifacts.score_writer`). Everything
 downstream of scoring (selection, the random-subset baseline, the evaluation's outlier table) reads
 them through :func:`iter_score_batches`, one batch in memory at a time.
 """
@@ -9,7 +9,8 @@ them through :func:`iter_score_batches`, one batch in memory at a time.
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ from sdsg_ray.storage import ObjectNotFound, Storage, join
 
 SCORES_DIR = "scores"
 SUMMARY_FILE = "summary.json"
+RUN_FILE = "_RUN.json"  # what the scores were computed with; a resume must match it
 SCORE_COLUMNS = ("key", "status", "error", "d_lpips", "d_l1", "feat_real", "feat_recon")
 SCORE_SCHEMA = pa.schema(
     [
@@ -83,3 +85,31 @@ def read_summary(out: str, storage: Storage) -> dict:
         return json.loads(storage.read_text(uri))
     except ObjectNotFound:
         raise ObjectNotFound(f"{uri}: no scoring summary; is {out} the --out of `sdsg score`?") from None
+
+
+@dataclass(frozen=True)
+class ScoreSet:
+    """``sdsg score --out``: manifest shards of X, one score shard per manifest shard, the run record (what
+    the scores were computed with) and summary.json (written last: its presence means scoring finished)."""
+
+    uri: str
+    SCORES_DIR: ClassVar[str] = SCORES_DIR
+    SUMMARY_FILE: ClassVar[str] = SUMMARY_FILE
+    RUN_FILE: ClassVar[str] = RUN_FILE
+
+    @property
+    def summary(self) -> str:
+        return join(self.uri, self.SUMMARY_FILE)
+
+    @property
+    def run_record(self) -> str:
+        return join(self.uri, self.RUN_FILE)
+
+    def shard(self, shard_id: int) -> str:
+        return score_shard_uri(self.uri, shard_id)
+
+    def iter_batches(self, storage: Storage, columns: list[str], batch_rows: int = 8192) -> Iterator[dict]:
+        return iter_score_batches(self.uri, storage, columns, batch_rows)
+
+    def read_summary(self, storage: Storage) -> dict:
+        return read_summary(self.uri, storage)

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import ValidationError
@@ -27,9 +27,7 @@ from sdsg_ray.storage import Storage, get_storage, join
 
 log = logging.getLogger(__name__)
 
-INFERENCE_FILE = "inference.pt"
 INFERENCE_FORMAT = "sdsg-inference/1"
-DISCRIMINATOR_FILE = "discriminator.pt"  # beside inference.pt: D for fine-tuning (imports, --resume-from)
 DISCRIMINATOR_FORMAT = "sdsg-discriminator/1"
 IDENTITY_HEX_CHARS = 16
 _REQUIRED_KEYS = ("format", "model", "G_ema", "E", "w_avg", "meta")
@@ -89,14 +87,37 @@ def scoring_pair(bundle: InferenceBundle, pair: ScoringPairName) -> tuple[Genera
     return bundle.G_ema, bundle.E_ema
 
 
+@dataclass(frozen=True)
+class ModelDir:
+    """A model directory (training --out, import --out): inference.pt (G_ema, E, w_avg: what every later stage
+    loads), discriminator.pt beside it (D, for fine-tuning: imports, --resume-from), model.safetensors (export)."""
+
+    uri: str
+    INFERENCE_FILE: ClassVar[str] = "inference.pt"
+    DISCRIMINATOR_FILE: ClassVar[str] = "discriminator.pt"
+    EXPORT_FILE: ClassVar[str] = "model.safetensors"
+
+    @property
+    def inference(self) -> str:
+        return join(self.uri, self.INFERENCE_FILE)
+
+    @property
+    def discriminator(self) -> str:
+        return join(self.uri, self.DISCRIMINATOR_FILE)
+
+    @property
+    def export(self) -> str:
+        return join(self.uri, self.EXPORT_FILE)
+
+
 def inference_uri(uri: str) -> str:
-    """``uri`` itself if it names a ``.pt`` file, else ``<uri>/inference.pt`` (a training --out dir)."""
-    return uri if uri.endswith(".pt") else join(uri, INFERENCE_FILE)
+    """``uri`` itself if it names a ``.pt`` file, else the inference file of the model directory ``uri``."""
+    return uri if uri.endswith(".pt") else ModelDir(uri).inference
 
 
 def discriminator_uri(uri: str) -> str:
-    """``uri`` itself if it names a ``.pt`` file, else ``<uri>/discriminator.pt``."""
-    return uri if uri.endswith(".pt") else join(uri, DISCRIMINATOR_FILE)
+    """``uri`` itself if it names a ``.pt`` file, else the discriminator file of the model directory ``uri``."""
+    return uri if uri.endswith(".pt") else ModelDir(uri).discriminator
 
 
 def identity_of(data: bytes) -> str:

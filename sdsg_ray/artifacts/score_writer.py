@@ -1,7 +1,7 @@
 """Writing score shards: each in one atomic put, only when all of its rows have arrived.
 
 Score shard i holds the scores of manifest shard i, every key exactly once (layout and reading:
-:mod:`sdsg_ray.filtering.scores`). Because a shard appears only complete, a crashed run resumes by
+:mod:`sdsg_ray.artifacts.scores`). Because a shard appears only complete, a crashed run resumes by
 skipping the shards already on storage.
 """
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from sdsg_ray.storage import Storage
 
-from .scores import SCORE_COLUMNS, SCORE_SCHEMA, score_shard_uri
+from sdsg_ray.artifacts.scores import SCORE_COLUMNS, SCORE_SCHEMA, score_shard_uri
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
