@@ -153,7 +153,7 @@ def import_model(source: str, out: str, storage: Storage | None = None) -> dict:
     """Read ``source`` (local path or S3 URI) and write ``out/inference.pt`` (+ ``discriminator.pt``)."""
     storage = storage or get_storage()
     if out.endswith(".pt"):
-        raise InvalidRequest(f"--out must be a directory (it gets {ModelDir.INFERENCE_FILE} and {ModelDir.DISCRIMINATOR_FILE}), got {out}")
+        raise InvalidRequest(f"--out must be a directory (it gets {ModelDir.inference.name} and {ModelDir.discriminator.name}), got {out}")
     data = storage.read_bytes(source)
     kind = _source_kind(data, source)
     log.info("importing %s (%s, %d bytes) into %s", source, kind, len(data), out)

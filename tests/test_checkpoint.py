@@ -55,12 +55,12 @@ def test_roundtrip_local_directory_and_file(tmp_path, trained_like):
     storage = get_storage()
     out_dir = str(tmp_path / "run")
     roundtrip_check(G, E, out_dir, storage)
-    assert (tmp_path / "run" / ModelDir.INFERENCE_FILE).is_file()
+    assert (tmp_path / "run" / ModelDir.inference.name).is_file()
     explicit = str(tmp_path / "other.pt")
     export_inference(G, None, MODEL, {}, explicit, storage)
     assert load_inference(explicit).E is None
     # the file is plain data: weights_only loading works without our code
-    payload = torch.load(tmp_path / "run" / ModelDir.INFERENCE_FILE, weights_only=True)
+    payload = torch.load(tmp_path / "run" / ModelDir.inference.name, weights_only=True)
     assert payload["format"] == INFERENCE_FORMAT and payload["model"]["resolution"] == 16
 
 
@@ -76,7 +76,7 @@ def test_errors_name_the_uri(tmp_path, trained_like):
         load_inference(str(tmp_path / "nowhere"), storage)
     uri = str(tmp_path / "run")
     export_inference(G, E, MODEL, {}, uri, storage)
-    path = tmp_path / "run" / ModelDir.INFERENCE_FILE
+    path = tmp_path / "run" / ModelDir.inference.name
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated upload
     with pytest.raises(CheckpointError, match=str(path)):

@@ -14,12 +14,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
+from sdsg_ray.artifacts.base import Artifact, Member
 from sdsg_ray.config import ModelConfig
 from sdsg_ray.errors import UserError
 from sdsg_ray.models.networks import Discriminator, Encoder, Generator, build_discriminator, build_encoder, build_generator
@@ -88,26 +89,12 @@ def scoring_pair(bundle: InferenceBundle, pair: ScoringPairName) -> tuple[Genera
 
 
 @dataclass(frozen=True)
-class ModelDir:
-    """A model directory (training --out, import --out): inference.pt (G_ema, E, w_avg: what every later stage
-    loads), discriminator.pt beside it (D, for fine-tuning: imports, --resume-from), model.safetensors (export)."""
+class ModelDir(Artifact):
+    """A model directory (training --out, import --out); every later stage loads its inference file."""
 
-    uri: str
-    INFERENCE_FILE: ClassVar[str] = "inference.pt"
-    DISCRIMINATOR_FILE: ClassVar[str] = "discriminator.pt"
-    EXPORT_FILE: ClassVar[str] = "model.safetensors"
-
-    @property
-    def inference(self) -> str:
-        return join(self.uri, self.INFERENCE_FILE)
-
-    @property
-    def discriminator(self) -> str:
-        return join(self.uri, self.DISCRIMINATOR_FILE)
-
-    @property
-    def export(self) -> str:
-        return join(self.uri, self.EXPORT_FILE)
+    inference = Member("inference.pt", "G_ema, E, E_ema, the live G, w_avg and the model config (weights_only)")
+    discriminator = Member("discriminator.pt", "D, for fine-tuning (imports, --resume-from)")
+    export = Member("model.safetensors", "`sdsg export`: G_ema, E and w_avg without pickle")
 
 
 def inference_uri(uri: str) -> str:

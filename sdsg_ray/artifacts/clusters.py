@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from sdsg_ray.storage import join
+from sdsg_ray.artifacts.base import Artifact, Member
 
 
 @dataclass(frozen=True)
-class ClusterFile:
-    """``sdsg cluster --out``: clusters.pt (centers, sizes, the assignment classifier); ``uri`` may name the file."""
+class ClusterFile(Artifact):
+    """``sdsg cluster --out`` (or the file itself)."""
 
-    uri: str
-    CLUSTERS_FILE: ClassVar[str] = "clusters.pt"
+    clusters = Member("clusters.pt", "KMeans centers, their sizes, the judge, the learned assignment")
 
     @property
     def file(self) -> str:
-        return self.uri if self.uri.endswith(".pt") else join(self.uri, self.CLUSTERS_FILE)
+        return self.uri if self.uri.endswith(".pt") else self.clusters

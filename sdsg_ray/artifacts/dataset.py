@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from sdsg_ray.storage import join
+from sdsg_ray.artifacts.base import Artifact, Member
 
 
 @dataclass(frozen=True)
-class SyntheticDataset:
-    """``sdsg make-dataset --out``: images/ (X), labels.csv (one row per image) and preview.png."""
+class SyntheticDataset(Artifact):
+    """``sdsg make-dataset --out``."""
 
-    uri: str
-    IMAGES_DIR: ClassVar[str] = "images"
-    LABELS_FILE: ClassVar[str] = "labels.csv"
-    PREVIEW_FILE: ClassVar[str] = "preview.png"
-
-    @property
-    def images(self) -> str:
-        return join(self.uri, self.IMAGES_DIR)
-
-    @property
-    def labels(self) -> str:
-        return join(self.uri, self.LABELS_FILE)
-
-    @property
-    def preview(self) -> str:
-        return join(self.uri, self.PREVIEW_FILE)
+    images = Member("images", "X: one .jpg or .png per image")
+    labels = Member("labels.csv", "one row per image: its mode or planted outlier kind")
+    preview = Member("preview.png", "inliers by mode and outliers by kind")
 
     @classmethod
     def labels_of(cls, uri: str) -> str:

@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
+from sdsg_ray.artifacts.base import Artifact, Member
 from sdsg_ray.artifacts.json_file import read_json, read_json_or_none, write_json
-from sdsg_ray.storage import Storage, join
+from sdsg_ray.storage import Storage
 
 
 @dataclass(frozen=True)
-class EvaluationResults:
-    """``sdsg evaluate --out``: results.json, Fig. 7 (distance vs psi) and Fig. 4 (truncation grid)."""
+class EvaluationResults(Artifact):
+    """``sdsg evaluate --out``."""
 
-    uri: str
-    RESULTS_FILE: ClassVar[str] = "results.json"
-    FIG7_FILE: ClassVar[str] = "fid_vs_psi.png"
-    FIG4_FILE: ClassVar[str] = "truncation_grid.png"
-
-    @property
-    def results(self) -> str:
-        return join(self.uri, self.RESULTS_FILE)
-
-    @property
-    def fig7(self) -> str:
-        return join(self.uri, self.FIG7_FILE)
-
-    @property
-    def fig4(self) -> str:
-        return join(self.uri, self.FIG4_FILE)
+    results = Member("results.json", "FD/KID per model, Fig. 7's curves, the outlier table, the controls")
+    fig7 = Member("fid_vs_psi.png", "Fig. 7: distance to the data against ψ, one curve per truncation mode")
+    fig4 = Member("truncation_grid.png", "Fig. 4: samples per truncation mode")
 
     def read(self, storage: Storage) -> dict[str, Any]:
         return read_json(self.results, storage, missing=f"is {self.uri} the --out of `sdsg evaluate`?")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
+from sdsg_ray.artifacts.base import Artifact, Member
 from sdsg_ray.artifacts.checkpoint import ModelDir
 from sdsg_ray.artifacts.clusters import ClusterFile
 from sdsg_ray.artifacts.dataset import SyntheticDataset
@@ -16,67 +16,23 @@ from sdsg_ray.storage import join
 
 
 @dataclass(frozen=True)
-class RunLayout:
-    """The handles of a run under ``root``: the stages meet only through these."""
+class RunLayout(Artifact):
+    """The handles of a run under its root (``uri``): the stages meet only through these."""
 
-    root: str
-    STAGES_DIR: ClassVar[str] = "_stages"
-    SUMMARY_FILE: ClassVar[str] = "pipeline.json"
-    CONFIG_FILE: ClassVar[str] = "config.yaml"
-    RANDOM_SUBSET_FILE: ClassVar[str] = "baselines/random-subset.parquet"
-
-    @property
-    def dataset(self) -> SyntheticDataset:
-        return SyntheticDataset(join(self.root, "data"))
-
-    @property
-    def stage1(self) -> ModelDir:
-        return ModelDir(join(self.root, "stage1"))
-
-    @property
-    def scores(self) -> ScoreSet:
-        return ScoreSet(join(self.root, "scores"))
-
-    @property
-    def selection(self) -> FilteredSet:
-        return FilteredSet(join(self.root, "selection"))
-
-    @property
-    def random_subset(self) -> str:
-        """|Y| images of X drawn uniformly (a manifest): Table 3's control."""
-        return join(self.root, self.RANDOM_SUBSET_FILE)
-
-    @property
-    def stage2(self) -> ModelDir:
-        return ModelDir(join(self.root, "stage2"))
-
-    @property
-    def stage2_random(self) -> ModelDir:
-        return ModelDir(join(self.root, "stage2-random"))
-
-    @property
-    def stage2_raw(self) -> ModelDir:
-        return ModelDir(join(self.root, "stage2-raw"))
-
-    @property
-    def clusters(self) -> ClusterFile:
-        return ClusterFile(join(self.root, "clusters"))
-
-    @property
-    def evaluation(self) -> EvaluationResults:
-        return EvaluationResults(join(self.root, "eval"))
-
-    @property
-    def report(self) -> Report:
-        return Report(join(self.root, "report"))
-
-    @property
-    def summary(self) -> str:
-        return join(self.root, self.SUMMARY_FILE)
-
-    @property
-    def config_file(self) -> str:
-        return join(self.root, self.CONFIG_FILE)
+    dataset = Member("data", "the synthetic dataset, when the pipeline makes it", SyntheticDataset)
+    stage1 = Member("stage1", "stage 1: G, D and E trained jointly on X", ModelDir)
+    scores = Member("scores", "d(x) for every image of X", ScoreSet)
+    selection = Member("selection", "the filtered set Y", FilteredSet)
+    random_subset = Member("baselines/random-subset.parquet", "|Y| images of X drawn uniformly (Table 3's control)")
+    stage2 = Member("stage2", "stage 2: G alone, from scratch, on Y", ModelDir)
+    stage2_random = Member("stage2-random", "the same on the random subset", ModelDir)
+    stage2_raw = Member("stage2-raw", "the same on all of X", ModelDir)
+    clusters = Member("clusters", "stage 2's multi-modal truncation centers", ClusterFile)
+    evaluation = Member("eval", "FD/KID tables and the paper's figures", EvaluationResults)
+    report = Member("report", "the HTML report", Report)
+    summary = Member("pipeline.json", "every stage's status and seconds, and this layout")
+    config_file = Member("config.yaml", "the config the pipeline ran with")
+    stages = Member("_stages", "one marker per finished stage")
 
     def stage_marker(self, stage: str) -> str:
-        return join(self.root, self.STAGES_DIR, f"{stage}.json")
+        return join(self.stages, f"{stage}.json")

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from sdsg_ray.storage import Storage, join
+from sdsg_ray.artifacts.base import Artifact, Member
+from sdsg_ray.storage import Storage
 
 
 @dataclass(frozen=True)
-class Report:
-    """A report directory: index.html, linking the figures where they lie."""
+class Report(Artifact):
+    """A report directory; the page links the figures where the stages left them."""
 
-    uri: str
-    INDEX_FILE: ClassVar[str] = "index.html"
-
-    @property
-    def index(self) -> str:
-        return join(self.uri, self.INDEX_FILE)
+    index = Member("index.html", "the report page")
 
     def write(self, html: str, storage: Storage) -> str:
         storage.write_text(self.index, html)

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdsg_ray.artifacts.base import Artifact, Member
+from sdsg_ray.manifest import MANIFEST_DIR
 from sdsg_ray.storage import ObjectNotFound, Storage, join
 
 SCORES_DIR = "scores"
 SUMMARY_FILE = "summary.json"
-RUN_FILE = "_RUN.json"  # what the scores were computed with; a resume must match it
 SCORE_COLUMNS = ("key", "status", "error", "d_lpips", "d_l1", "feat_real", "feat_recon")
 SCORE_SCHEMA = pa.schema(
     [
@@ -87,23 +88,16 @@ def read_summary(out: str, storage: Storage) -> dict:
         raise ObjectNotFound(f"{uri}: no scoring summary; is {out} the --out of `sdsg score`?") from None
 
 
+
 @dataclass(frozen=True)
-class ScoreSet:
+class ScoreSet(Artifact):
     """``sdsg score --out``: manifest shards of X, one score shard per manifest shard, the run record (what
-    the scores were computed with) and summary.json (written last: its presence means scoring finished)."""
+    the scores were computed with; a resume must match it) and the summary (written last: scoring finished)."""
 
-    uri: str
-    SCORES_DIR: ClassVar[str] = SCORES_DIR
-    SUMMARY_FILE: ClassVar[str] = SUMMARY_FILE
-    RUN_FILE: ClassVar[str] = RUN_FILE
-
-    @property
-    def summary(self) -> str:
-        return join(self.uri, self.SUMMARY_FILE)
-
-    @property
-    def run_record(self) -> str:
-        return join(self.uri, self.RUN_FILE)
+    manifest = Member(MANIFEST_DIR, "X listed once into manifest shards (the unit of resume)")
+    shards = Member(SCORES_DIR, "score shard i holds the scores of manifest shard i")
+    run_record = Member("_RUN.json", "checkpoint, metric, judge size and features the scores were computed with")
+    summary = Member(SUMMARY_FILE, "counts, the score distribution and the judge")
 
     def shard(self, shard_id: int) -> str:
         return score_shard_uri(self.uri, shard_id)

@@ -3,52 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
+from sdsg_ray.artifacts.base import Artifact, Member
 from sdsg_ray.artifacts.json_file import read_json, read_json_or_none, write_json
-from sdsg_ray.storage import Storage, join
+from sdsg_ray.storage import Storage
 
 
 @dataclass(frozen=True)
-class FilteredSet:
-    """``sdsg select --out``: Y (a manifest of image keys), report.json, the figures and the curation page."""
+class FilteredSet(Artifact):
+    """``sdsg select --out``."""
 
-    uri: str
-    KEPT_FILE: ClassVar[str] = "kept.parquet"
-    REPORT_FILE: ClassVar[str] = "report.json"
-    HISTOGRAM_FILE: ClassVar[str] = "histogram.png"
-    BOUNDS_FILE: ClassVar[str] = "fid_vs_threshold.png"  # Fig. 8
-    EXAMPLES_FILE: ClassVar[str] = "best_worst.png"
-    CURATION_PAGE_FILE: ClassVar[str] = "curation.html"
-    CURATION_ASSETS_DIR: ClassVar[str] = "curation"
-
-    @property
-    def kept(self) -> str:
-        return join(self.uri, self.KEPT_FILE)
-
-    @property
-    def report(self) -> str:
-        return join(self.uri, self.REPORT_FILE)
-
-    @property
-    def histogram(self) -> str:
-        return join(self.uri, self.HISTOGRAM_FILE)
-
-    @property
-    def bounds_figure(self) -> str:
-        return join(self.uri, self.BOUNDS_FILE)
-
-    @property
-    def examples_figure(self) -> str:
-        return join(self.uri, self.EXAMPLES_FILE)
-
-    @property
-    def curation_page(self) -> str:
-        return join(self.uri, self.CURATION_PAGE_FILE)
-
-    @property
-    def curation_assets(self) -> str:
-        return join(self.uri, self.CURATION_ASSETS_DIR)
+    kept = Member("kept.parquet", "Y: the kept image keys (a manifest every stage reads as a data source)")
+    report = Member("report.json", "θ, |Y|, both bounds of Fig. 8, outlier precision/recall")
+    histogram = Member("histogram.png", "d(x) histogram with the chosen θ")
+    bounds_figure = Member("fid_vs_threshold.png", "Fig. 8: distance of Y to X against θ, with both bounds")
+    examples_figure = Member("best_worst.png", "best and worst reconstructions")
+    curation_page = Member("curation.html", "the static curation page (θ slider, x beside G(E(x)))")
+    curation_assets = Member("curation", "the curation page's sprites")
 
     def read_report(self, storage: Storage) -> dict[str, Any]:
         return read_json(self.report, storage, missing=f"is {self.uri} the --out of `sdsg select`?")
