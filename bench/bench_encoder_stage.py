@@ -45,7 +45,7 @@ from sdsg_ray.config import SDSGConfig  # noqa: E402
 from sdsg_ray.dataset.synthetic import make_dataset  # noqa: E402
 from sdsg_ray.demo import demo_config  # noqa: E402
 from sdsg_ray.export import export_safetensors, import_model  # noqa: E402
-from sdsg_ray.evaluation.controls import reconstruction_scores, untrained_scores  # noqa: E402
+from sdsg_ray.diagnostics import reconstruction_scores, untrained_scores  # noqa: E402
 from sdsg_ray.pretrained import build_metric  # noqa: E402
 from sdsg_ray.storage import get_storage  # noqa: E402
 from sdsg_ray.training.loop import TrainingRun, run_loop, with_checkpoint_model  # noqa: E402

@@ -42,7 +42,7 @@ from sdsg_ray.artifacts.checkpoint import load_inference
 from sdsg_ray.config import SDSGConfig, overrides_layer
 from sdsg_ray.dataset.synthetic import MODES, OUTLIER_KINDS, encode, plan, render
 from sdsg_ray.demo import demo_config
-from sdsg_ray.evaluation.controls import auroc_report, reconstruction_scores, trivial_report, untrained_scores
+from sdsg_ray.diagnostics import auroc_report, reconstruction_scores, trivial_report, untrained_scores
 from sdsg_ray.imaging import image_grid, to_uint8
 from sdsg_ray.models import reconstruct
 from sdsg_ray.pretrained import build_metric

@@ -170,7 +170,7 @@ def write_score_shards(out: Path, rows: int, seed: int = 0, shard_rows: int = 10
 
     import pyarrow.parquet as pq
 
-    from sdsg_ray.artifacts.scores import SCORE_SCHEMA, SUMMARY_FILE, score_shard_uri
+    from sdsg_ray.artifacts.scores import SCORE_COLUMN, SCORE_SCHEMA, SUMMARY_FILE, score_shard_uri
     from sdsg_ray.storage import get_storage
 
     storage, rng = get_storage(), np.random.default_rng(seed)
@@ -190,7 +190,7 @@ def write_score_shards(out: Path, rows: int, seed: int = 0, shard_rows: int = 10
             "key": pa.array([f"s3://scale/raw/{start + i:09d}.jpg" for i in range(n)]),
             "status": pa.array(np.where(ok, "ok", "error")),
             "error": pa.array([None if o else "not an image" for o in ok], pa.string()),
-            "d_lpips": pa.array(d, mask=~ok), "d_l1": pa.array(d, mask=~ok),
+            SCORE_COLUMN: pa.array(d, mask=~ok), "d_l1": pa.array(d, mask=~ok),
             "feat_real": feats(real), "feat_recon": feats(recon),
         }, schema=SCORE_SCHEMA)
         with storage.open_write(score_shard_uri(str(out), shard_id)) as f:

@@ -23,6 +23,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from sdsg_ray.artifacts.checkpoint import load_inference
+from sdsg_ray.artifacts.scores import SCORE_COLUMN
 from sdsg_ray.config import load_config
 from sdsg_ray.dataset.synthetic import plan, render
 from sdsg_ray.demo import DEMO_DEFAULTS
@@ -38,7 +39,7 @@ def no_features(x: torch.Tensor) -> np.ndarray:
 
 def score(bundle, metric, pair: str, images: np.ndarray, batch: int = 64) -> np.ndarray:
     scorer = ReconstructionScorer(bundle, metric, no_features, torch.device("cpu"), pair=pair)
-    return np.concatenate([scorer(images[i:i + batch])["d_lpips"] for i in range(0, len(images), batch)])
+    return np.concatenate([scorer(images[i:i + batch])[SCORE_COLUMN] for i in range(0, len(images), batch)])
 
 
 def bootstrap(y: np.ndarray, scores: dict[str, np.ndarray], n: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:

@@ -246,7 +246,8 @@ def check_scoring(config, args, device: str, work: Path, table: Table) -> None:
 
 def check_serving(config, args, device: str, work: Path, table: Table) -> None:
     from sdsg_ray.pretrained import build_metric
-    from sdsg_ray.truncation.clusters import ClusterSet, fit_centers, map_latents
+    from sdsg_ray.artifacts.clusters import ClusterSet
+    from sdsg_ray.truncation.clusters import fit_centers, map_latents
     from sdsg_ray.truncation.sampler import Sampler
 
     uri, load_inference = export_random(config, work, with_encoder=False)

@@ -2,7 +2,7 @@
 
 import sys
 
-from sdsg_ray.cli import main
+from jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["evaluate", *sys.argv[1:]]))

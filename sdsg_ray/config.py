@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from sdsg_ray.errors import UserError
+from sdsg_ray.perceptual import metric_choice
+from sdsg_ray.registry import UnknownEntry
+from sdsg_ray.truncation.modes import TRUNCATION_MODES, AssignBy
 
-MetricName = Literal["auto", "lpips-vgg", "lpips-alex", "stlpips-alex", "stlpips-vgg"]
+# "auto" or a registered perceptual metric (sdsg_ray.perceptual.METRICS), checked when the config is validated
+MetricName = Annotated[str, AfterValidator(metric_choice)]
 FeatureName = Literal["auto", "inception", "stlpips-alex-pool"]
+
+
+# How a path field left unset is filled in (sdsg_ray.artifacts.layout.PATH_DEFAULTS does it).
+DERIVED = "default: a member of the run layout of pipeline.root"
+DERIVED_LAYER = "derived from pipeline.root"
 
 
 class ConfigError(UserError, ValueError):
@@ -87,7 +96,8 @@ def _judge_resolution(r: int | None) -> int | None:
 class DatasetConfig(Section):
     """The Internet-like synthetic dataset (inliers in several modes plus planted outliers)."""
 
-    out: str = Field("data/raw", description="Where images/, labels.csv and preview.png are written.")
+    out: str | None = Field(None, description="Where the dataset (sdsg_ray.artifacts.dataset) is written; "
+                            f"{DERIVED}.")
     n: int = Field(2000, gt=0, description="Number of images.")
     resolution: int = Field(32, ge=8, description="Side of the generated images in pixels.")
     outlier_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of planted outliers.")
@@ -102,13 +112,13 @@ class TrainConfig(Section):
         "'encoder': E alone against the frozen G_ema of train.checkpoint (a generator you already have).")
     checkpoint: str | None = Field(
         None, description="Stage 'encoder' only: the frozen generator (training --out directory, imported directory "
-        "or inference.pt); the model section is taken from it.")
+        "or its inference file); the model section is taken from it.")
     resume_from: str | None = Field(
-        None, description="Stages 'joint'/'generator': start G, G_ema and D from this directory (inference.pt + "
-        "discriminator.pt, e.g. an `sdsg import`), E fresh, kimg from 0, no EMA ramp-up (NVIDIA's --resume); "
+        None, description="Stages 'joint'/'generator': start G, G_ema and D from this model directory (inference and "
+        "discriminator files, sdsg_ray.artifacts.checkpoint; e.g. an `sdsg import`), E fresh, kimg from 0, no EMA ramp-up (NVIDIA's --resume); "
         "the model section is taken from it.")
-    data: str = Field("data/raw/images", description="Image prefix URI or a manifest (.parquet) of image URIs.")
-    out: str = Field("runs/stage1", description="Checkpoints, sample grids and inference.pt go here.")
+    data: str | None = Field(None, description=f"Image prefix URI or a manifest (.parquet) of image URIs; {DERIVED}.")
+    out: str | None = Field(None, description=f"Checkpoints, sample grids and the model directory; {DERIVED}.")
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
     gpus_per_worker: float = Field(0.0, ge=0.0, description="0 trains on CPU with gloo.")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker reserves.")
@@ -130,7 +140,7 @@ class TrainConfig(Section):
         0.05, gt=0, description="Cap the EMA half-life at this fraction of the images shown so far (0.05 in "
         "NVIDIA stylegan2-ada-pytorch's auto config); null: fixed half-life ema_kimg from the start.")
     metric: MetricName = Field("auto", description="Perceptual metric for the LPIPS reconstruction loss.")
-    checkpoint_every_kimg: float = Field(0.5, gt=0, description="Checkpoint, grids and inference.pt this often.")
+    checkpoint_every_kimg: float = Field(0.5, gt=0, description="Checkpoint, grids and the inference file this often.")
     num_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept (older ones are deleted).")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
     log_every: int = Field(10, ge=1, description="Report metrics every N steps.")
@@ -156,9 +166,9 @@ class TrainConfig(Section):
 class ScoreConfig(Section):
     """Self-filtering step 1: d(x) = LPIPS(x, G(E(x))) for every image, with Ray Data."""
 
-    data: str = Field("data/raw/images", description="Image prefix URI or a manifest (.parquet).")
-    checkpoint: str = Field("runs/stage1", description="Training --out directory or an inference.pt.")
-    out: str = Field("runs/scores", description="Manifest shards, score shards and summary.json go here.")
+    data: str | None = Field(None, description=f"Image prefix URI or a manifest (.parquet); {DERIVED}.")
+    checkpoint: str | None = Field(None, description=f"Training --out directory or an inference file; {DERIVED}.")
+    out: str | None = Field(None, description=f"The score set (sdsg_ray.artifacts.scores); {DERIVED}.")
     metric: MetricName = Field("auto", description="Perceptual metric of d(x); use the one stage 1 trained with.")
     pair: Literal["ema", "live"] = Field(
         "ema", description="Which (G, E) computes G(E(x)): 'ema' (G_ema, E_ema), 'live' (G, E); both pairs "
@@ -171,7 +181,8 @@ class ScoreConfig(Section):
     batch_size: int = Field(32, gt=0, description="Images per scoring call.")
     actors: int = Field(1, ge=1, description="Scoring actors (each holds G, E and the metric).")
     min_actors: int = Field(1, ge=1, description="The actor pool autoscales between min_actors and actors.")
-    gpus_per_actor: float = Field(0.0, ge=0.0, description="Fractional GPUs allowed.")
+    gpus_per_actor: float = Field(
+        0.0, ge=0.0, description="GPUs each actor reserves; a fraction lets actors share one (0.5: two per GPU).")
     cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs each actor reserves; leave one for decoding.")
     manifest_shard_size: int = Field(
         10_000,
@@ -223,22 +234,22 @@ class IngestConfig(Section):
 class SelectConfig(Section):
     """Self-filtering step 2: choose theta with the paper's diversity and size bounds."""
 
-    scores: str = Field("runs/scores", description="The --out of `sdsg score`.")
-    out: str = Field("runs/selection", description="kept.parquet, report.json and the figures go here.")
+    scores: str | None = Field(None, description=f"The --out of `sdsg score`; {DERIVED}.")
+    out: str | None = Field(None, description=f"The selection (sdsg_ray.artifacts.selection); {DERIVED}.")
     target_threshold: float = Field(0.36, gt=0, description="The lowest theta to aim for (0.36 in the paper).")
     start_threshold: float | None = Field(None, gt=0, description="Default: the largest score (keep all).")
     threshold_step: float = Field(0.005, gt=0, description="Grid spacing of theta.")
     min_size: int = Field(70_000, ge=1, description="|Y| must stay at or above this (FFHQ's size).")
     checkpoint: str | None = Field(
-        None, description="For best_worst.png and curation.html's thumbnails only; default: the checkpoint "
-        "recorded in the scores' summary.json."
+        None, description="For the best/worst figure and the curation page's thumbnails only; default: the checkpoint "
+        "recorded in the scores' summary."
     )
-    examples: int = Field(8, ge=1, description="Best and worst reconstructions shown in best_worst.png.")
-    labels: str | None = Field(None, description="labels.csv of planted outliers (synthetic data): report.json "
-                               "then gives the precision and recall of outlier removal beside random removal.")
-    page_images: int = Field(2000, ge=0, description="Thumbnails on curation.html, ordered by d(x): every image "
+    examples: int = Field(8, ge=1, description="Best and worst reconstructions shown in the best/worst figure.")
+    labels: str | None = Field(None, description="The labels of planted outliers (synthetic data, "
+                               "sdsg_ray.artifacts.dataset): the selection's report then gives the precision and recall of outlier removal beside random removal.")
+    page_images: int = Field(2000, ge=0, description="Thumbnails on the curation page, ordered by d(x): every image "
                              "up to this many, a stratified sample (by d(x)) beyond; 0: no thumbnails.")
-    page_thumb_size: int = Field(64, ge=8, description="Largest side of a curation.html thumbnail, in pixels.")
+    page_thumb_size: int = Field(64, ge=8, description="Largest side of a curation page thumbnail, in pixels.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "SelectConfig":
@@ -250,18 +261,18 @@ class SelectConfig(Section):
 class ClusterConfig(Section):
     """Multi-modal truncation: KMeans on mapped latents."""
 
-    checkpoint: str = Field("runs/stage2", description="Generator whose latents are clustered.")
-    out: str = Field("runs/clusters", description="clusters.pt goes here.")
+    checkpoint: str | None = Field(None, description=f"Generator whose latents are clustered; {DERIVED}.")
+    out: str | None = Field(None, description=f"The clusters (sdsg_ray.artifacts.clusters); {DERIVED}.")
     n_latents: int = Field(60_000, gt=0, description="Random z mapped to w and clustered (60,000 in the paper).")
     clusters: int = Field(64, gt=0, description="KMeans centers (64 in the paper).")
     metric: MetricName = Field("auto", description="Perceptual metric the sampler assigns centers with.")
     judge_resolution: int | None = Field(
         None, description="Side in px G(w) and the center images are resized to before that metric (as "
-        "score.judge_resolution; null: the image's own size). Recorded in clusters.pt; the sampler uses it.")
+        "score.judge_resolution; null: the image's own size). Recorded with the clusters; the sampler uses it.")
     seed: int = Field(0, description="Seed of the z and of KMeans.")
     classifier_latents: int = Field(
         10_000, ge=0, description="Mapped latents labelled with their LPIPS-nearest center to fit the learned "
-        "assignment (w -> center MLP saved in clusters.pt); 0: no classifier.")
+        "assignment (w -> center MLP saved with the clusters); 0: no classifier.")
     classifier_held_out: float = Field(
         0.2, gt=0, lt=1, description="Share of those latents kept out of fitting; the classifier's agreement "
         "and LPIPS regret are measured on them.")
@@ -286,8 +297,8 @@ class ClusterConfig(Section):
 class ServeConfig(Section):
     """The HTTP sampler (Ray Serve)."""
 
-    checkpoint: str = Field("runs/stage2", description="Generator to sample from.")
-    clusters: str = Field("runs/clusters", description="Its clusters (multi-modal truncation); empty: none.")
+    checkpoint: str | None = Field(None, description=f"Generator to sample from; {DERIVED}.")
+    clusters: str | None = Field(None, description=f"Its clusters (multi-modal truncation); empty: none; {DERIVED}.")
     host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
     route_prefix: str = Field("/", description="URL prefix of the application.")
@@ -306,7 +317,7 @@ class ServeConfig(Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per sampler replica (0 on CPU).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per sampler replica.")
     ingress_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved by each HTTP ingress replica.")
-    assign_by: Literal["auto", "lpips", "learned", "w"] = Field(
+    assign_by: Literal["auto", AssignBy] = Field(
         "auto", description="Default multi-modal assignment: nearest center by LPIPS between G(w) and G(c) "
         "(paper), 'learned' (the clusters file's w -> center classifier, no extra synthesis pass), or distance "
         "in W; 'auto': learned when the clusters file has a classifier, else lpips. Requests may pick another.",
@@ -339,22 +350,22 @@ class EvalModel(Section):
     """One row of the paper's Tables 1/3: a generator and the set it was trained on."""
 
     name: str = Field(..., description="Row label, e.g. 'filtered', 'random', 'raw'.")
-    checkpoint: str = Field(..., description="Training --out directory or an inference.pt.")
+    checkpoint: str = Field(..., description="Training --out directory or an inference file.")
     train_data: str = Field(..., description="Its training set: image prefix or manifest URI.")
 
 
 class EvaluateConfig(Section):
     """FID/KID and the paper's comparisons."""
 
-    out: str = Field("runs/eval", description="results.json and the figures go here.")
+    out: str | None = Field(None, description=f"The evaluation results (sdsg_ray.artifacts.evaluation); {DERIVED}.")
     fid_features: FeatureName = Field("auto", description="Inception when present, else a named offline network.")
     num_samples: int = Field(1000, gt=0, description="Generated images per FID/KID estimate.")
     max_real: int | None = Field(None, gt=0, description="Cap on real images per reference set (None: all).")
     psis: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9, 1.0], description="Fig. 7's x axis.")
     seed: int = Field(0, description="First sample seed; seeds are seed .. seed + num_samples - 1.")
-    data: str = Field("data/raw/images", description="The raw set X: every model's FID is also measured against it.")
-    checkpoint: str = Field("runs/stage2", description="Model for FID-vs-psi (Fig. 7) and the sample grids (Fig. 4).")
-    clusters: str = Field("runs/clusters", description="clustering --out of that model (multi-modal truncation).")
+    data: str | None = Field(None, description=f"The raw set X: every model's FID is also measured against it; {DERIVED}.")
+    checkpoint: str | None = Field(None, description=f"Model for FID-vs-psi (Fig. 7) and the sample grids (Fig. 4); {DERIVED}.")
+    clusters: str | None = Field(None, description=f"clustering --out of that model (multi-modal truncation); {DERIVED}.")
     models: list[EvalModel] = Field(
         default_factory=list, description="Tables 1/3 rows; empty: `checkpoint` trained on `data`."
     )
@@ -362,14 +373,14 @@ class EvaluateConfig(Section):
     grid_psi: float = Field(0.5, ge=0, le=1, description="psi of the mean/multimodal sample grids.")
     batch_size: int = Field(32, gt=0, description="Generation and feature-extraction batch.")
     scores: str | None = Field(None, description="scoring --out; with `labels`, outlier precision/recall/AUROC.")
-    selection: str | None = Field(None, description="selection --out (kept.parquet, report.json).")
-    labels: str | None = Field(None, description="labels.csv of a synthetic dataset (planted outliers).")
+    selection: str | None = Field(None, description="selection --out (sdsg_ray.artifacts.selection).")
+    labels: str | None = Field(None, description="The labels of a synthetic dataset's planted outliers (sdsg_ray.artifacts.dataset).")
 
 
 class PipelineConfig(Section):
-    """The whole pipeline's working area; stage URIs default to sub-directories of ``root``."""
+    """The whole pipeline's working area; stage URIs default to its layout (sdsg_ray.artifacts.layout)."""
 
-    root: str = Field("runs/pipeline", description="Every stage's output URI not set explicitly goes under it.")
+    root: str = Field("runs", description="The run layout: every stage path not set explicitly is a member of it.")
     baselines: bool = Field(True, description="Also train stage 2 on a random subset and on the raw set.")
     stage2_kimg: float | None = Field(None, gt=0, description="Default: train.kimg.")
     make_dataset: bool = Field(False, description="First write the synthetic dataset to dataset.out (demo, tests).")
@@ -383,31 +394,40 @@ class ImportConfig(Section):
 
     source: str | None = Field(None, description="NVIDIA StyleGAN2 snapshot .pkl (stylegan2-ada-pytorch or stylegan3's "
                                "StyleGAN2) or an `sdsg export` .safetensors: local path or s3:// URI.")
-    out: str = Field("runs/imported", description="Directory that gets inference.pt (and discriminator.pt).")
+    out: str = Field("runs/imported", description="The model directory it writes (sdsg_ray.artifacts.checkpoint).")
 
 
 class ExportConfig(Section):
     """``sdsg export``: a checkpoint as a pickle-free file."""
 
-    checkpoint: str = Field("runs/stage2", description="Training --out directory, import --out, or an inference.pt.")
+    checkpoint: str | None = Field(None, description=f"Training --out directory, import --out, or an inference file; {DERIVED}.")
     format: Literal["safetensors"] = Field("safetensors", description="File format of the export.")
-    out: str | None = Field(None, description="Directory (gets model.safetensors) or a .safetensors path; "
+    out: str | None = Field(None, description="A model directory (gets its export file) or a .safetensors path; "
                             "default: the checkpoint's directory.")
 
 
 class GenerateConfig(Section):
     """``sdsg generate``: PNGs and a grid for a list of seeds, like NVIDIA's gen_images.py."""
 
-    checkpoint: str = Field("runs/stage2", description="Generator to sample from (any checkpoint or import --out).")
+    checkpoint: str | None = Field(None, description=f"Generator to sample from (any checkpoint or import --out); {DERIVED}.")
     seeds: str = Field("0-7", description="Seeds: ranges and lists, e.g. '0-31' or '1,5,9-12'.")
     psi: float = Field(0.7, ge=0, le=1, description="Truncation psi.")
-    truncation: Literal["none", "mean", "multimodal"] = Field(
-        "mean", description="none, mean (StyleGAN's global mean) or multimodal (nearest cluster center; needs --clusters).")
+    truncation: str = Field("mean", description="A truncation mode (sdsg_ray/truncation/modes.py): "
+                            + ", ".join(f"{n} ({m.label})" for n, m in TRUNCATION_MODES.items())
+                            + "; modes toward cluster centers need --clusters.")
     clusters: str | None = Field(None, description="`sdsg cluster` --out of this checkpoint (multimodal truncation).")
-    assign_by: Literal["auto", "lpips", "learned", "w"] = Field(
+    assign_by: Literal["auto", AssignBy] = Field(
         "auto", description="How multimodal truncation picks the nearest center ('auto': learned if fitted, else lpips).")
     out: str = Field("runs/generated", description="seedNNNN.png per seed and grid.png go here.")
     batch_size: int = Field(16, ge=1, description="Images per forward pass.")
+
+    @field_validator("truncation")
+    @classmethod
+    def _registered_mode(cls, name: str) -> str:
+        try:  # checked when the config is built, so a mode registered later (a test's toy) is accepted
+            return TRUNCATION_MODES[name].name
+        except UnknownEntry as err:
+            raise ValueError(str(err)) from None
 
 
 class SDSGConfig(Section):
@@ -430,15 +450,28 @@ class SDSGConfig(Section):
 
     # "section.field" -> the layer that set it last; absent = the built-in default.
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    _derived: frozenset[str] = PrivateAttr(default_factory=frozenset)  # path fields filled from pipeline.root
 
     def source(self, field: str) -> str:
-        """The layer that set ``section.field`` ("default" when none did)."""
-        return self._sources.get(field, DEFAULT_LAYER)
+        """The layer that set ``section.field`` ("default" when none did, DERIVED_LAYER when derived)."""
+        return self._sources.get(field, DERIVED_LAYER if field in self._derived else DEFAULT_LAYER)
 
     def is_set(self, field: str) -> bool:
         """Whether any layer set ``section.field`` (even to the default's value): derived values
         (stage URIs under ``pipeline.root``) fill only the fields for which this is False."""
         return field in self._sources
+
+    def derive(self, values: Mapping[str, Any]) -> "SDSGConfig":
+        """A copy with fields no layer set filled in (``{"train.out": uri}``), remembered as derived."""
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            section, name = key.split(".")
+            sections.setdefault(section, {})[name] = value
+        derived = self.model_copy(update={section: getattr(self, section).model_copy(update=fields)
+                                          for section, fields in sections.items()})
+        derived._sources = dict(self._sources)
+        derived._derived = self._derived | set(values)
+        return derived
 
     def __eq__(self, other: object) -> bool:
         """Equal values are equal configs, whichever layers set them."""
@@ -560,14 +593,15 @@ def load_config(
 
 
 def describe_config(config: SDSGConfig) -> str:
-    """The resolved config as YAML; each value a layer set carries ``# <layer>`` (--print-config)."""
+    """The resolved config as YAML; each value a layer set carries ``# <layer>``, each derived path
+    ``# derived from pipeline.root`` (--print-config)."""
     lines = []
     for section, values in config.model_dump(mode="json").items():
         lines.append(f"{section}:")
         for name, value in values.items():
             text = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()[1:-1]
             field = f"{section}.{name}"
-            note = f"  # {config.source(field)}" if config.is_set(field) else ""
+            note = f"  # {config.source(field)}" if config.source(field) != DEFAULT_LAYER else ""
             lines.append(f"  {text}{note}")
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,7 @@
 
 Generates the Internet-like synthetic dataset (inlier modes + planted outliers), runs the pipeline at tiny
 scale on a local Ray (stage 1, scoring, selection, stage 2 with its baselines, clustering, evaluation),
-writes ``<out>/report/index.html`` and serves the sampler until Ctrl-C. Sized to finish within 15 minutes
+writes the report (``RunLayout(out).report``) and serves the sampler until Ctrl-C. Sized to finish within 15 minutes
 on a 2-core CPU machine with no network (timings: docs/benchmarks.md). Re-running with the same ``--out``
 skips what is already done.
 
@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from sdsg_ray.config import Layer, SDSGConfig, build_config
-from sdsg_ray.storage import get_storage, join
+from sdsg_ray.storage import get_storage
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +73,27 @@ def _start_local_ray(config: SDSGConfig) -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
-def run_demo(config: SDSGConfig) -> int:
-    """Dataset -> pipeline -> report -> sampler (when ``pipeline.serve``). ``config`` is the resolved demo
-    config (:func:`demo_config`, or ``sdsg demo`` with its flags)."""
-    from sdsg_ray.evaluation.report import write_report
-    from sdsg_ray.pipeline import run_pipeline, serve_stage2
+def run_demo(config: SDSGConfig) -> str:
+    """Dataset -> pipeline -> report; returns the report's URI. ``config`` is the resolved demo config
+    (:func:`demo_config`, or ``sdsg demo`` with its flags); ``sdsg demo`` then serves the sampler (jobs.cli).
 
-    root = config.pipeline.root
+    The pipeline, the report and Ray import torch and Ray: they are imported here, not with the module,
+    because the command line reads :data:`DEMO_DEFAULTS` for ``sdsg --help``.
+    """
+    from sdsg_ray.artifacts.layout import RunLayout
+    from sdsg_ray.evaluation.report import write_report
+    from sdsg_ray.pipeline import run_pipeline
+
+    layout = RunLayout(config.pipeline.root)
     storage = get_storage(config.storage)
     start = time.perf_counter()
     _start_local_ray(config)
-    summary = run_pipeline(config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"serve": False})}))
+    summary = run_pipeline(config)
     report_start = time.perf_counter()
-    report = write_report(root, join(root, "report"), storage,
+    report = write_report(layout.uri, layout.report.uri, storage,
                           title="sdsg-ray demo: Self-Distilled StyleGAN at toy scale")
     rows = [(s["name"], s["status"], s["seconds"]) for s in summary["stages"]]
     rows.append(("report", "ran", time.perf_counter() - report_start))
     log.info("stage timings (s):\n%s", "\n".join(f"  {name:<14} {status:<8} {sec:8.1f}" for name, status, sec in rows))
     log.info("demo pipeline finished in %.1f min; report: %s", (time.perf_counter() - start) / 60, report)
-    return serve_stage2(config) if config.pipeline.serve else 0
+    return report

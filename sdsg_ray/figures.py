@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sdsg_ray.truncation.modes import fig7_curves
+
 DPI = 120
 
 
@@ -98,14 +100,13 @@ def originals_over_reconstructions(rows: Sequence[tuple[str, Sequence[float], np
 
 
 def distance_vs_psi(curve: dict, label: str) -> bytes:
-    """The paper's Fig. 7: distance to the training set against ψ for each truncation mode in ``curve``
-    (``{"psis": [...], "<mode>": {"fd": [...]}}``)."""
+    """The paper's Fig. 7: distance to the training set against ψ for each truncation curve in ``curve``
+    (``{"psis": [...], "<curve>": {"fd": [...]}}``, as evaluation.truncation_curves writes it)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for mode, style, legend in (("mean", "o--", "mean truncation"), ("multimodal", "s-", "multimodal truncation"),
-                                ("multimodal_learned", "^:", "multimodal, learned assignment")):
-        if mode in curve:
-            ax.plot(curve["psis"], curve[mode]["fd"], style, label=legend)
+    for line in fig7_curves():  # every registered truncation mode's lines, each drawn as its mode says
+        if line.name in curve:
+            ax.plot(curve["psis"], curve[line.name]["fd"], line.style, label=line.legend)
     ax.set_xlabel("ψ")
     ax.set_ylabel(f"{label} (vs training set)")
     ax.set_title("Distance against ψ (paper Fig. 7)")

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sdsg_ray.shards import read_samples
+from sdsg_ray.storage import Storage
+
 if TYPE_CHECKING:
     import torch
 
-    from sdsg_ray.storage import Storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Larger images are rejected before decoding (a 64-megapixel RGB image is ~200 MB of pixels). Our own
@@ -113,15 +115,12 @@ def decode_image(data: bytes, resolution: int) -> Decoded:
 
 
 def load_batch(
-    uris: Sequence[str], storage: "Storage", resolution: int, threads: int = 8
+    uris: Sequence[str], storage: Storage, resolution: int, threads: int = 8
 ) -> dict[str, np.ndarray]:
     """Read and decode many images with a thread pool (I/O bound on object stores; PIL's decoders
     release the GIL). Returns columns ``key``, ``status``, ``error`` ("" when ok) and ``image``
     (uint8 [N, R, R, 3], zeros on error rows). A read failure (missing object, access denied) is an
     error row like a corrupt file. ``uris`` may hold sample addresses inside shards (sdsg_ray.shards)."""
-
-    from sdsg_ray.shards import read_samples
-
     uris = list(uris)
     # Samples inside shards (sample addresses) are read grouped by shard, in a few ranged reads.
     in_shards = read_samples(uris, storage)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from sdsg_ray import shards
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import IMAGE_SUFFIXES
-from sdsg_ray.storage import ObjectNotFound, Storage, StorageError, get_storage, is_s3, join, normalize
+from sdsg_ray.storage import ObjectNotFound, Storage, StorageError, get_storage, join, normalize
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def list_images(uri: str, storage: Storage) -> Iterator[str]:
     ``.tar`` and image-bytes ``.parquet`` shards (one shard, or a prefix holding them) are replaced by
     the sample addresses of their images (sdsg_ray.shards), in shard order."""
     if shards.is_shard_uri(uri):
-        return shards.expand_shards(iter([normalize(uri) if not is_s3(uri) else uri]), storage)
-    return shards.expand_shards(storage.list(uri, suffixes=IMAGE_SUFFIXES + shards.SHARD_SUFFIXES), storage)
+        return shards.expand_shards(iter([normalize(uri)]), storage)
+    return shards.expand_shards(storage.list(uri, suffixes=IMAGE_SUFFIXES + shards.shard_suffixes()), storage)
 
 
 def resolve_images(uri: str, storage: Storage) -> list[str]:
@@ -190,7 +190,7 @@ def iter_keys(data: str, storage: Storage) -> Iterator[str]:
 
 def ensure_manifest(data: str, out: str, storage: Storage, shard_size: int) -> list[ManifestShard]:
     """The manifest shards of `data` under `<out>/manifest/`, listing only if no complete listing exists."""
-    source = data if is_s3(data) else normalize(data)
+    source = normalize(data)
     index_uri = join(out, MANIFEST_DIR, INDEX_FILE)
     if storage.exists(index_uri):
         index = json.loads(storage.read_text(index_uri))

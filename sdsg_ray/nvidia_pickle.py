@@ -44,6 +44,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+try:
+    from numpy._core import multiarray  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray
+
 from sdsg_ray.artifacts.checkpoint import CheckpointError
 from sdsg_ray.config import ModelConfig
 from sdsg_ray.models.networks import (
@@ -110,14 +115,6 @@ def _load_storage(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def _numpy_multiarray():
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray
-    return multiarray
-
-
 # (module, name) -> what the name resolves to. Nothing else resolves.
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
@@ -137,7 +134,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     # come through this same unpickler
     ("numpy", "dtype"): np.dtype,
     ("numpy", "ndarray"): np.ndarray,
-    **{(f"numpy{core}.multiarray", name): getattr(_numpy_multiarray(), name)
+    **{(f"numpy{core}.multiarray", name): getattr(multiarray, name)
        for core in (".core", "._core") for name in ("scalar", "_reconstruct")},
 }
 
@@ -303,23 +300,26 @@ def model_config(G: PersistentRecord, D: PersistentRecord | None) -> ModelConfig
 _FILTER = "resample_filter"
 
 
-def generator_name(nvidia: str, block_index: dict[int, int]) -> str:
-    """NVIDIA's G state-dict name -> this project's (``resample_filter`` buffers are checked, not mapped)."""
-    if m := re.fullmatch(r"mapping\.fc(\d+)\.(weight|bias)", nvidia):
-        return f"mapping.layers.{m[1]}.{m[2]}"
-    if m := re.fullmatch(r"synthesis\.b(\d+)\.(.+)", nvidia):
-        if int(m[1]) in block_index:
-            return f"synthesis.blocks.{block_index[int(m[1])]}.{m[2]}"
+def _renamed(nvidia: str, block_index: dict[int, int], fixed: tuple[str, str], blocks: tuple[str, str]) -> str:
+    """NVIDIA's state-dict name -> this project's: ``fixed`` is (pattern, template) for the names outside the
+    numbered resolution blocks, ``blocks`` (NVIDIA's block prefix pattern, ours) for those inside them."""
+    pattern, template = fixed
+    if m := re.fullmatch(pattern, nvidia):
+        return m.expand(template)
+    prefix, ours = blocks
+    if (m := re.fullmatch(rf"{prefix}(\d+)\.(.+)", nvidia)) and int(m[1]) in block_index:
+        return f"{ours}.{block_index[int(m[1])]}.{m[2]}"
     return nvidia  # mapping.w_avg and anything unknown (then reported as unmapped)
 
 
+def generator_name(nvidia: str, block_index: dict[int, int]) -> str:
+    """G's names (``resample_filter`` buffers are checked, not mapped)."""
+    return _renamed(nvidia, block_index, (r"mapping\.fc(\d+)\.(weight|bias)", r"mapping.layers.\1.\2"),
+                    (r"synthesis\.b", "synthesis.blocks"))
+
+
 def discriminator_name(nvidia: str, block_index: dict[int, int]) -> str:
-    if m := re.fullmatch(r"b4\.(conv|fc|out)\.(.+)", nvidia):
-        return f"{m[1]}.{m[2]}"
-    if m := re.fullmatch(r"b(\d+)\.(.+)", nvidia):
-        if int(m[1]) in block_index:
-            return f"trunk.blocks.{block_index[int(m[1])]}.{m[2]}"
-    return nvidia
+    return _renamed(nvidia, block_index, (r"b4\.(conv|fc|out)\.(.+)", r"\1.\2"), ("b", "trunk.blocks"))
 
 
 def load_mapped(net: torch.nn.Module, tensors: dict[str, Tensor], rename: Callable[[str], str], what: str) -> None:
@@ -375,20 +375,22 @@ class ImportedNetworks:
     origin: dict  # JSON-like: format, sha256, NVIDIA class names and init kwargs, persistence source hashes
 
 
+def _built_from(record: PersistentRecord, build: Callable[[], torch.nn.Module], blocks: Callable[[Any], Any],
+                rename: Callable[[str, dict[int, int]], str], what: str) -> Any:
+    """A network built empty, filled with the record's tensors by the name map, every parameter accounted for."""
+    net = _unfilled(build)
+    index = {block.resolution: i for i, block in enumerate(blocks(net))}
+    load_mapped(net, flat_tensors(record), lambda n: rename(n, index), what)
+    _check_filled(net, what)
+    return net
+
+
 def build_generator_from(record: PersistentRecord, model: ModelConfig, what: str) -> Generator:
-    G = _unfilled(lambda: build_generator(model))
-    index = {block.resolution: i for i, block in enumerate(G.synthesis.blocks)}
-    load_mapped(G, flat_tensors(record), lambda n: generator_name(n, index), what)
-    _check_filled(G, what)
-    return G
+    return _built_from(record, lambda: build_generator(model), lambda G: G.synthesis.blocks, generator_name, what)
 
 
 def build_discriminator_from(record: PersistentRecord, model: ModelConfig, what: str) -> Discriminator:
-    D = _unfilled(lambda: build_discriminator(model))
-    index = {block.resolution: i for i, block in enumerate(D.trunk.blocks)}
-    load_mapped(D, flat_tensors(record), lambda n: discriminator_name(n, index), what)
-    _check_filled(D, what)
-    return D
+    return _built_from(record, lambda: build_discriminator(model), lambda D: D.trunk.blocks, discriminator_name, what)
 
 
 def convert(data: bytes, source: str) -> ImportedNetworks:

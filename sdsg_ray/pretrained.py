@@ -1,9 +1,12 @@
-"""The ONE place pretrained networks are built: perceptual metrics (LPIPS family) and FID features.
+"""The ONE place pretrained networks are built: perceptual metrics and FID features.
 
 Nothing here ever falls back to random weights: a missing file raises :class:`PretrainedMissing` naming
 the file, the directory to put it in, and the offline alternative.
 
-Metrics (all take NCHW float images in [-1, 1]):
+Metrics (all take NCHW float images in [-1, 1]) are the entries of :data:`sdsg_ray.perceptual.METRICS`;
+:func:`build_metric` builds one by name. :class:`PerceptualMetric` is what every metric is: a frozen module
+that resizes both inputs to its judge size and compares features of the judged images. The LPIPS family
+(:class:`LpipsMetric`) are the built-in entries:
 - ``lpips-vgg``, ``lpips-alex``: the ``lpips`` package. Its linear heads ship in the wheel; the trunk is
   torchvision's ImageNet network from ``$TORCH_HOME/hub/checkpoints`` (``torch.hub.get_dir()``).
 - ``stlpips-vgg``, ``stlpips-alex``: shift-tolerant LPIPS (``stlpips-pytorch``), trunk and heads ship in
@@ -27,26 +30,25 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cleanfid.fid import frechet_distance  # re-exported: the one FID formula the project uses
 from torch import Tensor, nn
 
 from sdsg_ray.config import ConfigError
 from sdsg_ray.errors import UserError
+from sdsg_ray.perceptual import AUTO, METRICS
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("lpips-vgg", "lpips-alex", "stlpips-vgg", "stlpips-alex")
-FEATURE_NAMES = ("inception", "stlpips-alex-pool")
 OFFLINE_METRIC = "stlpips-alex"
 OFFLINE_FEATURES = "stlpips-alex-pool"
 # torchvision's ImageNet checkpoints that lpips' trunks load (file names fixed by torchvision's URLs).
-LPIPS_BACKBONE_FILES = {"lpips-alex": "alexnet-owt-7be5be79.pth", "lpips-vgg": "vgg16-397923af.pth"}
+LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_ENV = "SDSG_INCEPTION_PATH"
@@ -67,82 +69,41 @@ def _checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _check_lpips_backbone(name: str) -> Path:
-    path = _checkpoint_dir() / LPIPS_BACKBONE_FILES[name]
-    if not path.is_file():
-        raise PretrainedMissing(
-            f"{name} needs torchvision's ImageNet weights {path.name}, not found in {path.parent} "
-            f"(= $TORCH_HOME/hub/checkpoints). Download https://download.pytorch.org/models/{path.name} "
-            f"into that directory (or set TORCH_HOME), or use the offline metric '{OFFLINE_METRIC}', "
-            "whose weights ship with stlpips-pytorch."
-        )
-    return path
-
-
-def _stlpips_weights(net: str) -> Path:
-    import stlpips_pytorch
-
+def lpips_weights(family: str, net: str) -> Path:
+    """The file an LPIPS-family network cannot be built without: torchvision's ImageNet trunk (lpips; the
+    heads ship in its wheel) or the shift-tolerant weights inside stlpips-pytorch (trunk and heads)."""
+    if family == "lpips":
+        return _checkpoint_dir() / LPIPS_BACKBONE_FILES[net]
+    try:
+        import stlpips_pytorch
+    except ImportError as err:
+        raise PretrainedMissing(f"stlpips-{net}: stlpips-pytorch not importable ({err})") from None
     return Path(stlpips_pytorch.__file__).parent / "weights" / "vST0.0" / f"{net}_shift_tolerant.pth"
 
 
-def _is_available(name: str) -> tuple[bool, str]:
-    """(available, why) for one metric name, without building it."""
-    if name in LPIPS_BACKBONE_FILES:
-        path = _checkpoint_dir() / LPIPS_BACKBONE_FILES[name]
-        return path.is_file(), f"{path} {'found' if path.is_file() else 'missing'}"
+def _available(name: str) -> tuple[bool, str]:
     try:
-        path = _stlpips_weights(name.split("-")[1])
-    except ImportError as err:
-        return False, f"stlpips-pytorch not importable ({err})"
-    return path.is_file(), f"{path} {'found' if path.is_file() else 'missing'}"
+        return METRICS[name].available()
+    except PretrainedMissing as err:
+        return False, str(err)
 
 
-def resolve_metric(name: str = "auto") -> str:
-    """A concrete metric name. "auto" = the best available, in order lpips-vgg, lpips-alex, stlpips-vgg,
-    stlpips-alex (the paper used LPIPS-VGG); the choice and the reason are logged."""
-    if name != "auto":
-        if name not in METRIC_NAMES:
-            raise ConfigError(f"unknown perceptual metric {name!r}; choose one of {METRIC_NAMES} or 'auto'")
+def resolve_metric(name: str = AUTO) -> str:
+    """A concrete metric name. "auto" = the first available entry of the registry, in its order
+    (lpips-vgg, lpips-alex, stlpips-vgg, stlpips-alex: the paper used LPIPS-VGG); the choice and the reason
+    are logged."""
+    if name != AUTO:
+        if name not in METRICS:
+            raise ConfigError(f"unknown perceptual metric {name!r}; choose one of {METRICS.names()} or '{AUTO}'")
         return name
     reasons = []
-    for candidate in METRIC_NAMES:
-        ok, why = _is_available(candidate)
+    for candidate in METRICS:
+        ok, why = _available(candidate)
         if ok:
             log.info("metric auto -> %s (%s; skipped: %s)", candidate, why, "; ".join(reasons) or "none")
             return candidate
         reasons.append(f"{candidate}: {why}")
     raise PretrainedMissing("no perceptual metric available: " + "; ".join(reasons))
-
-
-def _build_upstream(name: str) -> nn.Module:
-    """The upstream LPIPS module with verified pretrained weights (trunk and heads)."""
-    family, net = name.split("-")
-    if family == "lpips":
-        _check_lpips_backbone(name)
-        import lpips
-
-        # Trunk from the torchvision cache checked above, heads from the lpips wheel.
-        return lpips.LPIPS(net=net, pretrained=True, verbose=False)
-    from stlpips_pytorch import stlpips
-
-    weights = _stlpips_weights(net)
-    if not weights.is_file():
-        raise PretrainedMissing(f"{name}: {weights} missing; reinstall stlpips-pytorch")
-    # Built on the meta device (no random init: the VGG variant builds a 100M-parameter classifier it then
-    # drops, 7 s on a CPU), then every tensor is loaded from the file. Upstream loads with strict=False,
-    # which would hide a missing trunk layer, so the check here is ours: every parameter and buffer must
-    # come from the file ("lins.*" are aliases of "lin0..4", the same modules).
-    with torch.device("meta"):
-        module = stlpips.LPIPS(net=net, variant="shift_tolerant", pretrained=False, verbose=False)
-    module = module.to_empty(device="cpu")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    tensors = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
-    uncovered = sorted(k for k in tensors - set(state) if not k.startswith("lins."))
-    unexpected = sorted(set(state) - set(module.state_dict()))
-    if uncovered or unexpected:
-        raise RuntimeError(f"{name}: {weights} does not match the network (missing {uncovered}, unexpected {unexpected})")
-    module.load_state_dict(state, strict=False)
-    return module
 
 
 def judge_resize(x: Tensor, side: int) -> Tensor:
@@ -173,26 +134,28 @@ def judge_label(name: str, judge_resolution: int | None, side: int) -> str:
 
 
 class PerceptualMetric(nn.Module):
-    """LPIPS-family distance with cacheable features. Frozen, eval mode; differentiable in its inputs.
+    """A perceptual distance d(x, y) per pair of NCHW images in [-1, 1], judged at one size, with cacheable
+    features. Built frozen and in eval mode by :func:`build_metric`; differentiable in its inputs.
 
-    ``judge_resolution``: the side every input is resized to before the trunk (:func:`judge_resize`);
-    None judges images at their own size (the upsampling to MIN_METRIC_SIDE aside), the behaviour
-    before issue 31 and what training's reconstruction loss uses.
+    A metric implements :meth:`embed` (features of images already at the judge size, a list of tensors with
+    the batch first) and :meth:`distance_from_features`; this class resizes (:meth:`features`, the one door
+    every distance goes through) and derives ``forward`` and the pairwise form from them.
+
+    ``judge_resolution``: the side every input is resized to first (:func:`judge_resize`); None judges
+    images at their own size (the upsampling to MIN_METRIC_SIDE aside), the behaviour before issue 31 and
+    what training's reconstruction loss uses.
     """
 
-    def __init__(self, name: str, upstream: nn.Module, judge_resolution: int | None = None):
+    def __init__(self, name: str, judge_resolution: int | None = None):
         super().__init__()
         if judge_resolution is not None and (judge_resolution < MIN_METRIC_SIDE or judge_resolution & (judge_resolution - 1)):
             raise ConfigError(f"judge_resolution must be a power of two >= {MIN_METRIC_SIDE} "
                               f"(the AlexNet trunk's smallest input), got {judge_resolution}")
         self.name = name
         self.judge_resolution = judge_resolution
-        self.scaling_layer = upstream.scaling_layer  # (x - shift) / scale, ImageNet-style
-        self.net = upstream.net  # trunk: returns a namedtuple of per-layer activations
-        self.lins = upstream.lins  # per-layer 1x1 convs, no bias, one output channel
 
     def judged_side(self, side: int) -> int:
-        """The side the trunk sees for an input of side ``side``."""
+        """The side the metric sees for an input of side ``side``."""
         return judged_side(self.judge_resolution, side)
 
     def label(self, side: int) -> str:
@@ -200,32 +163,95 @@ class PerceptualMetric(nn.Module):
         return judge_label(self.name, self.judge_resolution, side)
 
     def features(self, x: Tensor) -> list[Tensor]:
-        """Unit-normalised (over channels) activations of each trunk layer, [B, C_l, H_l, W_l]."""
+        """:meth:`embed` of x resized to the judge's side."""
         assert x.ndim == 4 and x.shape[1] == 3, f"expected NCHW RGB, got {tuple(x.shape)}"
         if self.judge_resolution is not None:
             x = judge_resize(x, self.judge_resolution)
         elif min(x.shape[-2:]) < MIN_METRIC_SIDE:
             x = F.interpolate(x, size=(MIN_METRIC_SIDE, MIN_METRIC_SIDE), mode="bilinear", align_corners=False)
-        # Same eps as lpips.normalize_tensor, so forward() matches the upstream module to float precision.
-        return [f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10) for f in self.net(self.scaling_layer(x))]
+        return self.embed(x)
+
+    def embed(self, x: Tensor) -> list[Tensor]:
+        """Features of judged images (batch first): what :meth:`distance_from_features` compares."""
+        raise NotImplementedError
 
     def distance_from_features(self, fx: list[Tensor], fy: list[Tensor]) -> Tensor:
         """Equals ``forward(x, y)`` given ``fx = features(x)``, ``fy = features(y)``; returns [B].
 
-        Batch dimensions broadcast like ``fx[l] - fy[l]``: fy with batch 1 is compared with every row of
-        fx. For every pair of B rows and K rows use :meth:`pairwise_distance_from_features`.
+        Batch dimensions broadcast: fy with batch 1 is compared with every row of fx. For every pair of
+        B rows and K rows use :meth:`pairwise_distance_from_features`.
         """
+        raise NotImplementedError
+
+    def pairwise_distance_from_features(self, fx: list[Tensor], fc: list[Tensor]) -> Tensor:
+        """All B x K distances between rows of fx (batch B) and fc (batch K): [B, K], one center at a time."""
+        return torch.stack([self.distance_from_features(fx, [f[k:k + 1] for f in fc])
+                            for k in range(fc[0].shape[0])], dim=1)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """The distance per pair, [B]; x, y NCHW in [-1, 1]."""
+        return self.distance_from_features(self.features(x), self.features(y))
+
+
+class LpipsMetric(PerceptualMetric):
+    """LPIPS family: unit-normalised trunk activations, compared through per-layer 1x1 "lin" heads."""
+
+    def __init__(self, name: str, upstream: nn.Module, judge_resolution: int | None = None):
+        super().__init__(name, judge_resolution)
+        self.scaling_layer = upstream.scaling_layer  # (x - shift) / scale, ImageNet-style
+        self.net = upstream.net  # trunk: returns a namedtuple of per-layer activations
+        self.lins = upstream.lins  # per-layer 1x1 convs, no bias, one output channel
+
+    @classmethod
+    def load(cls, name: str, family: str, net: str, judge_resolution: int | None) -> "LpipsMetric":
+        """The upstream module with verified pretrained weights (trunk and heads)."""
+        weights = lpips_weights(family, net)
+        if family == "lpips":
+            if not weights.is_file():
+                raise PretrainedMissing(
+                    f"{name} needs torchvision's ImageNet weights {weights.name}, not found in {weights.parent} "
+                    f"(= $TORCH_HOME/hub/checkpoints). Download https://download.pytorch.org/models/{weights.name} "
+                    f"into that directory (or set TORCH_HOME), or use the offline metric '{OFFLINE_METRIC}', "
+                    "whose weights ship with stlpips-pytorch.")
+            import lpips
+
+            # Trunk from the torchvision cache checked above, heads from the lpips wheel.
+            return cls(name, lpips.LPIPS(net=net, pretrained=True, verbose=False), judge_resolution)
+        from stlpips_pytorch import stlpips
+
+        if not weights.is_file():
+            raise PretrainedMissing(f"{name}: {weights} missing; reinstall stlpips-pytorch")
+        # Built on the meta device (no random init: the VGG variant builds a 100M-parameter classifier it then
+        # drops, 7 s on a CPU), then every tensor is loaded from the file. Upstream loads with strict=False,
+        # which would hide a missing trunk layer, so the check here is ours: every parameter and buffer must
+        # come from the file ("lins.*" are aliases of "lin0..4", the same modules).
+        with torch.device("meta"):
+            module = stlpips.LPIPS(net=net, variant="shift_tolerant", pretrained=False, verbose=False)
+        module = module.to_empty(device="cpu")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        tensors = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
+        uncovered = sorted(k for k in tensors - set(state) if not k.startswith("lins."))
+        unexpected = sorted(set(state) - set(module.state_dict()))
+        if uncovered or unexpected:
+            raise RuntimeError(f"{name}: {weights} does not match the network (missing {uncovered}, unexpected {unexpected})")
+        module.load_state_dict(state, strict=False)
+        return cls(name, module, judge_resolution)
+
+    def embed(self, x: Tensor) -> list[Tensor]:
+        """Unit-normalised (over channels) activations of each trunk layer, [B, C_l, H_l, W_l]."""
+        # Same eps as lpips.normalize_tensor, so forward() matches the upstream module to float precision.
+        return [f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10) for f in self.net(self.scaling_layer(x))]
+
+    def distance_from_features(self, fx: list[Tensor], fy: list[Tensor]) -> Tensor:
         total = 0.0
         for lin, a, b in zip(self.lins, fx, fy):
             total = total + lin((a - b).pow(2)).mean(dim=(2, 3))  # [B, 1]
         return total[:, 0]
 
     def pairwise_distance_from_features(self, fx: list[Tensor], fc: list[Tensor]) -> Tensor:
-        """All B x K distances between rows of fx (batch B) and fc (batch K): [B, K].
-
-        Expands sum_c w_c (a_c - c_c)^2 = sum_c w_c a_c^2 + sum_c w_c c_c^2 - 2 sum_c w_c a_c c_c, so memory
-        is O((B + K) x features) and the cross term is one matmul per layer (no [B, K, C, H, W] tensor).
-        """
+        """All B x K distances, expanding sum_c w_c (a_c - c_c)^2 = sum_c w_c a_c^2 + sum_c w_c c_c^2
+        - 2 sum_c w_c a_c c_c, so memory is O((B + K) x features) and the cross term is one matmul per
+        layer (no [B, K, C, H, W] tensor)."""
         total = 0.0
         for lin, a, c in zip(self.lins, fx, fc):
             w = lin.model[-1].weight.view(1, -1, 1, 1)  # [1, C, 1, 1]
@@ -237,17 +263,13 @@ class PerceptualMetric(nn.Module):
             total = total + self_a[:, None] + self_c[None, :] - 2.0 * cross
         return total.clamp_min(0.0)
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """LPIPS distance per pair, [B]; x, y NCHW in [-1, 1]."""
-        return self.distance_from_features(self.features(x), self.features(y))
 
-
-def build_metric(name: str = "auto", device: str | torch.device = "cpu",
+def build_metric(name: str = AUTO, device: str | torch.device = "cpu",
                  judge_resolution: int | None = None) -> PerceptualMetric:
     """A frozen perceptual metric on ``device`` (eval mode, no parameter requires grad) that judges its
     inputs at ``judge_resolution`` px (None: at their own size)."""
     name = resolve_metric(name)
-    metric = PerceptualMetric(name, _build_upstream(name), judge_resolution).eval().to(device)
+    metric = METRICS[name].build(name, judge_resolution).eval().to(device)
     for p in metric.parameters():
         p.requires_grad_(False)
     return metric
@@ -311,7 +333,7 @@ class _PooledTrunk(nn.Module):
     """Global-average-pooled activations of the stlpips AlexNet's five layers, concatenated:
     64 + 192 + 384 + 256 + 256 = 1152 dims, computed at POOL_FEATURE_SIDE pixels."""
 
-    def __init__(self, metric: PerceptualMetric):
+    def __init__(self, metric: LpipsMetric):
         super().__init__()
         self.scaling_layer = metric.scaling_layer
         self.net = metric.net
@@ -324,8 +346,6 @@ class _PooledTrunk(nn.Module):
 
 def _cleanfid_cache_dir() -> str:
     # Where clean-fid's feature_extractor() looks before downloading (cleanfid/features.py).
-    import platform
-
     return "./" if platform.system() == "Windows" else "/tmp"
 
 
@@ -374,9 +394,3 @@ def build_fid_features(
         module = _PooledTrunk(build_metric("stlpips-alex", device)).eval()
         return FeatureExtractor(name, 1152, False, module, device)
     raise ConfigError(f"unknown FID features {name!r}; choose 'inception', 'stlpips-alex-pool' or 'auto'")
-
-
-__all__ = [
-    "METRIC_NAMES", "PretrainedMissing", "PerceptualMetric", "judge_resize", "judge_label", "judged_side", "resolve_metric", "build_metric",
-    "FeatureExtractor", "build_fid_features", "distance_labels", "find_inception", "frechet_distance",
-]

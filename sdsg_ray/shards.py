@@ -20,30 +20,33 @@ Why not Ray Data's ``read_webdataset``/``read_parquet`` for the image bytes: ``r
 tar as one unit (a truncated shard fails its whole read task), decodes with webdataset's decoder unless
 told not to, and yields no byte offsets, so a sample could not be read again later without its whole
 shard. Scoring keeps its plan (``read_parquet`` over the listing, own read+decode UDF with a status per
-row, exactly-once score shards); only listing (:func:`index_shard`) and reading learn about shards.
+row, exactly-once score shards); only listing (:func:`expand_shards`) and reading learn about shards.
+
+Each layout is one :class:`ShardFormat` in :data:`SHARD_FORMATS` (its suffix, how to index a shard, how to
+read a run of its samples, and how ingest writes one); a new layout is one entry, registered by name.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import tarfile
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import parse_qsl, urlencode
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdsg_ray.registry import Registry
 from sdsg_ray.storage import Storage
 
 log = logging.getLogger(__name__)
 
-TAR_SUFFIX = ".tar"
-PARQUET_SUFFIX = ".parquet"
-SHARD_SUFFIXES = (TAR_SUFFIX, PARQUET_SUFFIX)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tar member extensions / parquet column names holding images
 MAX_GAP_BYTES = 1024 * 1024  # tar members closer than this are read in one ranged request
 
@@ -69,8 +72,41 @@ class SampleAddress:
         return f"{self.shard}#{urlencode(fields)}"
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One sample as ingest hands it to a format's writer: ``image`` is None for a URL that failed."""
+
+    key: str
+    image: bytes | None
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ShardFormat:
+    """One shard layout, with everything listing, reading and ingest need to know about it."""
+
+    suffix: str  # lower case, with the dot: the listing recognises a shard by it
+    index: Callable[[str, Storage], list[str]]  # shard URI -> its samples' addresses, in shard order
+    # (shard URI, [(i, address)] of one shard, storage, out): sets out[i] to the bytes or the exception
+    read: Callable[[str, list[tuple[int, SampleAddress]], Storage, dict], None]
+    write: Callable[[list[Sample]], bytes]  # ingest's samples -> the shard's bytes
+
+
+SHARD_FORMATS: Registry[ShardFormat] = Registry("shard format")
+
+
+def shard_format(uri: str) -> ShardFormat | None:
+    """The format whose suffix ``uri`` ends with (case-insensitive), or None for a plain object."""
+    lower = uri.lower()
+    return next((fmt for _, fmt in SHARD_FORMATS.items() if lower.endswith(fmt.suffix)), None)
+
+
 def is_shard_uri(uri: str) -> bool:
-    return uri.lower().endswith(SHARD_SUFFIXES)
+    return shard_format(uri) is not None
+
+
+def shard_suffixes() -> tuple[str, ...]:
+    return tuple(fmt.suffix for _, fmt in SHARD_FORMATS.items())
 
 
 def parse_address(text: str) -> SampleAddress | None:
@@ -137,7 +173,10 @@ def index_tar(uri: str, storage: Storage) -> list[str]:
 
 
 def index_parquet(uri: str, storage: Storage) -> list[str]:
-    """Addresses of every row of an img2dataset parquet shard (failed rows too: they score as errors)."""
+    """Addresses of every row of an img2dataset parquet shard (failed rows too: they score as errors).
+    Our own manifests and score shards are skipped by name, without reading their footers."""
+    if is_manifest_file(uri):
+        return []
     with storage.open_read(uri) as f:
         pf = pq.ParquetFile(f)
         column = image_column(pf.schema_arrow)
@@ -149,22 +188,15 @@ def index_parquet(uri: str, storage: Storage) -> list[str]:
     return [str(SampleAddress(uri, str(keys[i]) if keys is not None else str(i), row=i, column=column)) for i in range(n)]
 
 
-def index_shard(uri: str, storage: Storage) -> list[str]:
-    return index_tar(uri, storage) if uri.lower().endswith(TAR_SUFFIX) else index_parquet(uri, storage)
-
-
 def expand_shards(uris: Iterator[str], storage: Storage, threads: int = 8) -> Iterator[str]:
     """Image URIs as they are, shard URIs replaced by their samples' addresses (shards indexed in parallel,
     yielded in listing order)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     pending: list = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for uri in uris:
-            if is_shard_uri(uri):
-                if uri.lower().endswith(PARQUET_SUFFIX) and is_manifest_file(uri):
-                    continue
-                pending.append(pool.submit(index_shard, uri, storage))
+            fmt = shard_format(uri)
+            if fmt is not None:
+                pending.append(pool.submit(fmt.index, uri, storage))
             else:
                 pending.append(uri)
             while len(pending) > 2 * threads or (pending and isinstance(pending[0], str)):
@@ -242,10 +274,7 @@ def read_samples(keys: Sequence[str], storage: Storage) -> dict[int, bytes | Exc
     out: dict[int, bytes | Exception] = {}
     for shard, items in groups.items():
         try:
-            if items[0][1].row is not None:
-                _read_parquet(shard, items, storage, out)
-            else:
-                _read_tar(shard, items, storage, out)
+            shard_format(shard).read(shard, items, storage, out)
         except Exception as err:  # missing shard, damaged parquet: one error per sample
             for i, _ in items:
                 out.setdefault(i, err)
@@ -260,3 +289,40 @@ def read_bytes(key: str, storage: Storage) -> bytes:
     if isinstance(result, Exception):
         raise result
     return result
+
+
+# ----- writing (ingest) ----------------------------------------------------------------------------
+
+# img2dataset's parquet columns besides the image bytes (``jpg``), with their types.
+PARQUET_META_COLUMNS = {
+    "key": pa.string(), "url": pa.string(), "status": pa.string(), "error_message": pa.string(),
+    "width": pa.int32(), "height": pa.int32(), "original_width": pa.int32(), "original_height": pa.int32(),
+}
+
+
+def write_tar(samples: list[Sample]) -> bytes:
+    """``<key>.jpg`` + ``<key>.json`` (the sample's meta) for the samples that have an image."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            if sample.image is None:
+                continue
+            for name, blob in ((f"{sample.key}.jpg", sample.image), (f"{sample.key}.json", json.dumps(sample.meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+def write_parquet(samples: list[Sample]) -> bytes:
+    """One row per sample: the metadata columns, and the JPEG bytes in ``jpg`` (null for a failed URL)."""
+    columns = {name: pa.array([s.meta.get(name) for s in samples], kind) for name, kind in PARQUET_META_COLUMNS.items()}
+    table = pa.table({**columns, "jpg": pa.array([s.image for s in samples], pa.binary())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+SHARD_FORMATS.register("tar", ShardFormat(".tar", index_tar, _read_tar, write_tar))
+SHARD_FORMATS.register("parquet", ShardFormat(".parquet", index_parquet, _read_parquet, write_parquet))

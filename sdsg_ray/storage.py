@@ -1,13 +1,17 @@
-"""URI-addressed storage: a local path, ``file:///abs/path`` or ``s3://bucket/prefix``.
+"""URI-addressed storage: a local path, ``file:///abs/path``, ``s3://bucket/prefix``, or any registered scheme.
 
-One storage layer for the whole project. Each scheme has one object store (:class:`LocalObjects` on
-the local filesystem, :class:`S3Objects` on one boto3 client); :class:`Storage` picks the store by URI
-and keeps the project's guarantees on top of it: atomic writes (a reader sees the old object or the
-new one, never half of one), sorted listings streamed page by page, and errors that name the URI and
-the endpoint (never a credential). Ray is handed the same store as a pyarrow filesystem
-(:meth:`Storage.arrow_filesystem`): Ray Train's checkpoints and Ray Data's parquet reads go through the
-same client, endpoint, retry policy and error translation as everything else, so the project has one
-S3 client family (boto3/botocore) configured in one place (:class:`~sdsg_ray.config.StorageConfig`).
+One storage layer for the whole project. Each URI scheme has one object store class, registered by scheme
+in :data:`STORES` (:class:`LocalObjects` for local paths and ``file://``, :class:`S3Objects` on one boto3
+client for ``s3://``); :class:`Storage` looks the store up by the URI's scheme and keeps the project's
+guarantees on top of it: atomic writes (a reader sees the old object or the new one, never half of one),
+sorted listings streamed page by page, and errors that name the URI and the endpoint (never a
+credential). Ray is handed the same store as a pyarrow filesystem (:meth:`Storage.arrow_filesystem`):
+Ray Train's checkpoints and Ray Data's parquet reads go through the same client, endpoint, retry policy
+and error translation as everything else, so the project has one S3 client family (boto3/botocore)
+configured in one place (:class:`~sdsg_ray.config.StorageConfig`).
+
+A new scheme (``gs://``) is one :class:`ObjectStore` subclass and one ``STORES.register`` call in this
+file; no caller branches on the scheme.
 
 Endpoint: ``StorageConfig.endpoint_url`` > ``$AWS_ENDPOINT_URL`` > AWS itself. Credentials always come
 from the standard AWS chain (environment, profile, instance role) and are never logged.
@@ -23,12 +27,13 @@ import io
 import json
 import mimetypes
 import os
+import posixpath
 import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Iterator
 from urllib.parse import urlparse
 
 import pyarrow
@@ -36,6 +41,7 @@ import pyarrow.fs
 
 from sdsg_ray.config import StorageConfig
 from sdsg_ray.errors import UserError
+from sdsg_ray.registry import Registry
 
 # Marks our in-progress local writes; listings skip them so a half-written file is never yielded.
 _TMP_MARK = ".sdsg-tmp-"
@@ -48,6 +54,7 @@ _AUTH_CODES = {
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem",
 }
 _MISSING_KEY_CODES = {"NoSuchKey", "404", "NotFound"}
+LOCAL_SCHEME = "file"  # a URI without "://" is a local path
 
 
 class StorageError(UserError, RuntimeError):
@@ -58,19 +65,24 @@ class ObjectNotFound(StorageError, FileNotFoundError):
     """The object named by the URI does not exist."""
 
 
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+def scheme(uri: str) -> str:
+    """``"s3"`` for ``s3://b/k``; ``"file"`` for ``file://...`` and for plain local paths."""
+    name, sep, _ = uri.partition("://")
+    return name if sep else LOCAL_SCHEME
+
+
+def store_class(uri: str) -> type[ObjectStore]:
+    """The registered store class for ``uri``'s scheme; an unknown scheme is a StorageError naming the URI."""
+    if scheme(uri) not in STORES:
+        choices = ", ".join(f"{name}://" for name in STORES)
+        raise StorageError(f"{uri}: unsupported URI scheme (use a local path or one of {choices})")
+    return STORES[scheme(uri)]
 
 
 def normalize(uri: str) -> str:
-    """The canonical form of a URI: ``s3://`` unchanged, local paths absolute without ``file://``."""
-    if is_s3(uri):
-        return uri
-    if uri.startswith("file://"):
-        uri = urlparse(uri).path
-    elif "://" in uri:
-        raise StorageError(f"{uri}: unsupported URI scheme (use a local path, file:// or s3://)")
-    return os.path.abspath(os.path.expanduser(uri))
+    """The canonical form of a URI, as its store defines it (local paths: absolute, without ``file://``;
+    ``s3://`` unchanged)."""
+    return store_class(uri).normalize(uri)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -92,7 +104,7 @@ def _content_type(key: str) -> dict[str, str]:
 
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
-    if not is_s3(uri):
+    if scheme(uri) != "s3":
         raise StorageError(f"{uri}: not an s3:// URI")
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket:
@@ -110,11 +122,51 @@ class ObjectInfo:
 
 
 # ----------------------------------------------------------------------------------------------
-# The object stores: one per scheme, the same small interface
+# The object stores: one class per scheme, the same small interface
 
 
-class LocalObjects:
+class ObjectStore:
+    """What a scheme implements: ``list(prefix)`` (every object under the "directory", recursively, sorted
+    by full URI, streamed), ``info``, ``open_read`` (seekable; a missing object raises ObjectNotFound),
+    ``open_write`` (a context manager whose bytes become the object only if the block succeeds) and
+    ``delete`` (a missing object is fine). :class:`Storage` builds one per scheme from the StorageConfig
+    on first use and hands it URIs already in the store's :meth:`normalize` form. Stores travel to Ray
+    workers inside a Storage, so they must pickle (drop clients and sockets, rebuild them lazily)."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+
+    @staticmethod
+    def normalize(uri: str) -> str:
+        """The canonical form of ``uri`` (listings yield and manifests hold this form)."""
+        return uri
+
+    def read_bytes(self, uri: str) -> bytes:
+        with self.open_read(uri) as f:
+            return f.read()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        with self.open_write(uri) as f:
+            f.write(data)
+
+    def arrow_filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+        """``(filesystem, path inside it)`` for Ray Train and Ray Data."""
+        raise StorageError(f"{uri}: the {scheme(uri)}:// store has no pyarrow filesystem (Ray cannot read it)")
+
+    def relative(self, target: str, base: str) -> str | None:
+        """A relative link from ``base`` to ``target`` when both lie in one namespace (one filesystem, one
+        bucket), else None (the caller links the full URI)."""
+        return None
+
+
+class LocalObjects(ObjectStore):
     """Objects as files under absolute paths; writes go to a temp file that is renamed into place."""
+
+    @staticmethod
+    def normalize(uri: str) -> str:
+        if uri.startswith("file://"):
+            uri = urlparse(uri).path
+        return os.path.abspath(os.path.expanduser(uri))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every file under the directory ``prefix``, recursively, in S3's byte order of full keys."""
@@ -143,10 +195,6 @@ class LocalObjects:
         except (IsADirectoryError, PermissionError, OSError) as err:
             raise StorageError(f"{path}: {type(err).__name__}: {err.strerror or err}") from None
 
-    def read_bytes(self, path: str) -> bytes:
-        with self.open_read(path) as f:
-            return f.read()
-
     @contextlib.contextmanager
     def open_write(self, path: str) -> Iterator[IO[bytes]]:
         directory = os.path.dirname(path)
@@ -167,10 +215,6 @@ class LocalObjects:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def write_bytes(self, path: str, data: bytes) -> None:
-        with self.open_write(path) as f:
-            f.write(data)
-
     def delete(self, path: str) -> None:
         try:
             os.unlink(path)
@@ -179,8 +223,14 @@ class LocalObjects:
         except OSError as err:
             raise StorageError(f"{path}: cannot delete: {err.strerror or err}") from None
 
+    def arrow_filesystem(self, path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+        return pyarrow.fs.LocalFileSystem(), path
 
-class S3Objects:
+    def relative(self, target: str, base: str) -> str | None:
+        return os.path.relpath(target, base)
+
+
+class S3Objects(ObjectStore):
     """Objects in S3 or an S3-compatible store, through one boto3 client built on first use.
 
     Picklable, because Ray ships it to workers: the client holds sockets and locks, so it is dropped
@@ -188,7 +238,7 @@ class S3Objects:
     """
 
     def __init__(self, config: StorageConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self._client: Any = None
         self._lock = threading.Lock()
         self._checked_buckets: set[str] = set()
@@ -212,6 +262,21 @@ class S3Objects:
 
     def where(self) -> str:
         return self.endpoint_url or "AWS S3"
+
+    def resolved(self) -> "S3Objects":
+        """This store with the endpoint and region of this process written into its config, so that a
+        copy shipped to a Ray worker reaches the same store whatever that worker's environment says."""
+        return S3Objects(self.config.model_copy(update={"endpoint_url": self.endpoint_url, "region": self.region}))
+
+    def arrow_filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+        """This store behind pyarrow's interface (:class:`S3ArrowHandler`), with the endpoint, region,
+        retries and error messages of every other storage call, and the path ``bucket/key``."""
+        bucket, key = split_s3(uri)
+        return pyarrow.fs.PyFileSystem(S3ArrowHandler(self.resolved())), f"{bucket}/{key}".rstrip("/")
+
+    def relative(self, target: str, base: str) -> str | None:
+        (bucket, key), (base_bucket, base_key) = split_s3(target), split_s3(base)
+        return posixpath.relpath(key, base_key or ".") if bucket == base_bucket else None
 
     @property
     def client(self) -> Any:
@@ -597,28 +662,34 @@ class S3ArrowHandler(pyarrow.fs.FileSystemHandler):
 
 
 # ----------------------------------------------------------------------------------------------
-# Storage: the project's one entry point
+# The registry of stores, and Storage: the project's one entry point
+
+STORES: Registry[type[ObjectStore]] = Registry("object store")
+STORES.register(LOCAL_SCHEME, LocalObjects)
+STORES.register("s3", S3Objects)
 
 
 class Storage:
-    """One object store per scheme behind one API; see the module docstring for its guarantees."""
+    """One object store per URI scheme behind one API; see the module docstring for its guarantees.
+
+    Stores are built from ``config`` on first use of their scheme and cached. Picklable, so Ray can ship
+    it to workers: each store pickles without its clients (see :class:`S3Objects`)."""
 
     def __init__(self, config: StorageConfig | None = None):
         self.config = config or StorageConfig()
-        self.local = LocalObjects()
-        self.s3 = S3Objects(self.config)  # picklable: drops its client, so Ray can ship a Storage
+        self._stores: dict[str, ObjectStore] = {}
 
-    @property
-    def endpoint_url(self) -> str | None:
-        return self.s3.endpoint_url
+    def store(self, uri: str) -> ObjectStore:
+        """The store that holds ``uri`` (built on first use of its scheme)."""
+        name = scheme(uri)
+        if name not in self._stores:
+            self._stores.setdefault(name, store_class(uri)(self.config))
+        return self._stores[name]
 
-    @property
-    def region(self) -> str | None:
-        return self.s3.region
-
-    def _on(self, uri: str, s3: Callable[[str], Any], local: Callable[[str], Any]) -> Any:
-        """Call the store that holds ``uri`` with the URI in that store's form."""
-        return s3(uri) if is_s3(uri) else local(normalize(uri))
+    def _on(self, uri: str) -> tuple[ObjectStore, str]:
+        """The store that holds ``uri`` and the URI in that store's form."""
+        store = self.store(uri)
+        return store, store.normalize(uri)
 
     # ----- listing --------------------------------------------------------------------------------
     def list_objects(self, prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[ObjectInfo]:
@@ -629,7 +700,8 @@ class Storage:
         filters case-insensitively (``(".jpg", ".png")``). A prefix with nothing under it yields nothing.
         """
         wanted = tuple(s.lower() for s in suffixes) if suffixes else None
-        for obj in self._on(prefix_uri, self.s3.list, self.local.list):
+        store, prefix = self._on(prefix_uri)
+        for obj in store.list(prefix):
             if wanted is None or obj.uri.lower().endswith(wanted):
                 yield obj
 
@@ -639,14 +711,16 @@ class Storage:
 
     # ----- objects ----------------------------------------------------------------------------------
     def read_bytes(self, uri: str) -> bytes:
-        return self._on(uri, self.s3.read_bytes, self.local.read_bytes)
+        store, uri = self._on(uri)
+        return store.read_bytes(uri)
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
 
     def open_read(self, uri: str) -> IO[bytes]:
         """A seekable binary reader (S3: ranged GETs, so a large object is never read whole)."""
-        return self._on(uri, self.s3.open_read, self.local.open_read)
+        store, uri = self._on(uri)
+        return store.open_read(uri)
 
     def open_write(self, uri: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         """A binary file to write ``uri`` into; it appears only if the block finishes without error.
@@ -655,18 +729,21 @@ class Storage:
         or a multipart upload after the block. On error nothing is written and the previous object, if
         any, is left untouched.
         """
-        return self._on(uri, self.s3.open_write, self.local.open_write)
+        store, uri = self._on(uri)
+        return store.open_write(uri)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write atomically: readers see the old object or the new one, never half of it."""
-        self._on(uri, lambda u: self.s3.write_bytes(u, data), lambda p: self.local.write_bytes(p, data))
+        store, uri = self._on(uri)
+        store.write_bytes(uri, data)
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))
 
     def info(self, uri: str) -> ObjectInfo | None:
         """Size (and mtime where known) of an object, or None if it does not exist."""
-        return self._on(uri, self.s3.info, self.local.info)
+        store, uri = self._on(uri)
+        return store.info(uri)
 
     def exists(self, uri: str) -> bool:
         """Whether an object (a file, not a prefix) exists; a missing bucket is an error, not False."""
@@ -674,7 +751,8 @@ class Storage:
 
     def delete(self, uri: str) -> None:
         """Delete one object; deleting a missing object is fine."""
-        self._on(uri, self.s3.delete, self.local.delete)
+        store, uri = self._on(uri)
+        store.delete(uri)
 
     def pin_settings(self, uri: str, settings: dict) -> dict:
         """Record ``settings`` as JSON at ``uri`` the first time; afterwards return what differs from the
@@ -686,25 +764,23 @@ class Storage:
         recorded = json.loads(self.read_text(uri))
         return {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
 
-    # ----- Ray ---------------------------------------------------------------------------------------
-    def resolved(self) -> "Storage":
-        """This storage with the endpoint and region of this process written into its config, so that a
-        copy shipped to a Ray worker reaches the same store whatever that worker's environment says."""
-        update = {"endpoint_url": self.endpoint_url, "region": self.region}
-        return Storage(self.config.model_copy(update=update))
+    def relative_link(self, target: str, base: str) -> str:
+        """A link from a page in the directory ``base`` to ``target`` that works from a file and on an S3
+        website: relative when both live in one namespace (filesystem, bucket), else ``target``'s URI."""
+        if scheme(target) != scheme(base):
+            return target
+        store, target_in_store = self._on(target)
+        return store.relative(target_in_store, store.normalize(base)) or target
 
+    # ----- Ray ---------------------------------------------------------------------------------------
     def arrow_filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         """``(filesystem, path inside it)`` for Ray Train's ``storage_filesystem`` and Ray Data's readers.
 
         Local: pyarrow's LocalFileSystem and the absolute path. S3: this project's own S3 store behind
-        pyarrow's interface (:class:`S3ArrowHandler`), with the endpoint, region, retries and error
-        messages of every other storage call, and the path ``bucket/key``.
+        pyarrow's interface (:class:`S3ArrowHandler`) and the path ``bucket/key``.
         """
-        if not is_s3(uri):
-            return pyarrow.fs.LocalFileSystem(), normalize(uri)
-        bucket, key = split_s3(uri)
-        handler = S3ArrowHandler(self.resolved().s3)
-        return pyarrow.fs.PyFileSystem(handler), f"{bucket}/{key}".rstrip("/")
+        store, uri = self._on(uri)
+        return store.arrow_filesystem(uri)
 
 
 def get_storage(config: StorageConfig | None = None) -> Storage:

@@ -15,10 +15,17 @@ import logging
 import time
 from typing import Any
 
+import yaml
 from ray import serve
 from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
 
+from sdsg_ray.artifacts.checkpoint import inference_uri
+from sdsg_ray.artifacts.clusters import ClusterFile
+from sdsg_ray.artifacts.layout import with_layout_defaults
 from sdsg_ray.config import SDSGConfig, ServeConfig, load_config
+from sdsg_ray.ray_utils import ensure_ray, worker_env
+from sdsg_ray.storage import ObjectNotFound, get_storage
 
 from .deployments import Ingress, SamplerDeployment
 
@@ -66,8 +73,6 @@ def build_app(config: SDSGConfig, forward_env: bool = False) -> Application:
 
     ``forward_env`` passes this process's storage endpoint/credentials to the replicas (local runs only:
     a deploy config must never carry credentials; clusters provide their own)."""
-    from sdsg_ray.ray_utils import worker_env
-
     s = config.serve
     options = deployment_options(s)
     env = worker_env(config.storage) if forward_env else {}
@@ -83,7 +88,7 @@ def _config_from_args(args: dict[str, Any]) -> SDSGConfig:
     or bare serve fields (``checkpoint``, ``max_replicas``...)."""
     args = dict(args or {})
     path = args.pop("config", None)
-    return load_config(path, {k if "." in k else f"serve.{k}": v for k, v in args.items()})
+    return with_layout_defaults(load_config(path, {k if "." in k else f"serve.{k}": v for k, v in args.items()}))
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -91,15 +96,12 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(_config_from_args(args))
 
 
-app = build_app(load_config())  # the default-config application, for `serve build serve_app.app:app`
+app = build_app(with_layout_defaults(load_config()))  # the default-config application, for `serve build serve_app.app:app`
 
 
 def serve_config_yaml(args: dict[str, Any]) -> str:
     """What ``serve deploy`` and KubeRay's ``serveConfigV2`` take, for :func:`app_builder` with ``args``,
     validated by Serve's own deploy schema."""
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
     config = _config_from_args(args)
     application = {
         "name": APP_NAME,
@@ -121,24 +123,19 @@ def serve_config_yaml(args: dict[str, Any]) -> str:
 
 def _check_inputs(config: SDSGConfig) -> None:
     """Fail before starting Ray if the checkpoint or clusters are missing, saying how to make them."""
-    from sdsg_ray.artifacts.checkpoint import inference_uri
-    from sdsg_ray.storage import ObjectNotFound, get_storage
-    from sdsg_ray.truncation.clusters import clusters_uri
-
     storage = get_storage(config.storage)
     s = config.serve
     ckpt = inference_uri(s.checkpoint)
     if not storage.exists(ckpt):
         raise ObjectNotFound(f"{ckpt}: no checkpoint; train one with `sdsg train --out ...`")
-    if s.clusters and not storage.exists(clusters_uri(s.clusters)):
-        raise ObjectNotFound(f"{clusters_uri(s.clusters)}: no clusters; make them with "
+    clusters = ClusterFile(s.clusters).file if s.clusters else None
+    if clusters and not storage.exists(clusters):
+        raise ObjectNotFound(f"{clusters}: no clusters; make them with "
                              f"`sdsg cluster --checkpoint {s.checkpoint} --out {s.clusters}`")
 
 
 def start_app(config: SDSGConfig) -> str:
     """Deploy on the current (or a new local) Ray cluster without blocking; returns the base URL."""
-    from sdsg_ray.ray_utils import ensure_ray
-
     _check_inputs(config)
     ensure_ray(config.storage)
     s = config.serve
@@ -151,7 +148,7 @@ def start_app(config: SDSGConfig) -> str:
 def run_serve(config: SDSGConfig) -> int:
     """``sdsg serve``: start the app on Ray, say how to call it, block until Ctrl-C."""
     base = start_app(config)
-    log.info("sampler ready at %s  (OpenAPI: %s/docs)\n  curl -o sample.png '%s/v1/sample?seed=1&psi=0.7&truncation=multimodal'"
+    log.info("sampler ready at %s  (OpenAPI: %s/docs)\n  curl -o sample.png '%s/v1/sample?seed=1&psi=0.7'"
              "\n  curl -X POST %s/v1/samples -H 'content-type: application/json' "
              "-d '{\"count\": 8, \"seed\": 0, \"psi\": 0.5, \"format\": \"grid\"}' -o grid.png", base, base, base, base)
     try:
@@ -170,8 +167,6 @@ def main() -> None:
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                         help="app_builder argument, e.g. checkpoint=s3://bucket/stage2; repeatable.")
     ns = parser.parse_args()
-    import yaml
-
     args = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in ns.arg)}
     with open(ns.write_config, "w") as f:
         f.write(serve_config_yaml(args))

@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -28,10 +29,14 @@ from ray.serve.handle import DeploymentHandle
 
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.imaging import encode_png, square_grid
-from sdsg_ray.truncation.sampler import NO_CENTER, InvalidSample, Mode, SampleSpec
+from sdsg_ray.storage import get_storage
+from sdsg_ray.truncation.modes import NO_CENTER, TRUNCATION_MODES, InvalidSample, SampleSpec
+from sdsg_ray.truncation.sampler import load_sampler
 
 from .schemas import (
     ASSIGNMENT_HELP,
+    DEFAULT_TRUNCATION,
+    TRUNCATION_HELP,
     Assignment,
     FieldError,
     ImageFormat,
@@ -67,11 +72,6 @@ class SamplerDeployment:
     """Holds G_ema, the centers and the metric; renders batches of specs in one forward pass."""
 
     def __init__(self, config: dict) -> None:
-        import torch
-
-        from sdsg_ray.storage import get_storage
-        from sdsg_ray.truncation.sampler import load_sampler
-
         cfg = SDSGConfig.model_validate(config)
         s = cfg.serve
         device = "cuda" if torch.cuda.is_available() and s.num_gpus > 0 else "cpu"
@@ -92,6 +92,10 @@ class SamplerDeployment:
             "assign_resolution": s.assign_resolution or self.sampler.resolution,
             "device": device,
             "pass_sizes": list(self.sampler.pass_sizes),  # forward-pass row counts verified bit-exact here
+            # every registered mode, whether this model can draw it, and whether it takes a cluster/assignment
+            "truncations": [{"name": name, "label": mode.label, "available": mode.available(self.sampler),
+                             "clusters": mode.uses_clusters} for name, mode in TRUNCATION_MODES.items()],
+            "default_truncation": DEFAULT_TRUNCATION,
             "clusters": None if clusters is None else {
                 "uri": s.clusters, "identity": clusters.identity, "count": clusters.count,
                 "sizes": clusters.sizes.tolist(), "seed": clusters.seed,
@@ -210,8 +214,8 @@ class Ingress:
         self,
         seed: int = Query(..., description="Random seed of z, in [0, 2^32-1]."),
         psi: float | None = Query(None, description="Truncation strength in [0, 1] (1 = none)."),
-        truncation: Mode = Query("multimodal"),
-        cluster: int | None = Query(None, description="Force this center (multimodal)."),
+        truncation: str = Query(DEFAULT_TRUNCATION, description=TRUNCATION_HELP),
+        cluster: int | None = Query(None, description="Force this center (modes toward cluster centers)."),
         format: ImageFormat = Query("png"),
         assignment: Assignment | None = Query(None, description=ASSIGNMENT_HELP),
     ) -> Response:
@@ -238,5 +242,5 @@ class Ingress:
             return Response(encode_png(square_grid(images)),
                             media_type="image/png")
         return JSONResponse({"seeds": seeds, "images": [base64.b64encode(encode_png(im)).decode() for im in images],
-                             # the center each image was truncated toward (null for modes none and mean)
+                             # the center each image was truncated toward (null where its mode has none)
                              "clusters": [None if c == NO_CENTER else int(c) for c in centers]})

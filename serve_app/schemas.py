@@ -2,7 +2,7 @@
 
 Request bodies check their shape only (types, which fields go together, how many samples); the limits
 of a sample (seed range, ψ range, truncation mode, cluster index) are checked in one place,
-:meth:`sdsg_ray.truncation.SampleSpec.check`, and its error is mapped here to a 4xx whose JSON names
+:meth:`sdsg_ray.truncation.modes.SampleSpec.check` (modes against their registry), and its error is mapped here to a 4xx whose JSON names
 the request field: ``{"detail": "psi: must be in [0, 1], got 1.5", "errors": [{"field": "psi", ...}]}``.
 """
 
@@ -14,13 +14,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sdsg_ray.truncation.assign import AssignBy
-from sdsg_ray.truncation.sampler import Mode
+from sdsg_ray.truncation.modes import AssignBy
 
 ImageFormat = Literal["png", "npy"]
 Assignment = AssignBy
-ASSIGNMENT_HELP = ("Rule picking the nearest center (multimodal): lpips (the paper's), learned (classifier fitted "
-                   "to it, cheaper) or w; default: the model's (GET /v1/model `assign_by`).")
+ASSIGNMENT_HELP = ("Rule picking the nearest center (modes toward cluster centers): lpips (the paper's), learned "
+                   "(classifier fitted to it, cheaper) or w; default: the model's (GET /v1/model `assign_by`).")
+DEFAULT_TRUNCATION = "multimodal"  # the paper's mode: what a request without `truncation` gets
+TRUNCATION_HELP = ("A registered truncation mode, checked against the registry per request (GET /v1/model "
+                   "`truncations` lists them and whether this model can draw each).")
 BatchFormat = Literal["png", "grid", "npy"]
 
 
@@ -48,8 +50,8 @@ class SamplesRequest(BaseModel):
     count: int | None = Field(None, ge=1, description="With `seed`: draw seeds seed, seed+1, ...")
     seed: int | None = Field(None, description="First seed when `count` is given.")
     psi: float | None = Field(None, description="Truncation strength in [0, 1]; default from config.")
-    truncation: Mode = "multimodal"
-    cluster: int | None = Field(None, description="Force this center (truncation=multimodal).")
+    truncation: str = Field(DEFAULT_TRUNCATION, description=TRUNCATION_HELP)
+    cluster: int | None = Field(None, description="Force this center (modes toward cluster centers).")
     assignment: Assignment | None = Field(None, description=ASSIGNMENT_HELP)
     format: BatchFormat = "png"
 

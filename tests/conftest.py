@@ -9,7 +9,9 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -127,3 +129,21 @@ def ray_cluster(s3_endpoint):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@contextmanager
+def driver_with_setup_hook(cluster, hook: Callable[[], None]) -> Iterator[None]:
+    """Reconnect this driver to ``cluster`` as a job whose every worker process runs ``hook`` first (Ray's
+    public ``worker_process_setup_hook``): how a test registers a toy registry entry in the workers too.
+    The hook travels by reference (its test module's name), so the workers get tests/ on their path.
+    Afterwards the session's plain driver connects again."""
+    import ray
+
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")]))
+    ray.shutdown()
+    ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": hook, "env_vars": {"PYTHONPATH": path}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        ray.init(address=cluster.address)

@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from sdsg_ray.cli import main
-from sdsg_ray.config import ConfigError, SDSGConfig, load_config
+from jobs.cli import main
+from sdsg_ray.config import ConfigError, load_config
 
 
 def test_defaults_yaml_and_overrides_combine(tmp_path):
@@ -58,10 +58,10 @@ def test_cli_bad_flag_exits_2_naming_field(capsys):
 
 
 def test_cli_runs_make_dataset_end_to_end(tmp_path):
-    """The installed entry point path: ``python -m sdsg_ray.cli`` in a fresh process."""
+    """The installed entry point path: ``python -m jobs.cli`` in a fresh process."""
     out = tmp_path / "ds"
     proc = subprocess.run(
-        [sys.executable, "-m", "sdsg_ray.cli", "make-dataset", "--out", str(out), "--n", "12", "--resolution", "16",
+        [sys.executable, "-m", "jobs.cli", "make-dataset", "--out", str(out), "--n", "12", "--resolution", "16",
          "--outlier-fraction", "0.5", "--seed", "4"],
         capture_output=True, text=True, timeout=120,
     )
@@ -74,7 +74,7 @@ def test_cli_runs_make_dataset_end_to_end(tmp_path):
 
 
 def _print_config(*argv: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "sdsg_ray.cli", *argv, "--print-config"],
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *argv, "--print-config"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return {"text": proc.stdout, "config": yaml.safe_load(proc.stdout)}
@@ -99,17 +99,20 @@ def test_print_config_names_the_layer_of_each_value(tmp_path):
     assert train["workers"] == 2 and "workers: 2  # set" in text
     assert train["seed"] == 4 and f"seed: 4  # file {path}" in text
     assert "  batch_size: 8\n" in text  # a default carries no layer
+    assert "  out: runs/stage1  # derived from pipeline.root\n" in text  # a path no layer set
 
 
 def test_derived_stage_uris_never_replace_a_value_a_layer_set():
-    from sdsg_ray.config import build_config
-    from sdsg_ray.pipeline import Layout
+    from sdsg_ray.artifacts.layout import with_layout_defaults
+    from sdsg_ray.config import DERIVED_LAYER, build_config
 
-    default_out = SDSGConfig().train.out
-    derived = Layout.from_config(build_config(("set", {"pipeline.root": "/r"})))
-    assert derived.stage1 == "/r/stage1"
-    kept = Layout.from_config(build_config(("set", {"pipeline.root": "/r", "train.out": default_out})))
-    assert kept.stage1 == default_out  # set explicitly to the default's value: still the user's
+    default_out = with_layout_defaults(build_config()).train.out  # what the default root derives
+    derived = with_layout_defaults(build_config(("set", {"pipeline.root": "/r"})))
+    assert derived.train.out == "/r/stage1" and derived.score.checkpoint == derived.train.out
+    assert derived.source("train.out") == DERIVED_LAYER and not derived.is_set("train.out")
+    kept = with_layout_defaults(build_config(("set", {"pipeline.root": "/r", "train.out": default_out})))
+    assert kept.train.out == default_out  # set explicitly to the default's value: still the user's
+    assert with_layout_defaults(kept).train.out == default_out and kept.score.checkpoint == "/r/stage1"
 
 
 def test_config_equality_ignores_where_values_came_from():
@@ -120,7 +123,7 @@ def test_config_equality_ignores_where_values_came_from():
 
 
 def test_help_shows_each_flags_description():
-    proc = subprocess.run([sys.executable, "-m", "sdsg_ray.cli", "train", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     help_text = " ".join(proc.stdout.split())
@@ -138,11 +141,11 @@ def test_help_shows_each_flags_description():
     (["train", "--data", "/tmp/sdsg-nope"], "/tmp/sdsg-nope: no images and no manifest"),
 ])
 def test_a_user_error_is_one_line_without_a_traceback(argv, message):
-    proc = subprocess.run([sys.executable, "-m", "sdsg_ray.cli", *argv], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and message in error_lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
-    debug = subprocess.run([sys.executable, "-m", "sdsg_ray.cli", *argv, "--debug"], capture_output=True, text=True,
+    debug = subprocess.run([sys.executable, "-m", "jobs.cli", *argv, "--debug"], capture_output=True, text=True,
                            timeout=300)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and message in debug.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdsg_ray.dataset.synthetic import OUTLIER_KINDS, plan, render
-from sdsg_ray.evaluation.controls import (
+from sdsg_ray.diagnostics import (
     TRIVIAL_DETECTORS, auroc_report, trivial_report, untrained_networks, untrained_scores,
 )
 
@@ -78,7 +78,7 @@ def test_untrained_control_is_stage1_initialisation():
 def test_unbiased_kid_matches_brute_force_and_clean_fid():
     from cleanfid.fid import kernel_distance
 
-    from sdsg_ray.evaluation.evaluate import unbiased_mmd2
+    from sdsg_ray.distances import unbiased_mmd2
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(12, 5)), rng.normal(0.5, 1.0, size=(10, 5))
@@ -96,7 +96,7 @@ def test_unbiased_kid_matches_brute_force_and_clean_fid():
 
 
 def test_claim_holds_only_when_the_interval_excludes_zero():
-    from sdsg_ray.evaluation.evaluate import compare_blocks
+    from sdsg_ray.distances import compare_blocks
 
     clear = compare_blocks([1.0, 1.1, 0.9, 1.0, 1.05], [2.0, 2.1, 1.9, 2.05, 2.0])
     assert clear["holds"] and clear["high"] < 0 and clear["mean"] == pytest.approx(-1.0)
@@ -112,7 +112,7 @@ def test_outlier_controls_rebuild_the_scoring_checkpoints_initialisation(tmp_pat
 
     from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.config import build_config
-    from sdsg_ray.evaluation.evaluate import outlier_controls
+    from sdsg_ray.diagnostics import outlier_controls
     from sdsg_ray.imaging import encode_png
     from sdsg_ray.pretrained import build_metric
     from sdsg_ray.storage import get_storage, join

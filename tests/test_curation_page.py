@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdsg_ray.config import load_config
-from sdsg_ray.filtering.curation_page import PAGE_FILE, allocate, sample_by_score
-from sdsg_ray.artifacts.scores import SUMMARY_FILE
-from sdsg_ray.filtering.select import run_selection
 from sdsg_ray.artifacts.score_writer import ShardAssembler
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, SUMMARY_FILE, ScoreSet
+from sdsg_ray.artifacts.selection import FilteredSet
+from sdsg_ray.config import load_config
+from sdsg_ray.filtering.curation_page import allocate, sample_by_score
+from sdsg_ray.filtering.select import run_selection
 from sdsg_ray.storage import get_storage, join
 
 
@@ -28,8 +29,9 @@ def make_small_selection(root: Path, n: int = 120, page_images: int = 2000, **se
 
     from sdsg_ray.artifacts.checkpoint import export_inference
     from sdsg_ray.config import build_config
-    from sdsg_ray.dataset.synthetic import make_dataset, read_labels
-    from sdsg_ray.evaluation.controls import untrained_networks
+    from sdsg_ray.artifacts.dataset import read_labels
+    from sdsg_ray.dataset.synthetic import make_dataset
+    from sdsg_ray.diagnostics import untrained_networks
 
     storage = get_storage()
     data = str(root / "data")
@@ -48,7 +50,7 @@ def make_small_selection(root: Path, n: int = 120, page_images: int = 2000, **se
     scores = str(root / "scores")
     batch = {"key": np.array([row["key"] for row in labels], object), "shard": np.arange(len(labels)) % 2,
              "status": np.array(["ok"] * len(labels), object), "error": np.array([""] * len(labels), object),
-             "d_lpips": d, "d_l1": d / 2, "feat_real": feat, "feat_recon": feat * 0.5}
+             SCORE_COLUMN: d, "d_l1": d / 2, "feat_real": feat, "feat_recon": feat * 0.5}
     ShardAssembler(scores, storage, {s: int((batch["shard"] == s).sum()) for s in range(2)}).add(batch)
     storage.write_text(join(scores, SUMMARY_FILE), json.dumps({
         "metric": "stlpips-vgg", "features": "test-features", "features_is_inception": False,
@@ -58,7 +60,7 @@ def make_small_selection(root: Path, n: int = 120, page_images: int = 2000, **se
                  "select.threshold_step": 0.02, "select.min_size": n // 2, "select.labels": join(data, "labels.csv"),
                  "select.page_images": page_images, **{f"select.{k}": v for k, v in select.items()}}
     report = run_selection(load_config(None, overrides))
-    return {"report": report, "out": out, "page": str(Path(out) / PAGE_FILE), "d": d, "outlier": outlier,
+    return {"report": report, "out": out, "page": FilteredSet(out).curation_page, "d": d, "outlier": outlier,
             "kinds": [row["kind"] for row in labels]}
 
 
@@ -134,22 +136,23 @@ def test_beyond_the_cap_a_stratified_sample_over_d(tmp_path) -> None:
     fake = write_fake_scores(scores, n_in=3000, n_out=100, dim=4, recon_shrink=0.5)
     edges = np.linspace(fake["d"].min(), fake["d"].max(), 101)
     counts = np.histogram(fake["d"], bins=edges)[0]
-    sample = sample_by_score(scores, get_storage(), edges, counts, cap=200)
+    sample = sample_by_score(ScoreSet(scores), get_storage(), edges, counts, cap=200)
     assert len(sample.keys) == 200 and sample.sampled and sample.total == 3100
     assert sample.weight.sum() == pytest.approx(3100)
     assert sample.d[0] <= np.quantile(fake["d"], 0.01) and sample.d[-1] >= np.quantile(fake["d"], 0.99)
     high = fake["d"] >= 0.5  # the 100 outliers' stratum band: sparse, so taken nearly whole
     assert (sample.d >= 0.5).sum() >= 0.5 * high.sum()
-    again = sample_by_score(scores, get_storage(), edges, counts, cap=200)
+    again = sample_by_score(ScoreSet(scores), get_storage(), edges, counts, cap=200)
     assert again.keys == sample.keys  # seeded: the same page on every run
 
 
 def test_demo_report_links_the_curation_page(small_run, tmp_path) -> None:
-    from sdsg_ray.evaluation.report import _relative_href, _selection_section
+    from sdsg_ray.evaluation.report import _selection_section
 
     report_dir = str(tmp_path / "report")
-    section = _selection_section({}, get_storage(), small_run["out"], report_dir)
+    section = _selection_section({}, get_storage(), FilteredSet(small_run["out"]), report_dir)
     href = re.search(r"<a href='([^']+)'>Curation page</a>", section).group(1)
     assert not href.startswith("/") and (Path(report_dir) / href).resolve() == Path(small_run["page"]).resolve()
-    assert _relative_href("s3://b/run/selection/curation.html", "s3://b/run/report") == "../selection/curation.html"
-    assert _relative_href("s3://other/selection/curation.html", "s3://b/run/report") == "s3://other/selection/curation.html"
+    relative_link = get_storage().relative_link  # the link across buckets stays absolute (tests/test_storage.py)
+    assert relative_link("s3://b/run/selection/curation.html", "s3://b/run/report") == "../selection/curation.html"
+    assert relative_link("s3://other/selection/curation.html", "s3://b/run/report") == "s3://other/selection/curation.html"

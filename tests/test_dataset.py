@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdsg_ray.dataset.synthetic import MODES, OUTLIER_KINDS, make_dataset, read_labels
+from sdsg_ray.artifacts.dataset import read_labels
+from sdsg_ray.dataset.synthetic import MODES, OUTLIER_KINDS, make_dataset
 from sdsg_ray.imaging import load_batch
 from sdsg_ray.manifest import list_images
 from sdsg_ray.storage import Storage, join

@@ -211,7 +211,7 @@ def test_resume_from_starts_G_G_ema_and_D_from_the_directory_with_a_fresh_E(tmp_
 def test_sdsg_train_stage_encoder_on_ray_resumes_and_sdsg_score_uses_its_bundle(ray_cluster, tmp_path):
     """`sdsg train --stage encoder --checkpoint DIR` on Ray Train, re-submitted with a longer kimg (the run
     continues from its checkpoint), then `sdsg score` on the result with the default pair."""
-    from sdsg_ray.cli import main
+    from jobs.cli import main
     from sdsg_ray.dataset.synthetic import make_dataset
 
     storage = get_storage()

@@ -11,7 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sdsg_ray.evaluation.evaluate import distance_labels, distances, outlier_detection
+from sdsg_ray.artifacts.scores import SCORE_COLUMN
+from sdsg_ray.diagnostics import outlier_detection
+from sdsg_ray.distances import distances
+from sdsg_ray.pretrained import distance_labels
 from sdsg_ray.evaluation.report import write_report
 from sdsg_ray.storage import get_storage, join
 
@@ -57,7 +60,7 @@ def write_scores(storage, out: str, rows: list[tuple[str, str, float]]) -> None:
     n = len(rows)
     batch = pa.record_batch({
         "key": [r[0] for r in rows], "status": [r[1] for r in rows], "error": ["" for _ in rows],
-        "d_lpips": pa.array([r[2] for r in rows], pa.float32()), "d_l1": pa.array([0.0] * n, pa.float32()),
+        SCORE_COLUMN: pa.array([r[2] for r in rows], pa.float32()), "d_l1": pa.array([0.0] * n, pa.float32()),
         "feat_real": pa.array([[0.0]] * n, pa.list_(pa.float32())),
         "feat_recon": pa.array([[0.0]] * n, pa.list_(pa.float32())),
     }, schema=SCORE_SCHEMA)
@@ -132,7 +135,10 @@ def test_fig7_adds_the_learned_assignment_beside_the_lpips_one(monkeypatch):
     picks (pinned per seed), and says how often it agrees with the paper's LPIPS rule."""
     import torch
 
-    from sdsg_ray.evaluation import evaluate
+    from sdsg_ray.distances import Distances
+    from sdsg_ray.evaluation import truncation_curves
+
+    learned = "multimodal_learned"  # results.json's key of the learned-assignment curve
 
     class Rule:
         def __init__(self, shift: int) -> None:
@@ -156,20 +162,20 @@ def test_fig7_adds_the_learned_assignment_beside_the_lpips_one(monkeypatch):
         def images(self, images):
             return images.reshape(len(images), -1)[:, :1].astype(np.float64)
 
-    monkeypatch.setattr(evaluate, "distances", lambda feats, ref: evaluate.Distances(float(feats.mean()), 0.0))
+    monkeypatch.setattr(truncation_curves, "distances", lambda feats, ref: Distances(float(feats.mean()), 0.0))
     seeds = list(range(9))
     sampler = FakeSampler()
-    curve = evaluate.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])
+    curve = truncation_curves.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])
     lpips_mean = np.mean([s % 3 for s in seeds])
     assert curve["multimodal"]["fd"] == [lpips_mean] and curve["mean"]["fd"] == [9.0]
-    assert curve[evaluate.LEARNED_CURVE]["fd"] == [lpips_mean]
-    assert curve[evaluate.LEARNED_CURVE]["same_center_as_lpips"] == 1.0
+    assert curve[learned]["fd"] == [lpips_mean]
+    assert curve[learned]["same_center_as_lpips"] == 1.0
     sampler.assigners = {**FakeSampler.assigners, "learned": Rule(1)}  # a learned rule that always disagrees
-    curve = evaluate.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])
-    assert curve[evaluate.LEARNED_CURVE]["fd"] == [np.mean([(s + 1) % 3 for s in seeds])]
-    assert curve[evaluate.LEARNED_CURVE]["same_center_as_lpips"] == 0.0
+    curve = truncation_curves.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])
+    assert curve[learned]["fd"] == [np.mean([(s + 1) % 3 for s in seeds])]
+    assert curve[learned]["same_center_as_lpips"] == 0.0
     sampler.assignments = ("lpips", "w")  # no classifier: no third curve
-    assert evaluate.LEARNED_CURVE not in evaluate.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])
+    assert learned not in truncation_curves.truncation_curve(sampler, Bank(), np.zeros((2, 1)), seeds, [0.5])
 
 
 def test_report_puts_controls_beside_claims(tmp_path):

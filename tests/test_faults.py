@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import cluster_worker_pids, create_bucket, free_port, wait_for_port
 
+from sdsg_ray.artifacts.scores import SCORE_COLUMN
 from sdsg_ray.config import StorageConfig, load_config
 from sdsg_ray.storage import Storage, StorageError, join
 
@@ -107,8 +108,8 @@ def test_a_flaky_store_loses_nothing(ray_cluster, s3_endpoint, flaky_store, tmp_
     assert len(kept) == report["size_kept"] >= 4
 
     rows = {}
-    for batch in iter_score_batches(join(bucket, "scores"), storage, ["key", "status", "d_lpips"]):
-        for key, status, d in zip(batch["key"], batch["status"], batch["d_lpips"]):
+    for batch in iter_score_batches(join(bucket, "scores"), storage, ["key", "status", SCORE_COLUMN]):
+        for key, status, d in zip(batch["key"], batch["status"], batch[SCORE_COLUMN]):
             assert key not in rows, f"{key} scored twice"
             rows[key] = (status, d)
     assert sorted(rows) == sorted(keys)
@@ -116,7 +117,7 @@ def test_a_flaky_store_loses_nothing(ray_cluster, s3_endpoint, flaky_store, tmp_
     bundle = load_inference(join(bucket, "stage1"), clean)
     scorer = ReconstructionScorer(bundle, build_metric("stlpips-alex"), build_fid_features("stlpips-alex-pool"), "cpu")
     good = [k for k in keys if not k.endswith("zz-corrupt.png")]
-    direct = scorer(np.stack([decode_image(clean.read_bytes(k), 16).image for k in good]))["d_lpips"]
+    direct = scorer(np.stack([decode_image(clean.read_bytes(k), 16).image for k in good]))[SCORE_COLUMN]
     np.testing.assert_allclose([rows[k][1] for k in good], direct, rtol=1e-4, atol=1e-5)
 
     faults = proxy_faults(flaky_store)
@@ -148,7 +149,7 @@ def test_a_dead_store_fails_fast_naming_the_endpoint_and_the_operation(dead_stor
         fs.open_input_stream(f"{path}/state.pt")
 
     proc = subprocess.run(
-        [sys.executable, "-m", "sdsg_ray.cli", "select", "--scores", join(bucket, "scores"), "--storage-endpoint",
+        [sys.executable, "-m", "jobs.cli", "select", "--scores", join(bucket, "scores"), "--storage-endpoint",
          dead_store, "--set", "storage.max_attempts=2"], capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -260,14 +261,14 @@ def test_losing_the_scoring_node_mid_run_scores_every_key_exactly_once(tmp_path)
         shard_keys = read_manifest(join(out, "manifest", f"manifest-{shard_id:05d}.parquet"), storage)
         in_shard = [k for b in iter_score_batches(out, storage, ["key"]) for k in b["key"] if k in shard_keys]
         assert sorted(in_shard) == sorted(shard_keys), shard  # complete, never partial
-    for batch in iter_score_batches(out, storage, ["key", "status", "d_lpips"]):
-        for key, status, d in zip(batch["key"], batch["status"], batch["d_lpips"]):
+    for batch in iter_score_batches(out, storage, ["key", "status", SCORE_COLUMN]):
+        for key, status, d in zip(batch["key"], batch["status"], batch[SCORE_COLUMN]):
             assert key not in rows and status == "ok", key
             rows[key] = d
     assert sorted(rows) == keys
     bundle = load_inference(str(tmp_path / "stage1"))
     scorer = ReconstructionScorer(bundle, build_metric("stlpips-alex"), build_fid_features("stlpips-alex-pool"), "cpu")
-    direct = scorer(np.stack([decode_image(storage.read_bytes(k), 16).image for k in keys]))["d_lpips"]
+    direct = scorer(np.stack([decode_image(storage.read_bytes(k), 16).image for k in keys]))[SCORE_COLUMN]
     np.testing.assert_allclose([rows[k] for k in keys], direct, rtol=1e-4, atol=1e-5)
 
 

@@ -29,7 +29,7 @@ from test_serve import assert_names_field, npy, serve_config
 from test_truncation import METRIC
 
 from sdsg_ray.artifacts.checkpoint import CheckpointError, load_discriminator, load_inference, scoring_pair
-from sdsg_ray.cli import main
+from jobs.cli import main
 from sdsg_ray.export import import_model
 from sdsg_ray.models.networks import truncate
 from sdsg_ray.nvidia_pickle import PersistentRecord, UnsafePickleError, UnsupportedModelError, read_pickle
@@ -323,7 +323,7 @@ def clustered_256(imported, tmp_path_factory) -> tuple[str, str]:
 
 
 def test_generate_writes_pngs_and_a_grid_from_an_imported_model(clustered_256, tmp_path):
-    from sdsg_ray.truncation import load_sampler
+    from sdsg_ray.truncation.sampler import load_sampler
 
     ckpt, clusters = clustered_256
     out = tmp_path / "gen"

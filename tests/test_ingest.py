@@ -511,7 +511,7 @@ def test_ingest_killed_mid_run_resumes_without_refetching(ray_cluster, server, t
     urls += [f"{server.url}/slower/{400 + i}.png" for i in range(2 * SHARD_SIZE)]
     (tmp_path / "urls.txt").write_text("\n".join(urls))
     out = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "sdsg_ray", "ingest", "--urls", str(tmp_path / "urls.txt"), "--out", str(out),
+    cmd = [sys.executable, "-m", "jobs.cli", "ingest", "--urls", str(tmp_path / "urls.txt"), "--out", str(out),
            "--resolution", "32", "--shard-size", str(SHARD_SIZE), "--tasks", "1", "--threads", "2",
            "--set", f"ingest.allow_networks=[{LOOPBACK}]"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(REPO)}

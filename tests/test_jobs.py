@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from sdsg_ray.config import load_config
-from sdsg_ray.pipeline import Layout, Stage, plan, run_pipeline, run_stages
+from sdsg_ray.artifacts.dataset import SyntheticDataset
+from sdsg_ray.pipeline import Stage, plan, run_pipeline, run_stages
 from sdsg_ray.storage import get_storage, join
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,12 +68,12 @@ def test_stage_uris_derive_from_the_root_unless_set(tmp_path):
 
     tiny = load_config(None, {"pipeline.root": str(tmp_path), "pipeline.baselines": False,
                               "pipeline.make_dataset": True, "pipeline.stage2_kimg": 0.5})
-    names = [s.name for s in plan(tiny)]
-    assert names == ["dataset", "stage1", "score", "select", "stage2", "cluster", "evaluate"]
-    lay = Layout.from_config(tiny)
-    data = join(str(tmp_path), "data")
-    assert (lay.raw, lay.labels) == (join(data, "images"), join(data, "labels.csv"))
-    assert {s.name: s for s in plan(tiny)}["stage2"].config.train.kimg == 0.5
+    stages = {s.name: s for s in plan(tiny)}
+    assert list(stages) == ["dataset", "stage1", "score", "select", "stage2", "cluster", "evaluate"]
+    data = SyntheticDataset(join(str(tmp_path), "data"))
+    assert stages["dataset"].config.dataset.out == data.uri and stages["dataset"].outputs == (data.labels,)
+    assert (stages["stage1"].config.train.data, stages["evaluate"].config.evaluate.labels) == (data.images, data.labels)
+    assert stages["stage2"].config.train.kimg == 0.5
 
 
 def test_a_failed_pipeline_continues_where_it_stopped(tmp_path):

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
+from sdsg_ray.artifacts.scores import SCORE_COLUMN
 from sdsg_ray.config import ConfigError, ModelConfig, ScoreConfig, load_config
-from sdsg_ray.evaluation.controls import reconstruction_scores, untrained_networks
+from sdsg_ray.diagnostics import reconstruction_scores, untrained_networks
 from sdsg_ray.pretrained import build_fid_features, build_metric, judge_resize
 from sdsg_ray.storage import get_storage
 
@@ -87,7 +88,7 @@ def test_scorer_judges_at_the_set_size(tmp_path) -> None:
     assert spy.sides == [(64, 64), (64, 64)]
     direct = reconstruction_scores(bundle.G_ema.synthesis, bundle.E_ema, images(),
                                    build_metric("stlpips-alex", judge_resolution=64))
-    np.testing.assert_allclose(scores["d_lpips"], direct, rtol=1e-5)
+    np.testing.assert_allclose(scores[SCORE_COLUMN], direct, rtol=1e-5)
 
 
 def test_perceptual_assignment_compares_samples_and_centers_at_the_judge_size() -> None:
@@ -120,7 +121,7 @@ def test_config_accepts_sizes_and_null() -> None:
 
 
 def test_clusters_file_records_the_judge_size(tmp_path) -> None:
-    from sdsg_ray.truncation.clusters import ClusterSet, load_clusters, save_clusters
+    from sdsg_ray.artifacts.clusters import ClusterSet, load_clusters, save_clusters
 
     clusters = ClusterSet(centers=torch.zeros(2, 4), sizes=torch.ones(2, dtype=torch.long), seed=0,
                           metric="stlpips-alex", checkpoint="x", judge_resolution=128)
@@ -149,7 +150,7 @@ def test_scoring_summary_records_metric_and_size(ray_cluster, tmp_path) -> None:
         "score.data": str(data), "score.checkpoint": checkpoint, "score.out": out, "score.metric": "stlpips-alex",
         "score.judge_resolution": 64, "score.fid_features": "stlpips-alex-pool", "score.batch_size": 6}))
     assert (summary["metric"], summary["judge_resolution"]) == ("stlpips-alex", 64)
-    rows = {k: d for b in iter_score_batches(out, get_storage(), ["key", "d_lpips"]) for k, d in zip(b["key"], b["d_lpips"])}
+    rows = {k: d for b in iter_score_batches(out, get_storage(), ["key", SCORE_COLUMN]) for k, d in zip(b["key"], b[SCORE_COLUMN])}
     scored = np.array([rows[k] for k in sorted(rows)])
     expected = reconstruction_scores(G.synthesis, E, x, build_metric("stlpips-alex", judge_resolution=64))
     np.testing.assert_allclose(scored, expected, rtol=1e-4)

@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from sdsg_ray import pretrained
-from sdsg_ray.pretrained import (
-    PretrainedMissing,
-    build_fid_features,
-    build_metric,
-    frechet_distance,
-    resolve_metric,
-)
+from sdsg_ray.distances import frechet_distance
+from sdsg_ray.pretrained import PretrainedMissing, build_fid_features, build_metric, resolve_metric
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,11 @@
-"""The project's own promises: README set-up commands, CI running that same command, CLI <-> jobs wiring."""
+"""The project's own promises: README set-up commands, CI running that same command, CLI <-> jobs wiring,
+the layers and the written contract (docs/architecture.md) against the code."""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import pkgutil
 import re
 import subprocess
 import sys
@@ -9,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sdsg_ray.cli import COMMANDS, build_parser, config_from_args
+from jobs.cli import COMMANDS, build_parser, config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,28 +113,30 @@ def test_this_environment_holds_the_locked_versions_of_the_direct_dependencies()
 
 
 def test_every_command_and_job_module_resolves_to_a_function():
-    from sdsg_ray.stages import STAGES
-
-    for name, command in COMMANDS.items():
-        assert callable(command.run()), name
-    assert all(callable(stage) for stage in STAGES.values()) and set(STAGES) <= set(COMMANDS)
+    assert all(callable(command.run) for command in COMMANDS.values())
     for job in sorted((REPO / "jobs").glob("*.py")):
-        if job.stem == "__init__":
+        if job.stem in ("__init__", "cli"):
             continue
         text = job.read_text()
         (name,) = re.findall(r'main\(\["([a-z-]+)"', text)
         assert name in COMMANDS, f"{job.name} calls unknown command {name}"
 
 
-def test_the_library_calls_functions_not_strings_and_never_imports_the_cli():
-    """One way to reach a stage: the function itself (sdsg_ray.stages); only jobs/ wrap the CLI."""
-    for path in [*(REPO / "sdsg_ray").rglob("*.py"), *(REPO / "serve_app").glob("*.py")]:
+def test_the_library_calls_functions_not_strings():
+    """One way to reach a stage: the function itself (the command table in jobs/cli.py)."""
+    for path in [*(REPO / "sdsg_ray").rglob("*.py"), *(REPO / "serve_app").glob("*.py"), *(REPO / "jobs").glob("*.py")]:
         text = path.read_text()
         assert "import_module" not in text, path
         assert "ray.serve._private" not in text, path
         assert "import s3fs" not in text, path
-        if path.name not in ("cli.py", "__main__.py"):  # the command line and `python -m sdsg_ray`
-            assert not re.search(r"^\s*(from sdsg_ray\.cli|import sdsg_ray\.cli)", text, re.M), path
+
+
+def test_help_does_not_import_torch_or_ray():
+    """The command table defers its stages (torch, Ray): `sdsg --help` and a subcommand's --help answer at once."""
+    probe = ("import sys; from jobs.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_flags_override_set_which_overrides_yaml(tmp_path):
@@ -156,7 +162,7 @@ def test_flags_override_set_which_overrides_yaml(tmp_path):
 )
 def test_bad_cli_values_exit_2_naming_the_field(argv, field):
     proc = subprocess.run(
-        [sys.executable, "-m", "sdsg_ray.cli", *argv], capture_output=True, text=True, cwd=REPO, timeout=120
+        [sys.executable, "-m", "jobs.cli", *argv], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert proc.returncode == 2
     assert field in proc.stderr, proc.stderr
@@ -183,3 +189,177 @@ def test_no_test_or_script_finds_processes_by_name_across_the_machine():
             found += [f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
                       for m in machine_wide.finditer(text)]
     assert not found, found
+
+
+# ----- layers: foundation < pure < artifacts & I/O < stages < app; no cycles -------------------------
+
+FOUNDATION, PURE, ARTIFACTS, STAGES, APP = range(5)
+LAYERS = {
+    "sdsg_ray": FOUNDATION, "sdsg_ray.errors": FOUNDATION, "sdsg_ray.registry": FOUNDATION,
+    "sdsg_ray.perceptual": FOUNDATION, "sdsg_ray.config": PURE,
+    "sdsg_ray.models": PURE, "sdsg_ray.models.networks": PURE, "sdsg_ray.training.losses": PURE,
+    "sdsg_ray.filtering.selection": PURE, "sdsg_ray.distances": PURE, "sdsg_ray.diagnostics": ARTIFACTS,
+    "sdsg_ray.truncation": PURE, "sdsg_ray.truncation.assign": PURE, "sdsg_ray.truncation.modes": PURE,
+    "sdsg_ray.storage": ARTIFACTS, "sdsg_ray.shards": ARTIFACTS, "sdsg_ray.manifest": ARTIFACTS,
+    "sdsg_ray.imaging": ARTIFACTS, "sdsg_ray.pretrained": ARTIFACTS, "sdsg_ray.figures": ARTIFACTS,
+    "sdsg_ray.ray_utils": ARTIFACTS, "sdsg_ray.nvidia_pickle": ARTIFACTS, "sdsg_ray.artifacts": ARTIFACTS,
+    **{f"sdsg_ray.artifacts.{name}": ARTIFACTS for name in (
+        "base", "checkpoint", "clusters", "dataset", "evaluation", "generated", "json_file", "layout", "report",
+        "score_writer", "scores", "selection")},
+    "sdsg_ray.dataset": STAGES, "sdsg_ray.dataset.synthetic": STAGES, "sdsg_ray.training": STAGES,
+    "sdsg_ray.training.loop": STAGES, "sdsg_ray.training.data": STAGES, "sdsg_ray.distributed": STAGES,
+    "sdsg_ray.distributed.train": STAGES, "sdsg_ray.filtering": STAGES,
+    **{f"sdsg_ray.filtering.{name}": STAGES for name in ("score", "scorer", "select", "decode", "curation_page")},
+    **{f"sdsg_ray.truncation.{name}": STAGES for name in ("clusters", "sampler", "generate", "learned")},
+    "sdsg_ray.evaluation": STAGES,
+    **{f"sdsg_ray.evaluation.{name}": STAGES for name in ("evaluate", "features", "report", "truncation_curves")},
+    "sdsg_ray.export": STAGES, "sdsg_ray.ingest": STAGES,
+    **{f"sdsg_ray.ingest.{name}": STAGES for name in ("download", "policy", "run", "urls")},
+    "sdsg_ray.pipeline": STAGES, "sdsg_ray.demo": STAGES,
+    "jobs": APP, **{f"jobs.{path.stem}": APP for path in (REPO / "jobs").glob("*.py") if path.stem != "__init__"},
+    "serve_app": APP, "serve_app.app": APP, "serve_app.deployments": APP, "serve_app.schemas": APP,
+}
+
+
+def project_modules() -> dict[str, Path]:
+    """Dotted name -> file of every module of sdsg_ray, serve_app and jobs (a package as its __init__)."""
+    modules = {}
+    for package in ("sdsg_ray", "serve_app", "jobs"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_modules(path: Path, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """The project modules ``path`` imports: (at module level, anywhere incl. function bodies). ``from a
+    import b`` counts as ``a.b`` when that is a module; imports under ``if TYPE_CHECKING`` do not run."""
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                 for n in ast.walk(node)}
+    top_level = {id(n) for stmt in tree.body for n in ast.walk(stmt)
+                 if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    top_level |= {id(n) for cls in tree.body if isinstance(cls, ast.ClassDef) for stmt in cls.body
+                  if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(stmt)}
+    module_level, anywhere = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                     for a in node.names]
+        else:
+            continue
+        names = [n for n in names if n.split(".")[0] in ("sdsg_ray", "serve_app", "jobs")]
+        if id(node) in type_only:
+            continue
+        anywhere.update(names)
+        if id(node) in top_level:
+            module_level.update(names)
+    return module_level, anywhere
+
+
+# The one import that points up, inside a function: a metric entry builds its torch network only when asked,
+# so that the config (which validates metric names against the registry) imports no torch.
+DEFERRED_FOR_TORCH = {("sdsg_ray.perceptual", "sdsg_ray.pretrained")}
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_layer_or_below():
+    modules = project_modules()
+    assert not sorted(set(modules) - set(LAYERS)), "modules without a layer in tests/test_project.py::LAYERS"
+    assert not sorted(set(LAYERS) - set(modules)), "stale rows in LAYERS"
+    upward = []
+    for name, path in modules.items():
+        _, anywhere = imported_modules(path, modules)
+        for target in anywhere:
+            if name.startswith("sdsg_ray") and target.split(".")[0] in ("serve_app", "jobs"):
+                upward.append(f"{name} imports the app {target}")
+            elif (LAYERS.get(target, LAYERS.get(target.rsplit(".", 1)[0], APP)) > LAYERS[name]
+                  and (name, target) not in DEFERRED_FOR_TORCH):
+                upward.append(f"{name} (layer {LAYERS[name]}) imports {target} (layer {LAYERS.get(target)})")
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_the_module_level_import_graph_has_no_cycles():
+    modules = project_modules()
+    graph = {name: {t for t in imported_modules(path, modules)[0] if t in modules} for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return path + [node, target]
+            if target not in state and (cycle := visit(target, path + [node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state:
+            cycle = visit(name, [])
+            assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]):])
+
+
+# ----- the written contract: artifact handles, their files, docs/architecture.md ---------------------
+
+
+def artifact_handles() -> dict[str, type]:
+    """Class name -> every Artifact subclass defined in sdsg_ray.artifacts."""
+    import sdsg_ray.artifacts
+    from sdsg_ray.artifacts.base import Artifact
+
+    handles = {}
+    for info in pkgutil.iter_modules(sdsg_ray.artifacts.__path__):
+        module = importlib.import_module(f"sdsg_ray.artifacts.{info.name}")
+        handles.update({name: value for name, value in vars(module).items() if isinstance(value, type)
+                        and issubclass(value, Artifact) and value is not Artifact and value.__module__ == module.__name__})
+    return handles
+
+
+# Besides sdsg_ray/artifacts/, the low-level codecs that define their own file layout may spell names.
+CODECS = {"sdsg_ray/storage.py", "sdsg_ray/manifest.py", "sdsg_ray/shards.py"}
+# Names that only look like an artifact's: (file, string) -> what it is.
+NOT_ARTIFACTS = {("serve_app/deployments.py", "index.html"): "the Serve app's own page (package data), not Report.index"}
+
+
+def test_artifact_file_names_are_spelled_only_in_the_artifacts_layer():
+    """A string constant naming an artifact's file (``"kept.parquet"``, ``f"{out}/inference.pt"``) or ending a
+    path in one of its directories (``"runs/stage1"``) outside sdsg_ray/artifacts/ is a second spelling.
+    HTTP routes (``"/v1/clusters"``) are not storage paths."""
+    members = {m.name for handle in artifact_handles().values() for m in handle.members().values()}
+    files = {name for name in members if "." in name.rsplit("/", 1)[-1]}
+    found = []
+    for folder in ("sdsg_ray", "serve_app", "jobs"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            if rel.startswith("sdsg_ray/artifacts/") or rel in CODECS:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or node.value.startswith("/")
+                        or (rel, node.value) in NOT_ARTIFACTS):
+                    continue
+                hits = [name for name in members if node.value.endswith("/" + name)
+                        or (name in files and node.value == name)]
+                found += [f"{rel}:{node.lineno}: {node.value!r} spells {name}" for name in hits]
+    assert not found, "\n".join(found)
+
+
+def documented_members() -> set[tuple[str, str, str]]:
+    """(handle, member, file) rows of docs/architecture.md's artifact-member table."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    table = re.search(r"\| handle \| member \| file \| what it holds \|\n\|[-| ]+\|\n((?:\|.*\|\n)+)", text)
+    assert table, "docs/architecture.md needs the table '| handle | member | file | what it holds |'"
+    rows = set()
+    for line in table.group(1).splitlines():
+        handle, member, file = (cell.strip().strip("`") for cell in line.strip("|").split("|")[:3])
+        rows.add((handle, member, file))
+    return rows
+
+
+def test_the_architecture_table_lists_every_artifact_member():
+    code = {(handle, attr, m.name) for handle, cls in artifact_handles().items()
+            for attr, m in cls.members().items()}
+    documented = documented_members()
+    assert not sorted(code - documented), "members missing from docs/architecture.md's artifact table"
+    assert not sorted(documented - code), "stale rows in docs/architecture.md's artifact table"

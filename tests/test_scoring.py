@@ -23,7 +23,7 @@ from PIL import Image
 from sdsg_ray.artifacts.checkpoint import export_inference
 from sdsg_ray.config import ModelConfig, load_config
 from sdsg_ray.filtering.score import footer_actors, run_scoring
-from sdsg_ray.artifacts.scores import iter_score_batches, score_shard_uri
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, SCORE_COLUMNS, iter_score_batches, score_shard_uri
 from sdsg_ray.filtering.select import run_selection
 from sdsg_ray.models.networks import build_networks
 from sdsg_ray.storage import get_storage, join
@@ -73,7 +73,7 @@ def score_config(**score):
 def read_scores(out: str) -> dict[str, dict]:
     """key -> row of every score shard under out; asserts each key appears once."""
     rows: dict[str, dict] = {}
-    cols = ["key", "status", "error", "d_lpips", "d_l1", "feat_real", "feat_recon"]
+    cols = list(SCORE_COLUMNS)
     for batch in iter_score_batches(out, get_storage(), cols):
         for i, key in enumerate(batch["key"]):
             assert key not in rows, f"{key} scored twice"
@@ -138,9 +138,9 @@ def test_scoring_on_gpu_nodes_records_corrupt_images(ray_cluster, corpus, refere
     for name in CORRUPT:
         row = rows[join(corpus["data"], name)]
         assert row["status"] == "error" and row["error"], name
-        assert np.isnan(row["d_lpips"]) and row["feat_real"] is None
+        assert np.isnan(row[SCORE_COLUMN]) and row["feat_real"] is None
     good = [r for r in rows.values() if r["status"] == "ok"]
-    assert all(np.isfinite(r["d_lpips"]) and r["d_lpips"] > 0 and r["error"] is None for r in good)
+    assert all(np.isfinite(r[SCORE_COLUMN]) and r[SCORE_COLUMN] > 0 and r["error"] is None for r in good)
     assert len({r["feat_real"].shape for r in good}) == 1
     # read_parquet's footer-reader pool is sized to the 4 manifest shards (Ray's default: 32 processes).
     assert 0 < reference["footer_readers"] <= footer_actors(summary["shards"]), reference["footer_readers"]
@@ -164,7 +164,8 @@ def test_rerun_after_crash_is_exactly_once(ray_cluster, corpus, reference, tmp_p
         """
         import json, os, signal, sys
         from sdsg_ray.config import load_config
-        from sdsg_ray.filtering import score, writer
+        from sdsg_ray.artifacts import score_writer as writer
+        from sdsg_ray.filtering import score
 
         write = writer.ShardAssembler._write
         def write_then_die(self, shard_id):
@@ -202,7 +203,7 @@ def test_rerun_after_crash_is_exactly_once(ray_cluster, corpus, reference, tmp_p
         ref = expected[key]
         assert row["status"] == ref["status"], key
         if row["status"] == "ok":
-            np.testing.assert_allclose(row["d_lpips"], ref["d_lpips"], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(row[SCORE_COLUMN], ref[SCORE_COLUMN], rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(row["d_l1"], ref["d_l1"], rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(row["feat_real"], ref["feat_real"], rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(row["feat_recon"], ref["feat_recon"], rtol=1e-4, atol=1e-5)
@@ -235,7 +236,7 @@ def test_select_from_s3_scores(ray_cluster, corpus, reference) -> None:
     storage = get_storage()
     fs, path = storage.arrow_filesystem(join(out, "kept.parquet"))
     kept = pq.read_table(path, filesystem=fs).column("key").to_pylist()
-    ok = {k: r["d_lpips"] for k, r in reference["rows"].items() if r["status"] == "ok"}
+    ok = {k: r[SCORE_COLUMN] for k, r in reference["rows"].items() if r["status"] == "ok"}
     assert len(kept) == report["size_kept"] >= 20 and set(kept) <= ok.keys()
     assert sorted(kept) == sorted(k for k, d in ok.items() if d <= report["theta"])
     assert report["size_raw"] == N_GOOD and report["failed"] == len(CORRUPT)
@@ -258,7 +259,8 @@ def test_planted_outliers_score_high_after_stage1_training(ray_cluster, tmp_path
     """
     from sklearn.metrics import roc_auc_score
 
-    from sdsg_ray.dataset.synthetic import make_dataset, read_labels
+    from sdsg_ray.artifacts.dataset import read_labels
+    from sdsg_ray.dataset.synthetic import make_dataset
     from sdsg_ray.distributed.train import run_training
 
     storage = get_storage()
@@ -273,9 +275,9 @@ def test_planted_outliers_score_high_after_stage1_training(ray_cluster, tmp_path
     labels = read_labels(dataset, storage)
     assert {r["key"] for r in labels} == scores.keys()
     y = np.array([r["is_outlier"] for r in labels])
-    d = np.array([scores[r["key"]]["d_lpips"] for r in labels])
+    d = np.array([scores[r["key"]][SCORE_COLUMN] for r in labels])
     auroc = roc_auc_score(y, d)
-    print(f"AUROC of d_lpips for {y.sum()} planted outliers among {len(y)} images: {auroc:.3f}")
+    print(f"AUROC of d(x) for {y.sum()} planted outliers among {len(y)} images: {auroc:.3f}")
     n_out, n_in = int(y.sum()), int(len(y) - y.sum())
     null_std = np.sqrt((n_out + n_in + 1) / (12 * n_out * n_in))
     assert auroc > 0.5 + 2 * null_std, f"AUROC {auroc:.3f} is within two null standard errors of chance"
@@ -293,7 +295,7 @@ def test_the_score_writer_stores_a_row_once_even_when_it_arrives_late(tmp_path) 
         feats[:] = [np.full(2, d, np.float32) for _ in range(n)]
         return {"shard": np.full(n, shard), "key": np.array(keys, dtype=object),
                 "status": np.array(["ok"] * n, dtype=object), "error": np.array([""] * n, dtype=object),
-                "d_lpips": np.full(n, d, np.float32), "d_l1": np.full(n, d, np.float32),
+                SCORE_COLUMN: np.full(n, d, np.float32), "d_l1": np.full(n, d, np.float32),
                 "feat_real": feats, "feat_recon": feats}
 
     storage = get_storage()

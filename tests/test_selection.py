@@ -8,18 +8,12 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from cleanfid.fid import frechet_distance
 
 from sdsg_ray.config import load_config
-from sdsg_ray.filtering.selection import (
-    BinnedMoments,
-    CurvePoint,
-    DistanceToReference,
-    apply_rule,
-    mean_cov,
-    threshold_grid,
-)
-from sdsg_ray.artifacts.scores import SUMMARY_FILE
+from sdsg_ray.distances import DistanceToReference, frechet_distance
+from sdsg_ray.filtering.selection import BinnedMoments, CurvePoint, apply_rule, mean_cov, threshold_grid
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, SUMMARY_FILE
+from sdsg_ray.artifacts.selection import EXAMPLE_SCORE_KEY
 from sdsg_ray.filtering.select import run_selection
 from sdsg_ray.artifacts.score_writer import ShardAssembler
 from sdsg_ray.storage import get_storage, join
@@ -116,7 +110,7 @@ def write_fake_scores(out: str, n_in: int, n_out: int, dim: int, recon_shrink: f
         "shard": np.arange(len(keys)) % 3,
         "status": status,
         "error": np.array([""] * n + ["corrupt"] * 2, object),
-        "d_lpips": np.concatenate([d, [np.nan, np.nan]]).astype(np.float32),
+        SCORE_COLUMN: np.concatenate([d, [np.nan, np.nan]]).astype(np.float32),
         "d_l1": np.concatenate([d / 2, [np.nan, np.nan]]).astype(np.float32),
         "feat_real": np.concatenate([feat, nan]),
         "feat_recon": np.concatenate([recon, nan]),
@@ -161,8 +155,8 @@ def test_run_selection_reaches_target_and_writes_outputs(tmp_path) -> None:
     for name in ("histogram.png", "fid_vs_threshold.png"):
         assert (tmp_path / "selection" / name).read_bytes()[:4] == b"\x89PNG"
     assert report["best_worst"].startswith("skipped")  # the fake summary names a missing checkpoint
-    assert report["best"][0]["d_lpips"] == pytest.approx(float(fake["d"].min()))
-    assert report["worst"][0]["d_lpips"] == pytest.approx(float(fake["d"].max()))
+    assert report["best"][0][EXAMPLE_SCORE_KEY] == pytest.approx(float(fake["d"].min()))
+    assert report["worst"][0][EXAMPLE_SCORE_KEY] == pytest.approx(float(fake["d"].max()))
 
 
 def test_scores_that_name_no_checkpoint_still_select(tmp_path) -> None:

@@ -17,7 +17,9 @@ from test_truncation import METRIC, make_tiny_model
 
 from sdsg_ray.artifacts.checkpoint import load_inference
 from sdsg_ray.config import load_config
-from sdsg_ray.truncation import Sampler, SampleSpec, load_clusters
+from sdsg_ray.artifacts.clusters import load_clusters
+from sdsg_ray.truncation.modes import SampleSpec
+from sdsg_ray.truncation.sampler import Sampler
 
 LOAD_S = 8.0
 

@@ -100,9 +100,9 @@ def test_arrow_filesystem_lists_same_keys(root, storage):
 
 def test_storage_pickles_and_works_after(root, storage):
     storage.write_bytes(join(root, "p.bin"), b"1")
-    _ = storage.s3.client  # build the client, then make sure pickling drops it
+    _ = storage.store("s3://b").client  # build the client, then make sure pickling drops it
     clone = pickle.loads(pickle.dumps(storage))
-    assert clone.s3._client is None
+    assert clone.store("s3://b")._client is None
     assert clone.read_bytes(join(root, "p.bin")) == b"1"
 
 
@@ -141,13 +141,13 @@ def test_wrong_credentials_is_storage_error_without_secret(monkeypatch):
 
 def test_endpoint_precedence(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:9000")
-    assert Storage().endpoint_url == "http://env:9000"
-    assert Storage(StorageConfig(endpoint_url="http://cfg:9000")).endpoint_url == "http://cfg:9000"
+    assert Storage().store("s3://b").endpoint_url == "http://env:9000"
+    assert Storage(StorageConfig(endpoint_url="http://cfg:9000")).store("s3://b").endpoint_url == "http://cfg:9000"
     fs, path = Storage(StorageConfig(endpoint_url="http://cfg:9000")).arrow_filesystem("s3://b/k/")
     assert isinstance(fs, pyarrow.fs.PyFileSystem) and path == "b/k"
     assert fs.handler.store.endpoint_url == "http://cfg:9000"
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    assert Storage().endpoint_url is None
+    assert Storage().store("s3://b").endpoint_url is None
 
 
 def test_uri_helpers(tmp_path):
@@ -158,6 +158,14 @@ def test_uri_helpers(tmp_path):
     with pytest.raises(StorageError, match="gs://"):
         normalize("gs://b/k")
 
+
+
+def test_relative_link_within_one_namespace_only(tmp_path):
+    storage = Storage()
+    assert storage.relative_link(str(tmp_path / "sel" / "curation.html"), f"file://{tmp_path}/report") == "../sel/curation.html"
+    assert storage.relative_link("s3://b/sel/curation.html", "s3://b/report") == "../sel/curation.html"
+    assert storage.relative_link("s3://other/curation.html", "s3://b/report") == "s3://other/curation.html"
+    assert storage.relative_link("s3://b/curation.html", str(tmp_path)) == "s3://b/curation.html"
 
 # ----- manifests (same local/S3 parametrisation) -------------------------------------------------
 def test_manifest_roundtrip_and_resolve(root, storage):
@@ -252,7 +260,7 @@ def test_s3_objects_carry_the_content_type_of_their_name(s3_bucket, storage):
     kinds = {}
     for name in ("curation.html", "sprite.jpg", "scores.unknownext"):
         bucket, key = split_s3(join(s3_bucket, "site", name))
-        kinds[name] = storage.s3.client.head_object(Bucket=bucket, Key=key)["ContentType"]
+        kinds[name] = storage.store(s3_bucket).client.head_object(Bucket=bucket, Key=key)["ContentType"]
     assert kinds["curation.html"] == "text/html"
     assert kinds["sprite.jpg"] == "image/jpeg"
     assert kinds["scores.unknownext"] == "binary/octet-stream"  # S3's default where the name says nothing

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdsg_ray.artifacts.scores import SCORE_COLUMN
 from sdsg_ray.config import load_config
 from sdsg_ray.storage import get_storage
 from sdsg_ray.training.losses import ema_beta
@@ -132,7 +133,7 @@ def test_scorer_uses_the_configured_pair(tmp_path):
     features = lambda x: np.zeros((x.shape[0], 2), np.float32)  # noqa: E731
     metric = lambda a, b: (a - b).abs().flatten(1).mean(1)  # noqa: E731
     images = np.asarray(_batch(3), np.uint8)
-    d = {pair: ReconstructionScorer(bundle, metric, features, torch.device("cpu"), pair=pair)(images)["d_lpips"]
+    d = {pair: ReconstructionScorer(bundle, metric, features, torch.device("cpu"), pair=pair)(images)[SCORE_COLUMN]
          for pair in ("ema", "live")}
     scorer = ReconstructionScorer(bundle, metric, features, torch.device("cpu"), pair="live")
     assert scorer.G is bundle.G and scorer.E is bundle.E
@@ -181,7 +182,8 @@ def test_mean_truncation_uses_the_clusters_w_mean_when_present(tmp_path):
     from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.models.networks import build_generator
-    from sdsg_ray.truncation.clusters import ClusterSet, fit_centers, load_clusters, map_latents, save_clusters
+    from sdsg_ray.artifacts.clusters import ClusterSet, load_clusters, save_clusters
+    from sdsg_ray.truncation.clusters import fit_centers, map_latents
     from sdsg_ray.truncation.sampler import Sampler
 
     model = ModelConfig(resolution=16, channel_max=32, z_dim=32, w_dim=32)

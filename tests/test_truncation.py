@@ -18,21 +18,17 @@ from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
 from sdsg_ray.config import ModelConfig
 from sdsg_ray.models.networks import build_generator
 from sdsg_ray.storage import get_storage
-from sdsg_ray.truncation import Sampler, SampleSpec, load_clusters
+from sdsg_ray.artifacts.clusters import load_clusters
+from sdsg_ray.truncation.modes import SampleSpec
+from sdsg_ray.truncation.sampler import Sampler
 from sdsg_ray.truncation.assign import PassRows, render
 
 METRIC = "stlpips-alex"
 N_CLUSTERS = 6
 
 
-def make_tiny_model(root: Path, clusters: int = N_CLUSTERS, n_latents: int = 600) -> tuple[str, str]:
-    """A random-weight 32 px G exported as inference.pt, and its clusters fitted via `sdsg cluster`
-    (with the learned-assignment classifier, fitted on the n_latents mapped w).
-
-    Returns (checkpoint URI, clusters URI). w_avg is set to the mean mapped w, as training would.
-    """
-    from sdsg_ray.cli import main
-
+def make_tiny_checkpoint(root: Path) -> str:
+    """A random-weight 32 px G exported as inference.pt (w_avg the mean mapped w, as training would set it)."""
     torch.manual_seed(0)
     model = ModelConfig(resolution=32)
     G = build_generator(model).eval()
@@ -40,6 +36,15 @@ def make_tiny_model(root: Path, clusters: int = N_CLUSTERS, n_latents: int = 600
         G.mapping.w_avg.copy_(G.mapping(torch.randn(2000, model.z_dim)).mean(0))
     ckpt = str(root / "ckpt")
     export_inference(G, None, model, {"stage": "test"}, ckpt, get_storage())
+    return ckpt
+
+
+def make_tiny_model(root: Path, clusters: int = N_CLUSTERS, n_latents: int = 600) -> tuple[str, str]:
+    """:func:`make_tiny_checkpoint` and its clusters fitted via `sdsg cluster` (with the learned-assignment
+    classifier, fitted on the n_latents mapped w). Returns (checkpoint URI, clusters URI)."""
+    from jobs.cli import main
+
+    ckpt = make_tiny_checkpoint(root)
     out = str(root / "clusters")
     argv = ["cluster", "--checkpoint", ckpt, "--out", out, "--n-latents", str(n_latents),
             "--clusters", str(clusters), "--seed", "3", "--set", f"cluster.metric={METRIC}",
@@ -189,7 +194,7 @@ def test_center_grid_and_mismatched_clusters(sampler, tiny):
 
 
 def test_classifier_is_saved_with_the_centers_and_loads_weights_only(tiny, tmp_path):
-    from sdsg_ray.truncation.clusters import ClusterSet, save_clusters
+    from sdsg_ray.artifacts.clusters import ClusterSet, save_clusters
     from sdsg_ray.truncation.learned import CenterClassifier
 
     ckpt, out = tiny

@@ -24,7 +24,7 @@ from sdsg_ray.artifacts.base import Artifact, Member
 from sdsg_ray.config import ModelConfig
 from sdsg_ray.errors import UserError
 from sdsg_ray.models.networks import Discriminator, Encoder, Generator, build_discriminator, build_encoder, build_generator
-from sdsg_ray.storage import Storage, get_storage, join
+from sdsg_ray.storage import Storage, get_storage
 
 log = logging.getLogger(__name__)
 

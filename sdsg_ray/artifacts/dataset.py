@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 
 from sdsg_ray.artifacts.base import Artifact, Member
+from sdsg_ray.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -19,3 +22,11 @@ class SyntheticDataset(Artifact):
     def labels_of(cls, uri: str) -> str:
         """``uri`` itself if it names a .csv, else the labels file of the dataset directory ``uri``."""
         return uri if uri.endswith(".csv") else cls(uri).labels
+
+
+def read_labels(uri: str, storage: Storage) -> list[dict]:
+    """Rows of a dataset's labels (its directory or the file itself) with typed ``is_outlier``."""
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(SyntheticDataset.labels_of(uri)))))
+    for row in rows:
+        row["is_outlier"] = row["is_outlier"] == "1"
+    return rows

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdsg_ray.artifacts.base import Artifact, Member
-from sdsg_ray.artifacts.json_file import read_json, read_json_or_none, write_json
+from sdsg_ray.artifacts.json_file import read_json_or_none, write_json
 from sdsg_ray.storage import Storage
 
 
@@ -17,9 +17,6 @@ class EvaluationResults(Artifact):
     results = Member("results.json", "FD/KID per model, Fig. 7's curves, the outlier table, the controls")
     fig7 = Member("fid_vs_psi.png", "Fig. 7: distance to the data against ψ, one curve per truncation mode")
     fig4 = Member("truncation_grid.png", "Fig. 4: samples per truncation mode")
-
-    def read(self, storage: Storage) -> dict[str, Any]:
-        return read_json(self.results, storage, missing=f"is {self.uri} the --out of `sdsg evaluate`?")
 
     def read_or_none(self, storage: Storage) -> dict[str, Any] | None:
         return read_json_or_none(self.results, storage)

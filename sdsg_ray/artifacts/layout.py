@@ -1,18 +1,26 @@
-"""Where every artifact of one pipeline run lives, from its root alone."""
+"""Where every artifact of one pipeline run lives, from its root alone, and the config's paths it fills in.
+
+A stage's input and output paths are config fields (``train.out``, ``score.checkpoint`` ...) so that a flag
+can point a stage anywhere; left unset, each is a member of ``RunLayout(pipeline.root)``. :data:`PATH_DEFAULTS`
+is the one table of those defaults, so the standalone commands chain exactly as the pipeline does.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from sdsg_ray.artifacts.base import Artifact, Member
-from sdsg_ray.artifacts.checkpoint import ModelDir
 from sdsg_ray.artifacts.clusters import ClusterFile
 from sdsg_ray.artifacts.dataset import SyntheticDataset
 from sdsg_ray.artifacts.evaluation import EvaluationResults
+from sdsg_ray.artifacts.json_file import read_json_or_none
+from sdsg_ray.artifacts.checkpoint import ModelDir
 from sdsg_ray.artifacts.report import Report
 from sdsg_ray.artifacts.scores import ScoreSet
 from sdsg_ray.artifacts.selection import FilteredSet
-from sdsg_ray.storage import join
+from sdsg_ray.config import SDSGConfig
+from sdsg_ray.storage import Storage, join
 
 
 @dataclass(frozen=True)
@@ -36,3 +44,36 @@ class RunLayout(Artifact):
 
     def stage_marker(self, stage: str) -> str:
         return join(self.stages, f"{stage}.json")
+
+    def read_summary_or_none(self, storage: Storage) -> dict[str, Any] | None:
+        return read_json_or_none(self.summary, storage)
+
+
+# config field -> the member of RunLayout(pipeline.root) it defaults to (only while no config layer set it).
+PATH_DEFAULTS: dict[str, Callable[[RunLayout], str]] = {
+    "dataset.out": lambda run: run.dataset.uri,
+    "train.data": lambda run: run.dataset.images,
+    "train.out": lambda run: run.stage1.uri,
+    "score.data": lambda run: run.dataset.images,
+    "score.checkpoint": lambda run: run.stage1.uri,
+    "score.out": lambda run: run.scores.uri,
+    "select.scores": lambda run: run.scores.uri,
+    "select.out": lambda run: run.selection.uri,
+    "cluster.checkpoint": lambda run: run.stage2.uri,
+    "cluster.out": lambda run: run.clusters.uri,
+    "serve.checkpoint": lambda run: run.stage2.uri,
+    "serve.clusters": lambda run: run.clusters.uri,
+    "evaluate.out": lambda run: run.evaluation.uri,
+    "evaluate.data": lambda run: run.dataset.images,
+    "evaluate.checkpoint": lambda run: run.stage2.uri,
+    "evaluate.clusters": lambda run: run.clusters.uri,
+    "export.checkpoint": lambda run: run.stage2.uri,
+    "generate.checkpoint": lambda run: run.stage2.uri,
+}
+
+
+def with_layout_defaults(config: SDSGConfig) -> SDSGConfig:
+    """``config`` with every path field no layer set taken from ``RunLayout(pipeline.root)`` (marked as derived
+    in ``--print-config``); a path set explicitly, even to the derived value, stays the user's."""
+    run = RunLayout(config.pipeline.root.rstrip("/"))
+    return config.derive({field: uri(run) for field, uri in PATH_DEFAULTS.items() if not config.is_set(field)})

@@ -11,9 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, SCORE_COLUMNS, SCORE_SCHEMA, score_shard_uri
 from sdsg_ray.storage import Storage
-
-from sdsg_ray.artifacts.scores import SCORE_COLUMNS, SCORE_SCHEMA, score_shard_uri
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -52,7 +51,7 @@ class ShardAssembler:
                                  f"scoring (shards: {sorted(self.expected_rows)})")
             row = {name: batch[name][i] for name in SCORE_COLUMNS}
             if row["status"] != "ok":  # scores of an unreadable image are null, not NaN or zeros
-                row.update(d_lpips=None, d_l1=None, feat_real=None, feat_recon=None)
+                row.update({SCORE_COLUMN: None, "d_l1": None, "feat_real": None, "feat_recon": None})
             else:
                 row["error"] = None
             if row["key"] in self.pending[shard_id]:

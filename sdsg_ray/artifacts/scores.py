@@ -17,18 +17,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdsg_ray.artifacts.base import Artifact, Member
+from sdsg_ray.artifacts.json_file import write_json
+from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.manifest import MANIFEST_DIR
 from sdsg_ray.storage import ObjectNotFound, Storage, join
 
 SCORES_DIR = "scores"
 SUMMARY_FILE = "summary.json"
-SCORE_COLUMNS = ("key", "status", "error", "d_lpips", "d_l1", "feat_real", "feat_recon")
+# d(x) = metric(x, G(E(x))) under the run's perceptual metric (the summary's "metric" and "judge" name it)
+SCORE_COLUMN = "d"
+SCORE_COLUMNS = ("key", "status", "error", SCORE_COLUMN, "d_l1", "feat_real", "feat_recon")
 SCORE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
-        ("d_lpips", pa.float32()),
+        (SCORE_COLUMN, pa.float32()),
         ("d_l1", pa.float32()),
         ("feat_real", pa.list_(pa.float32())),
         ("feat_recon", pa.list_(pa.float32())),
@@ -61,7 +65,12 @@ def iter_score_batches(out: str, storage: Storage, columns: list[str], batch_row
         raise ObjectNotFound(f"{join(out, SCORES_DIR)}: no score shards (run `sdsg score --out {out}` first)")
     for uri in shard_uris:
         with storage.open_read(uri) as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+            shard = pq.ParquetFile(f)
+            missing = sorted(set(columns) - set(shard.schema_arrow.names))
+            if missing:  # e.g. the d(x) column of score sets written before it was named SCORE_COLUMN
+                raise InvalidRequest(f"{uri}: a score shard without the columns {missing} (it has "
+                                     f"{shard.schema_arrow.names}); score again into a new --out")
+            for record_batch in shard.iter_batches(batch_size=batch_rows, columns=columns):
                 yield {name: _to_numpy(record_batch.column(name)) for name in columns}
 
 
@@ -107,3 +116,6 @@ class ScoreSet(Artifact):
 
     def read_summary(self, storage: Storage) -> dict:
         return read_summary(self.uri, storage)
+
+    def write_summary(self, summary: dict, storage: Storage) -> str:
+        return write_json(self.summary, summary, storage)

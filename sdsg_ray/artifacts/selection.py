@@ -7,7 +7,10 @@ from typing import Any
 
 from sdsg_ray.artifacts.base import Artifact, Member
 from sdsg_ray.artifacts.json_file import read_json, read_json_or_none, write_json
-from sdsg_ray.storage import Storage
+from sdsg_ray.storage import Storage, join
+
+# report.json's best/worst rows give d(x) under this key (the name predates other metrics; kept for its readers)
+EXAMPLE_SCORE_KEY = "d_lpips"
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,10 @@ class FilteredSet(Artifact):
     examples_figure = Member("best_worst.png", "best and worst reconstructions")
     curation_page = Member("curation.html", "the static curation page (θ slider, x beside G(E(x)))")
     curation_assets = Member("curation", "the curation page's sprites")
+
+    def asset(self, name: str) -> str:
+        """A file of the curation page's assets (its sprites), by its name inside ``curation_assets``."""
+        return join(self.curation_assets, name)
 
     def read_report(self, storage: Storage) -> dict[str, Any]:
         return read_json(self.report, storage, missing=f"is {self.uri} the --out of `sdsg select`?")

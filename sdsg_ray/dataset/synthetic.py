@@ -7,7 +7,7 @@ minutes on a CPU.
 
 Outliers are what a keyword scrape also returns, drawn ON THE SAME backgrounds WITH THE SAME palettes,
 as smooth filled shapes at the bird's size, so that they differ from the birds in CONTENT, not in image
-statistics (every trivial detector of ``sdsg_ray.evaluation.controls`` stays <= 0.70 AUROC overall; a test
+statistics (every trivial detector of ``sdsg_ray.diagnostics`` stays <= 0.70 AUROC overall; a test
 checks it):
 - ``animal``: another subject (a four-legged animal, side view);
 - ``person``: a person standing, front view;
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import time
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from sdsg_ray.artifacts.dataset import SyntheticDataset
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.imaging import encode_png, image_grid
 from sdsg_ray.storage import Storage, join, normalize
@@ -499,7 +499,8 @@ def make_dataset(
     if not kinds or unknown:
         raise ValueError(f"make_dataset: unknown outlier kinds {sorted(unknown)}; known: {sorted(OUTLIER_DRAW)}")
     items = plan(n, outlier_fraction, seed, tuple(kinds))
-    keys = {item.index: join(out, "images", f"{item.index:06d}{item.suffix}") for item in items}
+    dataset = SyntheticDataset(out)
+    keys = {item.index: join(dataset.images, f"{item.index:06d}{item.suffix}") for item in items}
     preview_indices = set()
     for group in [[i for i in items if i.mode == m] for m in MODES] + [[i for i in items if i.kind == k] for k in kinds]:
         preview_indices.update(i.index for i in group[:8])
@@ -519,7 +520,7 @@ def make_dataset(
     writer.writerow(LABEL_COLUMNS)
     for item in items:
         writer.writerow([keys[item.index], int(item.is_outlier), item.kind, item.mode])
-    labels_uri, preview_uri = join(out, "labels.csv"), join(out, "preview.png")
+    labels_uri, preview_uri = dataset.labels, dataset.preview
     storage.write_text(labels_uri, text.getvalue())
     storage.write_bytes(preview_uri, encode_png(_preview(items, kept)))
 
@@ -537,16 +538,6 @@ def make_dataset(
     }
     log.info("wrote %d images (%d outliers) to %s in %.1fs", n, summary["outliers"], out, summary["seconds"])
     return summary
-
-
-def read_labels(uri: str, storage: Storage) -> list[dict]:
-    """Rows of a ``labels.csv`` (a dataset directory or the file itself) with typed ``is_outlier``."""
-    if not uri.endswith(".csv"):
-        uri = join(uri, "labels.csv")
-    rows = list(csv.DictReader(io.StringIO(storage.read_text(uri))))
-    for row in rows:
-        row["is_outlier"] = row["is_outlier"] == "1"
-    return rows
 
 
 def run_make_dataset(config: SDSGConfig) -> dict:

@@ -15,11 +15,18 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import ray.train
+import ray.train.torch
 import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
+from sdsg_ray.artifacts.checkpoint import ModelDir
 from sdsg_ray.config import SDSGConfig
+from sdsg_ray.manifest import is_manifest, list_images
 from sdsg_ray.ray_utils import ensure_ray, worker_env
 from sdsg_ray.storage import ObjectNotFound, get_storage, join, normalize
+from sdsg_ray.training.loop import run_loop, with_checkpoint_model
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +45,6 @@ def _absolute_uris(config: SDSGConfig) -> SDSGConfig:
 
 def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """The per-worker function: resume from Ray's latest checkpoint, then the library loop."""
-    import ray.train
-    import ray.train.torch
-
-    from sdsg_ray.training.loop import run_loop
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = SDSGConfig.model_validate(loop_config["config"])
@@ -78,8 +80,6 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 def _check_data(config: SDSGConfig) -> None:
     """Fail on the driver, before any worker starts, when train.data holds nothing to train on (one HEAD
     request for a manifest, the first page of a listing otherwise)."""
-    from sdsg_ray.manifest import is_manifest, list_images
-
     storage = get_storage(config.storage)
     data = config.train.data
     if not is_manifest(data, storage) and next(iter(list_images(data, storage)), None) is None:
@@ -88,9 +88,6 @@ def _check_data(config: SDSGConfig) -> None:
 
 def build_trainer(config: SDSGConfig):
     """The TorchTrainer for ``config`` (exposed so tests and tools can inspect it)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     tc = config.train
     use_gpu = tc.gpus_per_worker > 0
     resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
@@ -116,8 +113,6 @@ def build_trainer(config: SDSGConfig):
 
 def run_training(config: SDSGConfig) -> dict[str, Any]:
     """``sdsg train``: fit (or resume) the run under ``train.out``; returns its summary."""
-    from sdsg_ray.training.loop import with_checkpoint_model
-
     config = with_checkpoint_model(_absolute_uris(config))  # fails here, before Ray starts, on a bad checkpoint
     _check_data(config)
     ensure_ray(config.storage)
@@ -131,7 +126,7 @@ def run_training(config: SDSGConfig) -> dict[str, Any]:
         raise result.error
     summary = dict(result.return_value or {})
     summary.setdefault("out", tc.out)
-    summary.setdefault("inference", join(tc.out, "inference.pt"))
+    summary.setdefault("inference", ModelDir(tc.out).inference)
     # As a URI of the project's storage (Ray gives a path inside its filesystem, no s3:// scheme).
     checkpoint = result.checkpoint
     summary["checkpoint"] = join(tc.out, RUN_NAME, Path(checkpoint.path).name) if checkpoint is not None else None

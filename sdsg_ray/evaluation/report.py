@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
-import os
-import posixpath
 from typing import Any, Sequence
 
-from sdsg_ray.evaluation.evaluate import KID_BLOCKS
-from sdsg_ray.filtering.curation_page import PAGE_FILE as CURATION_PAGE
+from sdsg_ray.artifacts.layout import RunLayout
+from sdsg_ray.artifacts.report import Report
+from sdsg_ray.artifacts.selection import FilteredSet
+from sdsg_ray.distances import KID_BLOCKS
 from sdsg_ray.storage import Storage, get_storage, join
+from sdsg_ray.truncation.modes import fig7_curves
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "index.html"
 OUTLIER_AUROC_TARGET = 0.90  # issue 15: the demo dataset at the demo's stage-1 length
 UNTRAINED_MARGIN = 0.25  # ... and at least this far above the untrained-network control
 TRIVIAL_MAX = 0.70  # every trivial detector's max(AUROC, 1 - AUROC) on the demo dataset
-
-
-def _load_json(storage: Storage, uri: str) -> dict | None:
-    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
 
 
 def _fmt(value: Any) -> str:
@@ -103,11 +98,12 @@ def _claims_section(results: dict) -> str:
                              f"[{diff['low']:.3g}, {diff['high']:.3g}] ({diff['interval']}); holds only if "
                              f"the interval lies below 0", diff["holds"]))
     curve = results["truncation"]
-    if "mean" in curve and "multimodal" in curve:
-        below = [p for p, m, g in zip(curve["psis"], curve["multimodal"]["fd"], curve["mean"]["fd"]) if p < 1 and m < g]
-        points = [p for p in curve["psis"] if p < 1]
-        rows.append(("Fig. 7: multi-modal truncation beats mean truncation at every ψ < 1",
-                     f"better at ψ in {below} of {points}", len(below) == len(points) and bool(points)))
+    for line in fig7_curves():  # each registered curve that claims to beat another, where both were drawn
+        if line.beats and line.name in curve and line.beats in curve:
+            below = [p for p, m, g in zip(curve["psis"], curve[line.name]["fd"], curve[line.beats]["fd"])
+                     if p < 1 and m < g]
+            points = [p for p in curve["psis"] if p < 1]
+            rows.append((line.claim, f"better at ψ in {below} of {points}", len(below) == len(points) and bool(points)))
     out = results.get("outliers")
     if out and out["outlier_fraction_kept"] is not None:
         rows.append(("Self-filtering removes outliers: fewer of them in Y than in X",
@@ -139,33 +135,20 @@ def _claims_section(results: dict) -> str:
 def _truncation_section(results: dict, storage: Storage, eval_uri: str) -> str:
     curve = results["truncation"]
     fd = results["labels"]["fd"]
-    modes = [m for m in ("mean", "multimodal", "multimodal_learned") if m in curve]
+    modes = [line.name for line in fig7_curves() if line.name in curve]
     rows = [[psi] + [curve[m]["fd"][i] for m in modes] for i, psi in enumerate(curve["psis"])]
     return ("<h2>Truncation (paper Fig. 7 and Fig. 4)</h2>"
             f"<p>{html.escape(fd)} against the training set {html.escape(curve['reference'])}.</p>"
             + _table(["ψ"] + [f"{fd}, {m}" for m in modes], rows)
             + _figure(storage, join(eval_uri, results["figures"]["fid_vs_psi"]), f"{fd} against ψ")
             + _figure(storage, join(eval_uri, results["figures"]["truncation_grid"]),
-                      "The same seeds: no truncation, global mean, multi-modal"))
+                      "The same seeds, one row per truncation mode (paper Fig. 4)"))
 
 
-def _relative_href(target: str, page_dir: str) -> str:
-    """A link from a page in ``page_dir`` to ``target`` that works from a file and on an S3 website: relative
-    when both live on the same filesystem or bucket, else the target's URI."""
-    from sdsg_ray.storage import is_s3, normalize, split_s3
-
-    if is_s3(target) != is_s3(page_dir):
-        return target
-    if is_s3(target):
-        (bucket, key), (page_bucket, page_key) = split_s3(target), split_s3(page_dir)
-        return posixpath.relpath(key, page_key or ".") if bucket == page_bucket else target
-    return os.path.relpath(normalize(target), normalize(page_dir))
-
-
-def _selection_section(results: dict, storage: Storage, selection_uri: str | None, report_dir: str) -> str:
+def _selection_section(results: dict, storage: Storage, selection: FilteredSet | None, report_dir: str) -> str:
     parts = ["<h2>Self-filtering</h2>"]
-    if selection_uri and storage.exists(join(selection_uri, CURATION_PAGE)):
-        href = html.escape(_relative_href(join(selection_uri, CURATION_PAGE), report_dir), quote=True)
+    if selection and storage.exists(selection.curation_page):
+        href = html.escape(storage.relative_link(selection.curation_page, report_dir), quote=True)
         parts.append(f"<p><a href='{href}'>Curation page</a>: every image ordered by d(x), x beside G(E(x)), and "
                      "a θ slider showing what each threshold keeps and removes.</p>")
     sel = results.get("selection")
@@ -195,11 +178,11 @@ def _selection_section(results: dict, storage: Storage, selection_uri: str | Non
             parts.append("<p>AUROC, each outlier kind against all inliers (0.5 is chance; for a trivial "
                          "detector 0.2 separates as well as 0.8).</p>")
             parts.append(_table(["detector", "overall"] + kinds, rows))
-    if selection_uri:
-        for name, caption in (("histogram.png", "d(x) histogram and the chosen θ"),
-                              ("fid_vs_threshold.png", "Distance of Y to X against θ with both bounds (Fig. 8)"),
-                              ("best_worst.png", "Best and worst reconstructions")):
-            parts.append(_figure(storage, join(selection_uri, name), caption))
+    if selection:
+        for uri, caption in ((selection.histogram, "d(x) histogram and the chosen θ"),
+                             (selection.bounds_figure, "Distance of Y to X against θ with both bounds (Fig. 8)"),
+                             (selection.examples_figure, "Best and worst reconstructions")):
+            parts.append(_figure(storage, uri, caption))
     return "".join(parts)
 
 
@@ -216,37 +199,37 @@ figcaption, .note, .missing { color: #666; font-size: 0.9em; }
 
 def write_report(root: str, out: str | None = None, storage: Storage | None = None,
                  extra_timings: Sequence[tuple[str, float]] = (), title: str = "sdsg-ray pipeline report") -> str:
-    """Write ``<out>/index.html`` (default ``<root>/report``) from a pipeline root; returns its URI."""
-    from sdsg_ray.pipeline import SUMMARY_FILE
-
+    """Write the report page (:class:`Report`; default ``RunLayout(root).report``) of a pipeline run from the
+    handles of ``RunLayout(root)``; returns its URI. Without the run's summary (no pipeline ran there) the
+    page shows the evaluation alone."""
     storage = storage or get_storage()
-    out = out or join(root, "report")
-    pipeline = _load_json(storage, join(root, SUMMARY_FILE))
-    layout = (pipeline or {}).get("layout", {})
-    eval_uri = layout.get("eval", join(root, "eval"))
-    results = _load_json(storage, join(eval_uri, "results.json"))
+    layout = RunLayout(root)
+    report = Report(out) if out else layout.report
+    pipeline = layout.read_summary_or_none(storage)
+    selection = layout.selection if pipeline else None
+    evaluation = layout.evaluation
+    results = evaluation.read_or_none(storage)
     sections = [f"<h1>{html.escape(title)}</h1><p>Pipeline root: <code>{html.escape(root)}</code></p>"]
     if results is None:
-        sections.append(f"<p class='missing'>No evaluation results at {html.escape(eval_uri)}.</p>")
-        if layout.get("selection"):  # the selection's figures and curation page need no evaluation
-            sections.append(_selection_section({}, storage, layout["selection"], out))
+        sections.append(f"<p class='missing'>No evaluation results at {html.escape(evaluation.uri)}.</p>")
+        if selection:  # the selection's figures and curation page need no evaluation
+            sections.append(_selection_section({}, storage, selection, report.uri))
     else:
         sections.append(_claims_section(results))
         sections.append(_models_section(results))
-        sections.append(_truncation_section(results, storage, eval_uri))
-        sections.append(_selection_section(results, storage, layout.get("selection"), out))
-    samples = [(caption, _latest_grid(storage, layout[key], kind)) for caption, key, kind in (
-        ("Stage 1 (joint G+E): samples", "stage1", "samples"),
-        ("Stage 1: reconstructions G(E(x))", "stage1", "recon"),
-        ("Stage 2 (trained on the filtered set): samples", "stage2", "samples"),
-    ) if key in layout]
+        sections.append(_truncation_section(results, storage, evaluation.uri))
+        sections.append(_selection_section(results, storage, selection, report.uri))
+    samples = [(caption, _latest_grid(storage, model.uri, kind)) for caption, model, kind in (
+        ("Stage 1 (joint G+E): samples", layout.stage1, "samples"),
+        ("Stage 1: reconstructions G(E(x))", layout.stage1, "recon"),
+        ("Stage 2 (trained on the filtered set): samples", layout.stage2, "samples"),
+    )] if pipeline else []
     if any(uri for _, uri in samples):
         sections.append("<h2>Training samples</h2>")
         sections += [_figure(storage, uri, name) for name, uri in samples if uri]
     sections.append("<h2>Stage timings</h2>" + _timings(pipeline, extra_timings))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>")
-    target = join(out, REPORT_FILE)
-    storage.write_text(target, page)
+    target = report.write(page, storage)
     log.info("report: %s", target)
     return target

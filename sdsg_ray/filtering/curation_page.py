@@ -42,16 +42,16 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, ScoreSet
+from sdsg_ray.artifacts.selection import FilteredSet
+from sdsg_ray.artifacts.dataset import read_labels
+from sdsg_ray.filtering.scorer import reconstruct_keys
+from sdsg_ray.filtering.selection import BinnedMoments
 from sdsg_ray.imaging import image_grid
-from sdsg_ray.storage import Storage, join
-
-from sdsg_ray.artifacts.scores import iter_score_batches
-from .selection import BinnedMoments
+from sdsg_ray.storage import Storage
 
 log = logging.getLogger(__name__)
 
-PAGE_FILE = "curation.html"
-ASSETS_DIR = "curation"
 TEMPLATE = "curation_page.html"
 DATA_MARKER = "__CURATION_DATA__"
 SHEET_SIDE = 32  # thumbnails per sprite-sheet row and column: 1,024 per sheet
@@ -93,7 +93,7 @@ def allocate(counts: np.ndarray, cap: int) -> np.ndarray:
     return alloc
 
 
-def sample_by_score(scores_uri: str, storage: Storage, edges: np.ndarray, counts: np.ndarray, cap: int,
+def sample_by_score(scores: ScoreSet, storage: Storage, edges: np.ndarray, counts: np.ndarray, cap: int,
                     seed: int = SAMPLE_SEED) -> PageSample:
     """One streaming pass: the stratified sample described in the module docstring (every image when the
     readable images number at most ``cap``). ``edges``/``counts``: the selection's d(x) histogram."""
@@ -103,9 +103,9 @@ def sample_by_score(scores_uri: str, storage: Storage, edges: np.ndarray, counts
     seen = np.zeros(strata, np.int64)
     held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [
         (np.zeros(0), np.zeros(0, np.float32), np.zeros(0, object)) for _ in range(strata)]
-    for batch in iter_score_batches(scores_uri, storage, ["key", "status", "d_lpips"]):
+    for batch in scores.iter_batches(storage, ["key", "status", SCORE_COLUMN]):
         good = batch["status"] == "ok"
-        d, keys = batch["d_lpips"][good], batch["key"][good]
+        d, keys = batch[SCORE_COLUMN][good], batch["key"][good]
         priority = rng.random(len(d))
         stratum = np.clip(np.searchsorted(edges, d.astype(np.float64), side="right") - 1, 0, strata - 1)
         for s in np.unique(stratum):
@@ -131,24 +131,22 @@ def kept_until(d: np.ndarray, thetas: np.ndarray) -> np.ndarray:
 
 def label_kinds(labels_uri: str, storage: Storage) -> dict[str, str]:
     """key -> 'inlier', or the outlier's kind ('outlier' when the labels name none)."""
-    from sdsg_ray.dataset.synthetic import read_labels
-
     return {row["key"]: "inlier" if not row["is_outlier"] else row.get("kind") or "outlier"
             for row in read_labels(labels_uri, storage)}
 
 
-def kind_counts(scores_uri: str, kind_of: dict[str, str], storage: Storage, thetas: np.ndarray) -> dict:
+def kind_counts(scores: ScoreSet, kind_of: dict[str, str], storage: Storage, thetas: np.ndarray) -> dict:
     """Per label kind (:func:`label_kinds`), its labelled readable images and how many are kept at each
     grid θ (curve order): what the page turns into precision and recall at any slider θ."""
-    scores: dict[str, list[np.ndarray]] = defaultdict(list)
-    for batch in iter_score_batches(scores_uri, storage, ["key", "status", "d_lpips"]):
+    by_kind: dict[str, list[np.ndarray]] = defaultdict(list)
+    for batch in scores.iter_batches(storage, ["key", "status", SCORE_COLUMN]):
         names = np.array([kind_of.get(k, "") if s == "ok" else "" for k, s in zip(batch["key"], batch["status"])])
         for name in set(names) - {""}:
-            scores[name].append(batch["d_lpips"][names == name])
-    kinds = sorted(scores, key=lambda k: (k != "inlier", k))
+            by_kind[name].append(batch[SCORE_COLUMN][names == name])
+    kinds = sorted(by_kind, key=lambda k: (k != "inlier", k))
     out = {"names": kinds, "total": {}, "kept": {}}
     for name in kinds:
-        until = kept_until(np.concatenate(scores[name]), thetas)
+        until = kept_until(np.concatenate(by_kind[name]), thetas)
         at_least = np.cumsum(np.bincount(until, minlength=len(thetas) + 1)[::-1])[::-1]  # #(until >= u)
         out["total"][name] = int(len(until))
         out["kept"][name] = [int(n) for n in at_least[1:]]  # kept at curve[j] <=> until > j <=> until >= j+1
@@ -167,11 +165,9 @@ def _jpeg(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_thumbnails(keys: list[str], bundle, pair: str, storage: Storage, out: str, thumb_size: int) -> dict:
-    """x and G(E(x)) of every key as JPEG sprite sheets under ``<out>/curation/``; returns the page's
-    ``thumbs`` entry (size, sheets, and per key its cell, -1 when the image is no longer readable)."""
-    from .select import reconstruct_keys
-
+def write_thumbnails(keys: list[str], bundle, pair: str, storage: Storage, out: FilteredSet, thumb_size: int) -> dict:
+    """x and G(E(x)) of every key as JPEG sprite sheets in the page's assets; returns the page's ``thumbs``
+    entry (size, sheets as paths relative to the page, and per key its cell, -1 when no longer readable)."""
     size = min(bundle.model.resolution, thumb_size)
     per_sheet = SHEET_SIDE * SHEET_SIDE
     x = np.zeros((len(keys), size, size, 3), np.uint8)
@@ -188,9 +184,9 @@ def write_thumbnails(keys: list[str], bundle, pair: str, storage: Storage, out: 
         for name, images in (("x", x), ("recon", recon)):
             # row-major, SHEET_SIDE wide (a sheet holding fewer images is one row of them: same cells)
             data = _jpeg(image_grid(images[block], ncols=SHEET_SIDE))
-            path = f"{ASSETS_DIR}/{name}-{sheet:03d}.jpg"
-            storage.write_bytes(join(out, path), data)
-            sheets[name].append(path)
+            file = f"{name}-{sheet:03d}.jpg"
+            storage.write_bytes(out.asset(file), data)
+            sheets[name].append(f"{FilteredSet.curation_assets.name}/{file}")
             written += len(data)
     return {"size": size, "columns": SHEET_SIDE, "per_sheet": per_sheet, "x": sheets["x"],
             "recon": sheets["recon"], "cells": cell.tolist(), "bytes": written}
@@ -227,12 +223,12 @@ def render_page(data: dict) -> str:
     return template.replace(DATA_MARKER, payload)
 
 
-def write_curation_page(report: dict, scores_uri: str, out: str, storage: Storage, *, edges: np.ndarray,
+def write_curation_page(report: dict, scores: ScoreSet, out: FilteredSet, storage: Storage, *, edges: np.ndarray,
                         counts: np.ndarray, cap: int, thumb_size: int, bundle=None, pair: str = "ema",
                         labels: str | None = None, bundle_note: str = "") -> dict:
-    """Write ``<out>/curation.html`` (+ its sprites) for a finished selection; returns report.json's
-    ``curation_page`` entry: file, images shown, whether sampled, total bytes."""
-    sample = sample_by_score(scores_uri, storage, edges, counts, cap)
+    """Write the selection's curation page (+ its sprites); returns the report's ``curation_page`` entry:
+    file, images shown, whether sampled, total bytes."""
+    sample = sample_by_score(scores, storage, edges, counts, cap)
     thumbs = None
     note = ""
     if sample.keys and bundle is not None:
@@ -243,11 +239,11 @@ def write_curation_page(report: dict, scores_uri: str, out: str, storage: Storag
         note = "no thumbnails: select.page_images is 0"
     thetas = np.array([p["theta"] for p in report["curve"]])
     kind_of = label_kinds(labels, storage) if labels and storage.exists(labels) else None
-    kinds = kind_counts(scores_uri, kind_of, storage, thetas) if kind_of else None
+    kinds = kind_counts(scores, kind_of, storage, thetas) if kind_of else None
     page = render_page(page_data(report, sample, thumbs, kinds, note, kind_of))
-    storage.write_text(join(out, PAGE_FILE), page)
+    storage.write_text(out.curation_page, page)
     size = len(page.encode()) + (thumbs["bytes"] if thumbs else 0)
-    log.info("curation page: %s (%d of %d images%s, %.2f MB)", join(out, PAGE_FILE), len(sample.keys),
+    log.info("curation page: %s (%d of %d images%s, %.2f MB)", out.curation_page, len(sample.keys),
              sample.total, ", stratified sample" if sample.sampled else "", size / 1e6)
-    return {"file": PAGE_FILE, "images": len(sample.keys), "sampled": sample.sampled, "cap": cap,
+    return {"file": FilteredSet.curation_page.name, "images": len(sample.keys), "sampled": sample.sampled, "cap": cap,
             "thumb_size": thumbs["size"] if thumbs else None, "bytes": size}

@@ -1,7 +1,7 @@
 """`sdsg score`: the Ray Data scoring pipeline, resumable and exactly-once.
 
     manifest shards (listed once) --read_parquet--> keys --CPU tasks: read + decode--> uint8 images
-        --actor pool (GPU if any): G(E(x)), LPIPS, L1, FID features--> driver --> score shard i, atomically
+        --actor pool (GPU if any): G(E(x)), d(x), L1, FID features--> driver --> score shard i, atomically
 
 Score shard i holds exactly the keys of manifest shard i and is written in one atomic put when its last
 row reaches the driver. A re-run (after a crash, a kill, a lost node) reads only the manifest shards
@@ -20,20 +20,20 @@ from collections import Counter
 import ray
 from tqdm import tqdm
 
+from sdsg_ray.artifacts.checkpoint import load_inference, scoring_pair
+from sdsg_ray.artifacts.score_writer import ShardAssembler
+from sdsg_ray.artifacts.scores import ScoreSet, written_shards
 from sdsg_ray.config import ScoreConfig, SDSGConfig
 from sdsg_ray.errors import InvalidRequest
+from sdsg_ray.filtering.decode import read_and_decode
+from sdsg_ray.filtering.scorer import ScoreActor
 from sdsg_ray.manifest import ManifestShard, ensure_manifest
+from sdsg_ray.pretrained import build_fid_features, judge_label, resolve_metric
 from sdsg_ray.ray_utils import ensure_ray
-from sdsg_ray.storage import Storage, get_storage, join, normalize
-
-from .decode import read_and_decode
-from .scorer import ScoreActor
-from sdsg_ray.artifacts.scores import SCORES_DIR, SUMMARY_FILE, iter_score_batches, written_shards
-from sdsg_ray.artifacts.score_writer import ShardAssembler
+from sdsg_ray.storage import Storage, get_storage, normalize
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "_RUN.json"  # what the scores in <out> were computed with; a resume must match it
 DECODE_WORKER_BYTES = 160 * 1024**2  # a decode task's process: Python, pyarrow, PIL (measured ~130 MiB)
 ENCODED_IMAGE_BYTES = 64 * 1024  # budget per encoded web image held while decoding
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
@@ -103,27 +103,25 @@ def check_cpu_budget(cfg: ScoreConfig, cluster_cpus: float) -> None:
         )
 
 
-def _check_run(out: str, storage: Storage, run: dict) -> None:
+def _check_run(scores: ScoreSet, storage: Storage, run: dict) -> None:
     """Refuse to mix scores of different checkpoints, metrics or feature networks in one --out."""
-    changed = storage.pin_settings(join(out, RUN_FILE), run)
+    changed = storage.pin_settings(scores.run_record, run)
     if changed:
-        raise InvalidRequest(f"{out} holds scores computed with different settings {changed}; use another --out")
+        raise InvalidRequest(f"{scores.uri} holds scores computed with different settings {changed}; use another --out")
 
 
-def count_status(out: str, storage: Storage) -> Counter:
+def count_status(scores: ScoreSet, storage: Storage) -> Counter:
     counts: Counter = Counter()
-    for batch in iter_score_batches(out, storage, ["status"]):
+    for batch in scores.iter_batches(storage, ["status"]):
         counts.update(batch["status"].tolist())
     return counts
 
 
 def run_scoring(config: SDSGConfig) -> dict:
-    """Score every image of score.data with the stage-1 checkpoint; write score shards and summary.json."""
-    from sdsg_ray.artifacts.checkpoint import load_inference, scoring_pair
-    from sdsg_ray.pretrained import build_fid_features, judge_label, resolve_metric
-
+    """Score every image of score.data with the stage-1 checkpoint; write the score shards and the summary."""
     # Ray workers run in other working directories: local paths are made absolute here on the driver.
     cfg = config.score.model_copy(update={"checkpoint": normalize(config.score.checkpoint)})
+    scores = ScoreSet(cfg.out)
     storage = get_storage(config.storage)
     bundle = load_inference(cfg.checkpoint, storage, device="cpu")  # identity and resolution; the actors load their own
     scoring_pair(bundle, cfg.pair)  # fail here, not in every actor, when the bundle lacks the pair
@@ -144,7 +142,7 @@ def run_scoring(config: SDSGConfig) -> dict:
         "features_is_inception": features.is_inception,
         "resolution": resolution,
     }
-    _check_run(cfg.out, storage, run)
+    _check_run(scores, storage, run)
 
     shards = ensure_manifest(cfg.data, cfg.out, storage, cfg.manifest_shard_size)
     done = written_shards(cfg.out, storage)
@@ -186,7 +184,7 @@ def run_scoring(config: SDSGConfig) -> dict:
     idle = (1.0 - busy_after_first_s / (cfg.actors * (finished - first_batch_at))
             if first_batch_at and finished > first_batch_at else None)
 
-    counts = count_status(cfg.out, storage)
+    counts = count_status(scores, storage)
     summary = {
         **run,
         "judge": judge_label(metric, cfg.judge_resolution, resolution),  # metric and size, as reports name them
@@ -207,11 +205,11 @@ def run_scoring(config: SDSGConfig) -> dict:
         "scorers": [{**json.loads(p), "rows": n} for p, n in sorted(placements.items())],
         "actor_busy_s": round(busy_s, 3),
         "actor_idle_share_steady": round(max(idle, 0.0), 4) if idle is not None else None,
-        "scores": join(cfg.out, SCORES_DIR),
+        "scores": scores.shards,
     }
     assert summary["scored"] + summary["failed"] == total, (counts, total)
-    storage.write_text(join(cfg.out, SUMMARY_FILE), json.dumps(summary, indent=2))
+    scores.write_summary(summary, storage)
     rate = f"{summary['images_per_s']} images/s" if summary["images_per_s"] else "nothing left to score"
     log.info("scored %d images, %d failed (%s); summary in %s", summary["scored"], summary["failed"], rate,
-             join(cfg.out, SUMMARY_FILE))
+             scores.summary)
     return summary

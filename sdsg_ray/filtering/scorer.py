@@ -1,4 +1,4 @@
-"""d(x) = LPIPS(x, G(E(x))), |x - G(E(x))|₁ and the FID features of x and G(E(x)), in one pass per image.
+"""d(x) = metric(x, G(E(x))), |x - G(E(x))|₁ and the FID features of x and G(E(x)), in one pass per image.
 
 `ReconstructionScorer` is plain PyTorch (no Ray); `ScoreActor` is the thin callable class that Ray Data's
 actor pool instantiates once per actor, so G, E and the metric load once and serve many batches.
@@ -10,12 +10,16 @@ import json
 import time
 
 import numpy as np
+import ray
 import torch
-from torch import Tensor
 
+from sdsg_ray.artifacts.checkpoint import InferenceBundle, load_inference, scoring_pair
+from sdsg_ray.artifacts.scores import SCORE_COLUMN
 from sdsg_ray.config import StorageConfig
-from sdsg_ray.imaging import to_tensor
+from sdsg_ray.imaging import load_batch, to_tensor, to_uint8
 from sdsg_ray.models import reconstruct
+from sdsg_ray.pretrained import build_fid_features, build_metric
+from sdsg_ray.storage import Storage, get_storage
 
 
 def default_device() -> torch.device:
@@ -26,12 +30,10 @@ class ReconstructionScorer:
     """Scores uint8 images with a stage-1 bundle (the `score.pair` of G and E), a perceptual metric and an FID feature net.
 
     The metric judges at its own ``judge_resolution`` (pretrained.PerceptualMetric): x and G(E(x)) are resized
-    there, together, so this and the controls' d(x) (evaluation.controls.reconstruction_scores) cannot differ.
+    there, together, so this and the controls' d(x) (diagnostics.reconstruction_scores) cannot differ.
     """
 
     def __init__(self, bundle, metric, features, device: torch.device, pair: str = "ema") -> None:
-        from sdsg_ray.artifacts.checkpoint import scoring_pair
-
         G, E = scoring_pair(bundle, pair)  # (G_ema, E_ema) or (G, E): a pair trained together; no E: CheckpointError
         self.G = G.to(device).eval()
         self.E = E.to(device).eval()
@@ -42,20 +44,42 @@ class ReconstructionScorer:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """images uint8 [N, R, R, 3] -> d_lpips [N], d_l1 [N], feat_real [N, D], feat_recon [N, D]."""
+        """images uint8 [N, R, R, 3] -> d(x) [N] (SCORE_COLUMN), d_l1 [N], feat_real [N, D], feat_recon [N, D]."""
         n = images.shape[0]
         assert images.shape[1:] == (self.resolution, self.resolution, 3), images.shape
         x = to_tensor(images).to(self.device)
         recon = reconstruct(self.G.synthesis, self.E, x).image.float()
         assert recon.shape == x.shape, (recon.shape, x.shape)
-        d_lpips = self.metric(x, recon).reshape(n)
+        d = self.metric(x, recon).reshape(n)
         d_l1 = (x - recon).abs().mean(dim=(1, 2, 3))
         return {
-            "d_lpips": d_lpips.float().cpu().numpy(),
+            SCORE_COLUMN: d.float().cpu().numpy(),
             "d_l1": d_l1.float().cpu().numpy(),
             "feat_real": np.asarray(self.features(x), np.float32),
             "feat_recon": np.asarray(self.features(recon.clamp(-1, 1)), np.float32),
         }
+
+
+def reconstruct_keys(keys: list[str], bundle: InferenceBundle, storage: Storage,
+                     pair: str = "ema") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(readable mask over ``keys``, originals, G(E(x))) as uint8 NHWC for the readable ones; G and E
+    are the scoring ``pair`` that computed the scores."""
+    loaded = load_batch(keys, storage, bundle.model.resolution)
+    good = loaded["status"] == "ok"
+    originals = loaded["image"][good]
+    if not good.any():
+        return good, originals, originals
+    with torch.no_grad():
+        G, E = scoring_pair(bundle, pair)
+        recon = reconstruct(G.synthesis, E, to_tensor(originals)).image
+    return good, originals, to_uint8(recon)
+
+
+def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Storage,
+                            pair: str = "ema") -> tuple[list[float], np.ndarray, np.ndarray]:
+    """(scores, originals, G(E(x))) as uint8 NHWC for the readable images among ``items`` (score, key)."""
+    good, originals, recon = reconstruct_keys([key for _, key in items], bundle, storage, pair)
+    return [d for (d, _), ok in zip(items, good) if ok], originals, recon
 
 
 class ScoreActor:
@@ -63,12 +87,6 @@ class ScoreActor:
 
     def __init__(self, checkpoint: str, metric: str, fid_features: str, storage: StorageConfig, pair: str = "ema",
                  judge_resolution: int | None = None) -> None:
-        import ray
-
-        from sdsg_ray.artifacts.checkpoint import load_inference
-        from sdsg_ray.pretrained import build_fid_features, build_metric
-        from sdsg_ray.storage import get_storage
-
         device = default_device()
         bundle = load_inference(checkpoint, get_storage(storage), device="cpu")
         self.scorer = ReconstructionScorer(
@@ -87,23 +105,14 @@ class ScoreActor:
         started = time.perf_counter()
         n = len(batch["key"])
         ok = batch["status"] == "ok"
-        d_lpips = np.full(n, np.nan, np.float32)
-        d_l1 = np.full(n, np.nan, np.float32)
-        feat_real = np.full((n, self.feature_dim), np.nan, np.float32)
-        feat_recon = np.full((n, self.feature_dim), np.nan, np.float32)
+        scored = {name: np.full((n, self.feature_dim) if name.startswith("feat_") else n, np.nan, np.float32)
+                  for name in (SCORE_COLUMN, "d_l1", "feat_real", "feat_recon")}
         if ok.any():
-            scores = self.scorer(batch["image"][ok])
-            d_lpips[ok], d_l1[ok] = scores["d_lpips"], scores["d_l1"]
-            feat_real[ok], feat_recon[ok] = scores["feat_real"], scores["feat_recon"]
+            for name, values in self.scorer(batch["image"][ok]).items():
+                scored[name][ok] = values
         return {
-            "key": batch["key"],
-            "shard": batch["shard"],
-            "status": batch["status"],
-            "error": batch["error"],
-            "d_lpips": d_lpips,
-            "d_l1": d_l1,
-            "feat_real": feat_real,
-            "feat_recon": feat_recon,
+            **{name: batch[name] for name in ("key", "shard", "status", "error")},
+            **scored,
             "scorer": np.full(n, self.placement, dtype=object),
             # This call's compute time spread over its rows: the driver's sum is the actors' busy time,
             # against which their idle time (waiting for decoded batches) is measured.

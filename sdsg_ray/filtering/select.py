@@ -1,18 +1,18 @@
 """`sdsg select`: three streaming passes over the score shards, the rule, and the selection's outputs.
 
-  pass 1  scores only: range, counts, the best and worst keys (for best_worst.png)
+  pass 1  scores only: range, counts, the best and worst keys (for the examples figure)
   pass 2  features: moments of X and G(E(X)), per-θ-bin moments of X, the histogram
           -> FD(Y_θ, X) for every θ of the grid and the bound FD(G(E(X)), X) (maths: selection.py)
-  pass 3  the kept rows -> kept.parquet (a manifest: key, d_lpips)
-  page    a stratified sample of the rows by d(x) -> curation.html and its thumbnails (curation_page.py)
+  pass 3  the kept rows -> the kept manifest (key, d(x))
+  page    a stratified sample of the rows by d(x) -> the curation page and its thumbnails (curation_page.py)
 
-Memory is one batch of rows plus the per-bin statistics, whatever the number of images.
+Memory is one batch of rows plus the per-bin statistics, whatever the number of images. What the
+selection leaves is a :class:`~sdsg_ray.artifacts.selection.FilteredSet`.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -20,20 +20,26 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 from tqdm import tqdm
 
 from sdsg_ray import figures
-from sdsg_ray.config import SDSGConfig
+from sdsg_ray.artifacts.checkpoint import CheckpointError, InferenceBundle, load_inference
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, ScoreSet
+from sdsg_ray.artifacts.selection import EXAMPLE_SCORE_KEY, FilteredSet
+from sdsg_ray.config import SDSGConfig, SelectConfig
+from sdsg_ray.diagnostics import outlier_detection
+from sdsg_ray.distances import DistanceToReference, frechet_distance
 from sdsg_ray.errors import InvalidRequest
+from sdsg_ray.filtering.curation_page import write_curation_page
+from sdsg_ray.filtering.scorer import reconstruct_keys
+from sdsg_ray.filtering.selection import (BinnedMoments, CurvePoint, Moments, Selection, apply_rule, mean_cov,
+                                          threshold_grid)
 from sdsg_ray.manifest import write_parquet_stream
-from sdsg_ray.storage import Storage, get_storage, join
-
-from .curation_page import write_curation_page
-from sdsg_ray.artifacts.scores import iter_score_batches, read_summary
-from .selection import BinnedMoments, CurvePoint, DistanceToReference, Moments, Selection, apply_rule, mean_cov, threshold_grid
+from sdsg_ray.pretrained import distance_labels
+from sdsg_ray.storage import Storage, get_storage
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class ScoreOverview:
@@ -47,16 +53,16 @@ class ScoreOverview:
     worst: list[tuple[float, str]]  # descending d
 
 
-def overview(scores_uri: str, storage: Storage, examples: int) -> ScoreOverview:
+def overview(scores: ScoreSet, storage: Storage, examples: int) -> ScoreOverview:
     ok = failed = 0
     lo, hi = math.inf, -math.inf
     best: list[tuple[float, str]] = []  # max-heap via negation: the `examples` smallest
     worst: list[tuple[float, str]] = []  # min-heap: the `examples` largest
-    for batch in iter_score_batches(scores_uri, storage, ["key", "status", "d_lpips"]):
+    for batch in scores.iter_batches(storage, ["key", "status", SCORE_COLUMN]):
         status = batch["status"]
         good = status == "ok"
         failed += int((~good).sum())
-        d = batch["d_lpips"][good].astype(np.float64)
+        d = batch[SCORE_COLUMN][good].astype(np.float64)
         keys = batch["key"][good]
         ok += len(d)
         if not len(d):
@@ -71,7 +77,7 @@ def overview(scores_uri: str, storage: Storage, examples: int) -> ScoreOverview:
             if len(worst) > examples:
                 heapq.heappop(worst)
     if ok < 2:
-        raise InvalidRequest(f"{scores_uri}: only {ok} images were scored successfully; selection needs at least 2")
+        raise InvalidRequest(f"{scores.uri}: only {ok} images were scored successfully; selection needs at least 2")
     return ScoreOverview(
         ok=ok,
         failed=failed,
@@ -93,15 +99,15 @@ class FeaturePass:
     hist_edges: np.ndarray
 
 
-def feature_pass(scores_uri: str, storage: Storage, grid: np.ndarray, lo: float, hi: float) -> FeaturePass:
+def feature_pass(scores: ScoreSet, storage: Storage, grid: np.ndarray, lo: float, hi: float) -> FeaturePass:
     hist_edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, 101)
     hist_counts = np.zeros(100, np.int64)
     state: FeaturePass | None = None
-    for batch in iter_score_batches(scores_uri, storage, ["status", "d_lpips", "feat_real", "feat_recon"]):
+    for batch in scores.iter_batches(storage, ["status", SCORE_COLUMN, "feat_real", "feat_recon"]):
         good = batch["status"] == "ok"
         if not good.any():
             continue
-        d = batch["d_lpips"][good].astype(np.float64)
+        d = batch[SCORE_COLUMN][good].astype(np.float64)
         real = np.stack(batch["feat_real"][good])
         recon = np.stack(batch["feat_recon"][good])
         if state is None:
@@ -117,58 +123,36 @@ def feature_pass(scores_uri: str, storage: Storage, grid: np.ndarray, lo: float,
     return state
 
 
-def kept_batches(scores_uri: str, storage: Storage, theta: float) -> Iterator[pa.RecordBatch]:
-    """Pass 3: the kept rows as a manifest (key, d_lpips), batch by batch."""
-    for batch in iter_score_batches(scores_uri, storage, ["key", "status", "d_lpips"]):
-        keep = (batch["status"] == "ok") & (batch["d_lpips"] <= theta)
-        yield pa.record_batch(
-            {"key": pa.array(batch["key"][keep], pa.string()), "d_lpips": pa.array(batch["d_lpips"][keep], pa.float32())}
-        )
+KEPT_SCHEMA = pa.schema([("key", pa.string()), (SCORE_COLUMN, pa.float32())])
 
 
-def reconstruct_keys(keys: list[str], bundle, storage: Storage,
-                     pair: str = "ema") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(readable mask over ``keys``, originals, G(E(x))) as uint8 NHWC for the readable ones; G and E
-    are the scoring ``pair`` that computed the scores."""
-    from sdsg_ray.artifacts.checkpoint import scoring_pair
-    from sdsg_ray.imaging import load_batch, to_tensor, to_uint8
-    from sdsg_ray.models import reconstruct
-
-    loaded = load_batch(keys, storage, bundle.model.resolution)
-    good = loaded["status"] == "ok"
-    originals = loaded["image"][good]
-    if not good.any():
-        return good, originals, originals
-    with torch.no_grad():
-        G, E = scoring_pair(bundle, pair)
-        recon = reconstruct(G.synthesis, E, to_tensor(originals)).image
-    return good, originals, to_uint8(recon)
+def kept_batches(scores: ScoreSet, storage: Storage, theta: float) -> Iterator[pa.RecordBatch]:
+    """Pass 3: the kept rows as a manifest (key, d(x)), batch by batch."""
+    for batch in scores.iter_batches(storage, ["key", "status", SCORE_COLUMN]):
+        keep = (batch["status"] == "ok") & (batch[SCORE_COLUMN] <= theta)
+        yield pa.record_batch({"key": pa.array(batch["key"][keep], pa.string()),
+                               SCORE_COLUMN: pa.array(batch[SCORE_COLUMN][keep], pa.float32())})
 
 
-def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Storage,
-                            pair: str = "ema") -> tuple[list[float], np.ndarray, np.ndarray]:
-    """(scores, originals, G(E(x))) as uint8 NHWC for the readable images among ``items`` (score, key)."""
-    good, originals, recon = reconstruct_keys([key for _, key in items], bundle, storage, pair)
-    return [d for (d, _), ok in zip(items, good) if ok], originals, recon
+@dataclass
+class Threshold:
+    """The rule's outcome over the grid, with the two distances the report gives exactly (clean-fid)."""
+
+    start: float
+    target: float
+    selection: Selection
+    upper_bound: float  # FD(G(E(X)), X): the diversity bound
+    distance: float | None  # FD(Y_θ, X) at the chosen θ
 
 
-def run_selection(config: SDSGConfig) -> dict:
-    """Choose θ, write kept.parquet, report.json and the three figures under select.out."""
-    from sdsg_ray.artifacts.checkpoint import CheckpointError, load_inference
-    from sdsg_ray.pretrained import distance_labels, frechet_distance
-
-    cfg = config.select
-    storage = get_storage(config.storage)
-    summary = read_summary(cfg.scores, storage)
-    label = distance_labels(summary["features"], summary.get("features_is_inception", False))[0]
-
-    ov = overview(cfg.scores, storage, cfg.examples)
+def choose_threshold(cfg: SelectConfig, scores: ScoreSet, storage: Storage, ov: ScoreOverview,
+                     label: str) -> tuple[Threshold, FeaturePass]:
+    """Pass 2 and the rule: FD(Y_θ, X) on the grid, walked down while both bounds hold."""
     start = cfg.start_threshold if cfg.start_threshold is not None else ov.hi
     target = min(cfg.target_threshold, start)
     grid = threshold_grid(start, target, cfg.threshold_step)
     log.info("θ grid: %d points from %.4f to %.4f over %d scored images", len(grid), start, target, ov.ok)
-
-    fp = feature_pass(cfg.scores, storage, grid, ov.lo, ov.hi)
+    fp = feature_pass(scores, storage, grid, ov.lo, ov.hi)
     mu_x, sigma_x = fp.real.mean_cov()
     upper_bound = float(frechet_distance(*fp.recon.mean_cov(), mu_x, sigma_x))
     distance_to_x = DistanceToReference(mu_x, sigma_x)
@@ -187,42 +171,52 @@ def run_selection(config: SDSGConfig) -> dict:
             log.warning("clean-fid gives %.6g at θ=%.4f, the grid %.6g",
                         chosen_distance, sel.theta, sel.distance)
     log.info("chosen θ=%.4f (stopped by %s): |Y|=%d of |X|=%d", sel.theta, sel.bound, sel.size, ov.ok)
+    return Threshold(start, target, sel, upper_bound, chosen_distance), fp
 
-    out = cfg.out
-    schema = pa.schema([("key", pa.string()), ("d_lpips", pa.float32())])
-    n_kept = write_parquet_stream(kept_batches(cfg.scores, storage, sel.theta), schema, join(out, "kept.parquet"), storage)
-    assert n_kept == sel.size, (n_kept, sel.size)
 
-    storage.write_bytes(join(out, "histogram.png"), figures.score_histogram(
-        fp.hist_edges, fp.hist_counts, sel.theta, target, summary["metric"]))
-    storage.write_bytes(join(out, "fid_vs_threshold.png"), figures.distance_vs_threshold(
+def draw_figures(out: FilteredSet, storage: Storage, fp: FeaturePass, th: Threshold, min_size: int, metric: str,
+                 label: str) -> None:
+    """The d(x) histogram with θ, and Fig. 8 (distance of Y_θ to X against θ, with both bounds)."""
+    sel = th.selection
+    storage.write_bytes(out.histogram, figures.score_histogram(
+        fp.hist_edges, fp.hist_counts, sel.theta, th.target, metric))
+    storage.write_bytes(out.bounds_figure, figures.distance_vs_threshold(
         np.array([p.theta for p in sel.curve]),
         np.array([np.nan if p.distance is None else p.distance for p in sel.curve]),
-        np.array([p.size for p in sel.curve]), sel.theta, sel.bound, upper_bound, cfg.min_size, label))
-    checkpoint = cfg.checkpoint or summary["checkpoint"]
-    examples_note = "best_worst.png"
-    bundle = None
-    pair = summary.get("pair", "ema")  # scores written before score.pair existed used G_ema (+ E)
+        np.array([p.size for p in sel.curve]), sel.theta, sel.bound, th.upper_bound, min_size, label))
+
+
+def draw_examples(out: FilteredSet, storage: Storage, ov: ScoreOverview, summary: dict, checkpoint: str | None,
+                  pair: str) -> tuple[InferenceBundle | None, str]:
+    """The best and worst reconstructions, when the checkpoint that computed the scores can be loaded
+    (the figure is optional; selection needs no G or E). Returns the bundle (None: unavailable) and the
+    report's note on the figure."""
+    name = FilteredSet.examples_figure.name
     try:
         if checkpoint is None:
             raise FileNotFoundError("the scores name no checkpoint and select.checkpoint is not set")
         bundle = load_inference(checkpoint, storage)
-    except (FileNotFoundError, CheckpointError) as err:  # the figure is optional; selection needs no G or E
-        log.warning("best_worst.png skipped: checkpoint %s unavailable (%s)", checkpoint, err)
-        examples_note = f"skipped: checkpoint {checkpoint} unavailable"
-    else:
-        if bundle.identity != summary.get("checkpoint_identity", bundle.identity):
-            log.warning("%s is not the checkpoint that computed the scores (%s): best_worst.png uses it anyway",
-                        checkpoint, summary.get("checkpoint_identity"))
-        rows = [(name, *reconstruction_examples(items, bundle, storage, pair)) for name, items in (("best", ov.best),
-                                                                                               ("worst", ov.worst))]
-        storage.write_bytes(join(out, "best_worst.png"), figures.originals_over_reconstructions(rows))
+    except (FileNotFoundError, CheckpointError) as err:
+        log.warning("%s skipped: checkpoint %s unavailable (%s)", name, checkpoint, err)
+        return None, f"skipped: checkpoint {checkpoint} unavailable"
+    if bundle.identity != summary.get("checkpoint_identity", bundle.identity):
+        log.warning("%s is not the checkpoint that computed the scores (%s): %s uses it anyway",
+                    checkpoint, summary.get("checkpoint_identity"), name)
+    rows = [(row, *reconstruction_examples(items, bundle, storage, pair))
+            for row, items in (("best", ov.best), ("worst", ov.worst))]
+    storage.write_bytes(out.examples_figure, figures.originals_over_reconstructions(rows))
+    return bundle, name
 
-    report = {
+
+def selection_report(cfg: SelectConfig, summary: dict, ov: ScoreOverview, th: Threshold, label: str,
+                     examples_note: str) -> dict:
+    """report.json's fields (before the outliers and the curation page)."""
+    sel = th.selection
+    return {
         "theta": sel.theta,
         "bound": sel.bound,
         "target_threshold": cfg.target_threshold,
-        "start_threshold": start,
+        "start_threshold": th.start,
         "threshold_step": cfg.threshold_step,
         "min_size": cfg.min_size,
         "size_raw": ov.ok,
@@ -230,27 +224,52 @@ def run_selection(config: SDSGConfig) -> dict:
         "failed": ov.failed,
         "distance_name": label,
         "features": summary["features"],
-        "distance_kept_vs_raw": chosen_distance,
-        "distance_recon_vs_raw": upper_bound,
+        "distance_kept_vs_raw": th.distance,
+        "distance_recon_vs_raw": th.upper_bound,
         "metric": summary["metric"],
         "judge": summary.get("judge", summary["metric"]),  # metric and size; scores before issue 31: metric only
         "checkpoint": summary.get("checkpoint"),
         "checkpoint_identity": summary.get("checkpoint_identity"),
-        "best": [{"key": k, "d_lpips": d} for d, k in ov.best],
-        "worst": [{"key": k, "d_lpips": d} for d, k in ov.worst],
+        "best": [{"key": k, EXAMPLE_SCORE_KEY: d} for d, k in ov.best],
+        "worst": [{"key": k, EXAMPLE_SCORE_KEY: d} for d, k in ov.worst],
         "best_worst": examples_note,
         "curve": [{"theta": p.theta, "size": p.size, "distance": p.distance} for p in sel.curve],
     }
-    if cfg.labels and storage.exists(cfg.labels):  # planted outliers: what the selection removed, beside chance
-        from sdsg_ray.evaluation.evaluate import outlier_detection
 
-        report["outliers"] = outlier_detection(cfg.scores, join(out, "kept.parquet"), cfg.labels, storage)
+
+def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Storage,
+                            pair: str = "ema") -> tuple[list[float], np.ndarray, np.ndarray]:
+    """(scores, originals, G(E(x))) as uint8 NHWC for the readable images among ``items`` (score, key)."""
+    good, originals, recon = reconstruct_keys([key for _, key in items], bundle, storage, pair)
+    return [d for (d, _), ok in zip(items, good) if ok], originals, recon
+
+
+def run_selection(config: SDSGConfig) -> dict:
+    """Choose θ; write the kept manifest, the report, the figures and the curation page under select.out."""
+    cfg = config.select
+    storage = get_storage(config.storage)
+    scores, out = ScoreSet(cfg.scores), FilteredSet(cfg.out)
+    summary = scores.read_summary(storage)
+    label = distance_labels(summary["features"], summary.get("features_is_inception", False))[0]
+
+    ov = overview(scores, storage, cfg.examples)
+    th, fp = choose_threshold(cfg, scores, storage, ov, label)
+    sel = th.selection
+    n_kept = write_parquet_stream(kept_batches(scores, storage, sel.theta), KEPT_SCHEMA, out.kept, storage)
+    assert n_kept == sel.size, (n_kept, sel.size)
+
+    draw_figures(out, storage, fp, th, cfg.min_size, summary["metric"], label)
+    pair = summary.get("pair", "ema")  # scores written before score.pair existed used G_ema (+ E)
+    bundle, examples_note = draw_examples(out, storage, ov, summary, cfg.checkpoint or summary["checkpoint"], pair)
+    report = selection_report(cfg, summary, ov, th, label, examples_note)
+    if cfg.labels and storage.exists(cfg.labels):  # planted outliers: what the selection removed, beside chance
+        report["outliers"] = outlier_detection(scores.uri, out.kept, cfg.labels, storage)
     # the page to look at: thumbnails by d(x), a θ slider over this curve, precision/recall per kind
     report["curation_page"] = write_curation_page(
-        report, cfg.scores, out, storage, edges=fp.hist_edges, counts=fp.hist_counts, cap=cfg.page_images,
+        report, scores, out, storage, edges=fp.hist_edges, counts=fp.hist_counts, cap=cfg.page_images,
         thumb_size=cfg.page_thumb_size, bundle=bundle, pair=pair, labels=cfg.labels,
         bundle_note=examples_note.removeprefix("skipped: "))
-    storage.write_text(join(out, "report.json"), json.dumps(report, indent=2))
+    out.write_report(report, storage)
     log.info("selected θ=%.4f (stopped by %s): kept %d/%d; %s(Y,X)=%.4g <= %s(G(E(X)),X)=%.4g; failed=%d",
-             sel.theta, sel.bound, sel.size, ov.ok, label, chosen_distance, label, upper_bound, ov.failed)
+             sel.theta, sel.bound, sel.size, ov.ok, label, th.distance, label, th.upper_bound, ov.failed)
     return report

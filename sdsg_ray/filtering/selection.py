@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import scipy.linalg
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,8 @@ class Moments:
         self.outer += f.T @ f
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and unbiased covariance, exactly what clean-fid's np.mean / np.cov(rowvar=False) give."""
+        """Mean and unbiased covariance, exactly what clean-fid's np.mean / np.cov(rowvar=False) give
+        (:func:`sdsg_ray.distances.mean_cov_of`), from the sums alone."""
         return mean_cov(self.count, self.total, self.outer)
 
 
@@ -77,27 +77,6 @@ def threshold_grid(start: float, target: float, step: float) -> np.ndarray:
     grid = start - step * np.arange(n_steps + 1, dtype=np.float64)
     grid[-1] = target
     return grid
-
-
-class DistanceToReference:
-    """FD(Y, X) for many Y against one fixed X: the same number as clean-fid's frechet_distance, cheaper.
-
-    FD = |μ_Y − μ_X|² + Tr Σ_Y + Tr Σ_X − 2 Tr (Σ_Y Σ_X)^{1/2}, and (Σ_Y Σ_X)^{1/2} has the eigenvalues of
-    the symmetric PSD matrix R Σ_Y R with R = Σ_X^{1/2}. One eigendecomposition of Σ_X up front leaves a
-    symmetric eigenvalue problem per θ instead of clean-fid's general sqrtm, which is most of selection's
-    time on a long θ grid (docs/benchmarks.md). The reported bound and chosen point still use clean-fid.
-    """
-
-    def __init__(self, mu_x: np.ndarray, sigma_x: np.ndarray) -> None:
-        eigvals, eigvecs = scipy.linalg.eigh(sigma_x, driver="evr")
-        self.sqrt_sigma_x = (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
-        self.mu_x, self.trace_x = mu_x, float(np.trace(sigma_x))
-
-    def __call__(self, mu: np.ndarray, sigma: np.ndarray) -> float:
-        product = self.sqrt_sigma_x @ sigma @ self.sqrt_sigma_x
-        eigvals = scipy.linalg.eigvalsh((product + product.T) / 2, driver="evr")
-        trace_sqrt = float(np.sqrt(np.clip(eigvals, 0.0, None)).sum())
-        return float(np.sum((mu - self.mu_x) ** 2) + np.trace(sigma) + self.trace_x - 2 * trace_sqrt)
 
 
 class BinnedMoments:

@@ -42,7 +42,6 @@ import json
 import logging
 import socket
 import ssl
-import tarfile
 import threading
 import time
 import urllib.parse
@@ -50,12 +49,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import certifi
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from sdsg_ray.config import IngestConfig
 from sdsg_ray.imaging import MAX_IMAGE_PIXELS
+from sdsg_ray.shards import SHARD_FORMATS, Sample
 from sdsg_ray.storage import Storage, join
 
 from .policy import AddressPolicy
@@ -75,7 +73,7 @@ _TLS = ssl.create_default_context(cafile=certifi.where())  # verifies the certif
 
 
 def shard_data_name(shard: int, fmt: str) -> str:
-    return f"{shard:05d}.{fmt}"
+    return f"{shard:05d}{SHARD_FORMATS[fmt].suffix}"
 
 
 def shard_stats_name(shard: int) -> str:
@@ -333,45 +331,14 @@ def fetch_one(key: str, item: UrlItem, cfg: IngestConfig) -> Fetched:
     return result
 
 
-def _tar_bytes(results: list[Fetched]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for r in results:
-            if r.status != SUCCESS:
-                continue
-            for name, blob in ((f"{r.key}.jpg", r.jpeg), (f"{r.key}.json", json.dumps(r.meta()).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                info.mtime = 0
-                tar.addfile(info, io.BytesIO(blob))
-    return buf.getvalue()
-
-
-def _parquet_bytes(results: list[Fetched]) -> bytes:
-    table = pa.table({
-        "key": pa.array([r.key for r in results], pa.string()),
-        "url": pa.array([r.url for r in results], pa.string()),
-        "status": pa.array([r.status for r in results], pa.string()),
-        "error_message": pa.array([r.error or None for r in results], pa.string()),
-        "width": pa.array([r.width for r in results], pa.int32()),
-        "height": pa.array([r.height for r in results], pa.int32()),
-        "original_width": pa.array([r.original_width for r in results], pa.int32()),
-        "original_height": pa.array([r.original_height for r in results], pa.int32()),
-        "jpg": pa.array([r.jpeg for r in results], pa.binary()),
-    })
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
 def ingest_shard(shard: int, items: list[UrlItem], storage: Storage, cfg: IngestConfig) -> dict:
     """Download one shard's URLs (cfg.threads at a time) and write its data file, then its stats file."""
     started = time.time()
     keys = [sample_key(shard, i, cfg.shard_size) for i in range(len(items))]
     with ThreadPoolExecutor(max_workers=max(1, min(cfg.threads, len(items)))) as pool:
         results = list(pool.map(lambda ki: fetch_one(ki[0], ki[1], cfg), zip(keys, items)))
-    data = _tar_bytes(results) if cfg.format == "tar" else _parquet_bytes(results)
-    storage.write_bytes(join(cfg.out, shard_data_name(shard, cfg.format)), data)
+    samples = [Sample(r.key, r.jpeg if r.status == SUCCESS else None, r.meta()) for r in results]
+    storage.write_bytes(join(cfg.out, shard_data_name(shard, cfg.format)), SHARD_FORMATS[cfg.format].write(samples))
     counts = {s: sum(r.status == s for r in results) for s in STATUSES}
     stats = {
         "count": len(results),

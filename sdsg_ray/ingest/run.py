@@ -25,7 +25,7 @@ import ray
 from sdsg_ray.config import IngestConfig, SDSGConfig
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.ray_utils import ensure_ray
-from sdsg_ray.storage import Storage, get_storage, is_s3, join, normalize
+from sdsg_ray.storage import Storage, get_storage, join, normalize
 
 from .download import COUNTS, ingest_shard, shard_data_name, shard_stats_name
 from .urls import UrlItem, read_url_list
@@ -56,7 +56,7 @@ def _shard_batch(batch: dict[str, np.ndarray], storage: Storage, cfg: IngestConf
 def _check_source(cfg: IngestConfig, storage: Storage, total: int) -> None:
     """Refuse to mix shards of another URL list or other settings under one out."""
     source = {
-        "urls": cfg.urls if is_s3(cfg.urls) else normalize(cfg.urls), "count": total, "format": cfg.format,
+        "urls": normalize(cfg.urls), "count": total, "format": cfg.format,
         "resolution": cfg.resolution, "shard_size": cfg.shard_size,
     }
     changed = storage.pin_settings(join(cfg.out, SOURCE_FILE), source)
@@ -67,8 +67,7 @@ def _check_source(cfg: IngestConfig, storage: Storage, total: int) -> None:
 def run_ingest(config: SDSGConfig) -> dict:
     cfg = config.ingest
     storage = get_storage(config.storage)
-    if not is_s3(cfg.out):
-        cfg = cfg.model_copy(update={"out": normalize(cfg.out)})  # Ray workers run in other directories
+    cfg = cfg.model_copy(update={"out": normalize(cfg.out)})  # Ray workers run in other directories
     items = read_url_list(cfg.urls, storage)
     if not items:
         raise InvalidRequest(f"{cfg.urls}: no URLs")

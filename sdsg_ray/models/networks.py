@@ -100,7 +100,7 @@ def set_reduced_precision(module: nn.Module, dtype: torch.dtype | None) -> list[
         raise ValueError(f"reduced precision dtype must be one of {list(REDUCED_DTYPES.values())}, got {dtype}")
     switched = []
     for block in module.modules():
-        if isinstance(block, (SynthesisBlock, DiscriminatorBlock)) and block.reduced_eligible:
+        if isinstance(block, ResolutionBlock) and block.reduced_eligible:
             block.compute_dtype = dtype if dtype is not None else torch.float32
             if dtype is not None:
                 switched.append(block.resolution)
@@ -425,16 +425,25 @@ class ToRGBLayer(nn.Module):
         return bias_act(x, self.bias, False, 1.0, self.conv_clamp)
 
 
-class SynthesisBlock(nn.Module):
+class ResolutionBlock(nn.Module):
+    """What G's and D's blocks share: one resolution, its channels, and the precision policy's switch
+    (:func:`set_reduced_precision` sets ``compute_dtype`` of the ``reduced_eligible`` blocks)."""
+
+    def __init__(self, in_channels: int, out_channels: int, resolution: int, img_channels: int,
+                 reduced_eligible: bool) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.resolution = in_channels, out_channels, resolution
+        self.img_channels = img_channels
+        self.reduced_eligible = reduced_eligible
+        self.compute_dtype = torch.float32
+
+
+class SynthesisBlock(ResolutionBlock):
     """One resolution of the skip architecture: [const | 2x-up conv] -> conv -> toRGB, img summed."""
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
                  conv_clamp: float | None = None, reduced_eligible: bool = False):
-        super().__init__()
-        self.in_channels, self.out_channels, self.resolution = in_channels, out_channels, resolution
-        self.img_channels = img_channels
-        self.reduced_eligible = reduced_eligible  # see set_reduced_precision
-        self.compute_dtype = torch.float32
+        super().__init__(in_channels, out_channels, resolution, img_channels, reduced_eligible)
         self.is_first = resolution == INIT_RESOLUTION
         if self.is_first:
             self.const = nn.Parameter(torch.randn(out_channels, resolution, resolution))
@@ -533,16 +542,12 @@ class Generator(nn.Module):
 # Discriminator and encoder
 
 
-class DiscriminatorBlock(nn.Module):
+class DiscriminatorBlock(ResolutionBlock):
     """Residual block: (conv3x3 -> conv3x3 down) + 1x1 down skip, sum scaled by 1/sqrt(2)."""
 
     def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
                  conv_clamp: float | None = None, reduced_eligible: bool = False):
-        super().__init__()
-        self.in_channels, self.out_channels, self.resolution = in_channels, out_channels, resolution
-        self.img_channels = img_channels
-        self.reduced_eligible = reduced_eligible  # see set_reduced_precision
-        self.compute_dtype = torch.float32
+        super().__init__(in_channels, out_channels, resolution, img_channels, reduced_eligible)
         if in_channels == 0:  # the first block reads the image
             self.fromrgb = Conv2dLayer(img_channels, tmp_channels, kernel_size=1, conv_clamp=conv_clamp)
         self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, kernel_size=3, conv_clamp=conv_clamp)

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import decode_image, load_batch
@@ -61,8 +62,6 @@ class ImageDataset(Dataset):
             self._fill_cache(threads, progress)
 
     def _fill_cache(self, threads: int, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
         kept_uris: list[str] = []
         kept_images: list[np.ndarray] = []
         with tqdm(total=len(self.uris), desc="decode training images", unit="img", disable=not progress) as bar:

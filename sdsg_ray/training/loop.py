@@ -29,15 +29,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tensorboardX import SummaryWriter
 from torch import Tensor, nn
 
-from sdsg_ray.artifacts.checkpoint import InferenceBundle, export_discriminator, export_inference, load_discriminator, load_inference
+from sdsg_ray.artifacts.checkpoint import InferenceBundle, ModelDir, export_discriminator, export_inference, load_discriminator, load_inference
 from sdsg_ray.config import ConfigError, ModelConfig, SDSGConfig
 from sdsg_ray.imaging import encode_png, image_grid, to_uint8
-from sdsg_ray.models.networks import REDUCED_DTYPES, build_networks, set_reduced_precision
+from sdsg_ray.manifest import resolve_images
+from sdsg_ray.models.networks import REDUCED_DTYPES, build_networks, reconstruct, set_reduced_precision
+from sdsg_ray.pretrained import build_metric
 from sdsg_ray.storage import Storage, get_storage, join
 from sdsg_ray.training.data import ImageDataset, StepBatchSampler, seed_for, cache_fits, make_loader
-from sdsg_ray.models.networks import reconstruct
 from sdsg_ray.training.losses import SDSGLoss, Wrapped, ema_beta, lazy_regularization_adam
 
 log = logging.getLogger(__name__)
@@ -469,8 +471,6 @@ def artifact_name(kimg: float) -> str:
 
 
 def load_dataset(config: SDSGConfig, storage: Storage, progress: bool) -> ImageDataset:
-    from sdsg_ray.manifest import resolve_images
-
     tc = config.train
     uris = resolve_images(tc.data, storage)
     if not uris:
@@ -487,8 +487,6 @@ class _TensorBoard:
     DIR = "tensorboard"
 
     def __init__(self, storage: Storage, out: str) -> None:
-        from tensorboardX import SummaryWriter
-
         self.storage, self.out = storage, out
         self.local = tempfile.mkdtemp(prefix="sdsg-tensorboard-")
         self.writer = SummaryWriter(self.local, flush_secs=3600)
@@ -536,7 +534,7 @@ class _Artifacts:
         self._flush_metrics()
         meta = {"stage": run.config.train.stage, "step": run.step_count, "kimg": run.kimg, "metric": self.metric_name,
                 "seed": run.config.train.seed}  # the untrained-network control rebuilds the initialisation from it
-        uri = join(out, "inference.pt")
+        uri = ModelDir(out).inference
         run.export_inference(meta, uri, storage)
         run.export_discriminator(out, storage)
         return uri
@@ -581,8 +579,6 @@ def run_loop(
     ``report(metrics, make_state)`` is called on every rank at every log point (``make_state`` is
     None except at checkpoints, where calling it returns ``TrainingRun.state_dict()``).
     """
-    from sdsg_ray.pretrained import build_metric
-
     config = with_checkpoint_model(config)
     tc = config.train
     rank, world_size = _dist_world()
@@ -599,7 +595,7 @@ def run_loop(
     report = report or (lambda metrics, make_state: None)
 
     total_steps, checkpoint_every = _step_schedule(config)
-    inference_uri = join(tc.out, "inference.pt")
+    inference_uri = ModelDir(tc.out).inference
     last: dict[str, Any] = {}
     if run.step_count == 0:  # the starting point, for before/after comparisons
         last = {"step": 0, "kimg": 0.0, **(artifacts.eval_metrics() if artifacts else {})}

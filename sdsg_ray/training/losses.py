@@ -200,14 +200,9 @@ class SDSGLoss:
     ):
         if nets.E is not None and metric is None:
             raise ValueError("stage 'joint' needs a perceptual metric for L_rec,LPIPS")
-        self.nets = nets
-        self.num_ws = num_ws
-        self.metric = metric
-        self.r1_gamma = r1_gamma
-        self.pl_weight = pl_weight
-        self.pl_batch_shrink = pl_batch_shrink
-        self.pl_mean = PathLengthMean(pl_decay)
-        self.style_mixing_prob = style_mixing_prob
+        self.nets, self.num_ws, self.metric = nets, num_ws, metric
+        self.r1_gamma, self.style_mixing_prob = r1_gamma, style_mixing_prob
+        self.pl_weight, self.pl_batch_shrink, self.pl_mean = pl_weight, pl_batch_shrink, PathLengthMean(pl_decay)
         self.lambda_w, self.lambda_l1, self.lambda_lpips = lambda_w, lambda_l1, lambda_lpips
 
     # forward helpers ---------------------------------------------------------------------------

@@ -9,12 +9,12 @@ samples then costs one feature pass plus a [B, K] distance, never B*K LPIPS call
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-AssignBy = Literal["lpips", "learned", "w"]
-ASSIGNMENTS: tuple[str, ...] = ("lpips", "learned", "w")
+from sdsg_ray.truncation.modes import ASSIGNMENTS, AssignBy
+
 NOISE_MODE = "const"  # the same w must always give the same image, for samples and for centers alike
 
 

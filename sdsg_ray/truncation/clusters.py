@@ -7,110 +7,21 @@ mean, so that low psi keeps the modes (breeds, poses, colours) instead of collap
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from tqdm import tqdm
 
+from sdsg_ray.artifacts.checkpoint import load_inference
+from sdsg_ray.artifacts.clusters import ClusterFile, ClusterSet
 from sdsg_ray.config import SDSGConfig
-from sdsg_ray.errors import InvalidRequest
-from sdsg_ray.storage import Storage, get_storage, join
+from sdsg_ray.pretrained import build_metric, resolve_metric
+from sdsg_ray.storage import get_storage
+from sdsg_ray.truncation.learned import fit_learned_assignment
 
 log = logging.getLogger(__name__)
-
-CLUSTERS_FILE = "clusters.pt"
-FORMAT = "sdsg-clusters/1"
-
-
-@dataclass
-class ClusterSet:
-    """The fitted centers and where they came from (enough to refuse a mismatched generator)."""
-
-    centers: torch.Tensor  # [K, w_dim] float32
-    sizes: torch.Tensor  # [K] int64: how many of the n_latents mapped w fell in each cluster
-    seed: int
-    metric: str  # perceptual metric the Sampler assigns with (resolved name, never "auto")
-    checkpoint: str  # InferenceBundle.identity of the generator the w came from
-    config: dict = field(default_factory=dict)  # the ClusterConfig used
-    identity: str = ""  # sha256 of the file's bytes, first 16 hex chars (set on save/load)
-    w_mean: torch.Tensor | None = None  # [w_dim] mean of the mapped w clustered: mean truncation's centre
-    classifier: dict | None = None  # learned.CenterClassifier.state(): w -> LPIPS-nearest center (tensors)
-    assignment_quality: dict = field(default_factory=dict)  # its held-out quality (learned.assignment_quality)
-    judge_resolution: int | None = None  # side the metric sees G(w) and the centers at (None: the image's own)
-
-    def __post_init__(self) -> None:
-        assert self.centers.ndim == 2, f"centers must be [K, w_dim], got {tuple(self.centers.shape)}"
-        assert self.sizes.shape == (self.centers.shape[0],), "sizes must be [K]"
-
-    @property
-    def count(self) -> int:
-        return int(self.centers.shape[0])
-
-    def to_bytes(self) -> bytes:
-        payload = {
-            "format": FORMAT,
-            "centers": self.centers.detach().cpu().float().contiguous(),
-            "sizes": self.sizes.detach().cpu().long(),
-            "seed": int(self.seed),
-            "metric": self.metric,
-            "checkpoint": self.checkpoint,
-            "config": dict(self.config),
-        }
-        if self.judge_resolution is not None:
-            payload["judge_resolution"] = int(self.judge_resolution)
-        if self.w_mean is not None:
-            payload["w_mean"] = self.w_mean.detach().cpu().float().contiguous()
-        if self.classifier is not None:
-            payload["classifier"] = self.classifier
-            payload["assignment_quality"] = dict(self.assignment_quality)
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        return buf.getvalue()
-
-
-def _identity(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def clusters_uri(uri: str) -> str:
-    """Accept either the clustering --out prefix or the clusters.pt itself."""
-    return uri if uri.endswith(".pt") else join(uri, CLUSTERS_FILE)
-
-
-def save_clusters(clusters: ClusterSet, uri: str, storage: Storage | None = None) -> str:
-    """Write ``<uri>/clusters.pt`` (or ``uri`` if it names a .pt); returns the file's URI."""
-    target = clusters_uri(uri)
-    data = clusters.to_bytes()
-    (storage or get_storage()).write_bytes(target, data)
-    clusters.identity = _identity(data)
-    return target
-
-
-def load_clusters(uri: str, storage: Storage | None = None) -> ClusterSet:
-    """Load a clusters.pt written by ``save_clusters`` (weights_only: no code runs on load)."""
-    target = clusters_uri(uri)
-    data = (storage or get_storage()).read_bytes(target)
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise InvalidRequest(f"{target}: not a clusters file (expected format {FORMAT!r})")
-    return ClusterSet(
-        centers=payload["centers"].float(),
-        sizes=payload["sizes"].long(),
-        seed=int(payload["seed"]),
-        metric=str(payload["metric"]),
-        checkpoint=str(payload["checkpoint"]),
-        config=dict(payload["config"]),
-        identity=_identity(data),
-        w_mean=payload["w_mean"].float() if "w_mean" in payload else None,  # absent in older files
-        classifier=payload.get("classifier"),
-        assignment_quality=dict(payload.get("assignment_quality", {})),
-        judge_resolution=payload.get("judge_resolution"),  # absent: files written before issue 31 (own size)
-    )
 
 
 @torch.no_grad()
@@ -138,9 +49,6 @@ def fit_centers(w: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor
 
 def _learned_assignment(cfg, bundle, w: torch.Tensor, centers: torch.Tensor, metric: str, device: str):
     """Label the first ``classifier_latents`` mapped w with the LPIPS rule and fit w -> center on them."""
-    from sdsg_ray.pretrained import build_metric
-    from sdsg_ray.truncation.learned import fit_learned_assignment
-
     n = min(cfg.classifier_latents, len(w))
     log.info("learned assignment: labelling %d latents with their LPIPS-nearest center", n)
     full = int(bundle.G_ema.resolution)
@@ -154,10 +62,7 @@ def _learned_assignment(cfg, bundle, w: torch.Tensor, centers: torch.Tensor, met
 
 
 def run_clustering(config: SDSGConfig) -> str:
-    """``sdsg cluster``: fit the centers for a checkpoint's G_ema and write ``<out>/clusters.pt``."""
-    from sdsg_ray.artifacts.checkpoint import load_inference
-    from sdsg_ray.pretrained import resolve_metric
-
+    """``sdsg cluster``: fit the centers for a checkpoint's G_ema and write them to ``--out`` (a ClusterFile)."""
     cfg = config.cluster
     storage = get_storage(config.storage)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,7 +78,7 @@ def run_clustering(config: SDSGConfig) -> str:
     )
     if cfg.classifier_latents > 0:
         result.classifier, result.assignment_quality = _learned_assignment(cfg, bundle, w, centers, metric, device)
-    target = save_clusters(result, cfg.out, storage)
+    target = ClusterFile(cfg.out).write(result, storage)
     log.info("wrote %s (identity %s); cluster sizes min %d max %d", target, result.identity,
              int(sizes.min()), int(sizes.max()))
     return target

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 
+from sdsg_ray.artifacts.generated import GeneratedImages
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import encode_png, square_grid
-from sdsg_ray.storage import get_storage, join
-from sdsg_ray.truncation.sampler import SEED_MAX, SampleSpec, load_sampler
+from sdsg_ray.storage import get_storage
+from sdsg_ray.truncation.modes import SEED_MAX, TRUNCATION_MODES, SampleSpec
+from sdsg_ray.truncation.sampler import load_sampler
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +40,26 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_generate(config: SDSGConfig) -> dict:
-    """Write ``<out>/seedNNNN.png`` for every seed and ``<out>/grid.png``; returns the paths and settings."""
+    """Write every seed's PNG and their grid to ``--out`` (GeneratedImages); returns the paths and settings."""
     cfg = config.generate
     seeds = parse_seeds(cfg.seeds)
     storage = get_storage(config.storage)
-    if cfg.truncation == "multimodal" and not cfg.clusters:
-        raise InvalidRequest("generate.truncation 'multimodal' needs --clusters (the `sdsg cluster` --out of this checkpoint)")
+    out = GeneratedImages(cfg.out)
+    mode = TRUNCATION_MODES[cfg.truncation]
+    if mode.uses_clusters and not cfg.clusters:
+        raise InvalidRequest(f"generate.truncation {mode.name!r} needs --clusters (the `sdsg cluster` --out of this "
+                             "checkpoint)")
     sampler = load_sampler(cfg.checkpoint, cfg.clusters, storage, assign_by=cfg.assign_by, batch_size=cfg.batch_size)
     specs = [SampleSpec(seed, cfg.psi, cfg.truncation) for seed in seeds]
     images = sampler.render_specs(specs)
     paths = []
     for seed, image in zip(seeds, images):
-        path = join(cfg.out, f"seed{seed:04d}.png")
+        path = out.image(seed)
         storage.write_bytes(path, encode_png(image))
         paths.append(path)
-    grid = join(cfg.out, "grid.png")
+    grid = out.grid
     storage.write_bytes(grid, encode_png(square_grid(images)))
     log.info("wrote %d images and %s (psi %.2f, truncation %s)", len(paths), grid, cfg.psi, cfg.truncation)
     return {"grid": grid, "images": len(paths), "psi": cfg.psi, "truncation": cfg.truncation,
-            "assignment": sampler.assign_by if cfg.truncation == "multimodal" else None,
+            "assignment": sampler.assign_by if mode.uses_clusters else None,
             "checkpoint": sampler.bundle.identity}

@@ -1,11 +1,7 @@
 """The one way to sample: seed -> z -> w -> truncated w -> image, used by Serve, evaluation and the demo.
 
-Truncation (w_t = psi * w + (1 - psi) * target):
-  none        target = w (psi is ignored)
-  mean        target = the global mean: the clusters file's w_mean when present, else w_avg (StyleGAN's trick)
-  multimodal  target = the center nearest to w, or a forced one; "nearest" by the assignment rule:
-              lpips (the paper: LPIPS between G(w) and G(c)), learned (a w -> center classifier fitted
-              to the lpips rule by `sdsg cluster`, no extra synthesis pass) or w (Euclidean in W)
+Truncation (w_t = psi * w + (1 - psi) * target): each sample's mode picks its target; the modes and
+what each one does are the registry in :mod:`sdsg_ray.truncation.modes`.
 
 Reproducibility: each sample's z comes from its own torch.Generator seeded with its seed, the noise
 is constant, and every forward pass (mapping, assignment, synthesis) is padded to a row count checked
@@ -16,70 +12,29 @@ round differently; never on which other samples shared its batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Sequence, get_args
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
+from sdsg_ray.artifacts.checkpoint import load_inference
+from sdsg_ray.artifacts.clusters import ClusterSet, load_clusters
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import encode_png, square_grid, to_uint8
 from sdsg_ray.models import truncate
-from sdsg_ray.truncation.assign import ASSIGNMENTS, AssignBy, PassRows, build_assigner, render
-from sdsg_ray.truncation.clusters import ClusterSet
-
-Mode = Literal["none", "mean", "multimodal"]
-MODES: tuple[str, ...] = get_args(Mode)
-SEED_MAX = 2**32 - 1
-
-
-class InvalidSample(InvalidRequest):
-    """A sample outside the model's limits; ``field`` names the offending SampleSpec field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """One image to draw; a batch may mix settings freely."""
-
-    seed: int
-    psi: float = 1.0
-    mode: Mode = "none"
-    cluster: int | None = None  # force this center (multimodal only); None = nearest
-    assignment: str | None = None  # rule picking the nearest center (multimodal); None = the model's default
-
-    def check(self, num_clusters: int, assignments: Sequence[str] | None = None) -> None:
-        """The one validation of a sample (the Sampler and the HTTP service both call it): raises
-        InvalidSample naming the field. ``num_clusters``: centers loaded (0 = no multi-modal);
-        ``assignments``: the assignment rules the model offers (None: not checked beyond the names)."""
-        if not 0 <= self.seed <= SEED_MAX:
-            raise InvalidSample("seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
-        if not 0.0 <= self.psi <= 1.0:
-            raise InvalidSample("psi", f"must be in [0, 1], got {self.psi}")
-        if self.mode not in MODES:
-            raise InvalidSample("truncation", f"must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "multimodal" and num_clusters == 0:
-            raise InvalidSample("truncation", "'multimodal' needs clusters (run `sdsg cluster`); use 'mean' or 'none'")
-        if self.cluster is not None:
-            if self.mode != "multimodal":
-                raise InvalidSample("cluster", "a cluster can only be forced with truncation 'multimodal'")
-            if not 0 <= self.cluster < num_clusters:
-                raise InvalidSample("cluster", f"must be in [0, {num_clusters - 1}], got {self.cluster}")
-        if self.assignment is not None:
-            if self.assignment not in ASSIGNMENTS:
-                raise InvalidSample("assignment", f"must be one of {ASSIGNMENTS}, got {self.assignment!r}")
-            if self.mode != "multimodal" or self.cluster is not None:
-                raise InvalidSample("assignment", "only applies to truncation 'multimodal' without a forced cluster")
-            if assignments is not None and self.assignment not in assignments:
-                raise InvalidSample("assignment", f"{self.assignment!r} is not available here; "
-                                    f"available: {tuple(assignments)}")
-
-
-NO_CENTER = -1  # the center index of a sample truncated toward none (modes 'none' and 'mean')
+from sdsg_ray.pretrained import build_metric
+from sdsg_ray.truncation.assign import PassRows, build_assigner, render
+from sdsg_ray.truncation.learned import CenterClassifier
+from sdsg_ray.truncation.modes import (
+    ASSIGNMENTS,
+    NO_CENTER,
+    SEED_MAX,
+    TRUNCATION_MODES,
+    AssignBy,
+    InvalidSample,
+    SampleSpec,
+)
 
 
 def seed_latent(seed: int, z_dim: int) -> torch.Tensor:
@@ -131,11 +86,8 @@ class Sampler:
                 raise InvalidRequest(f"assign_resolution must be one of this generator's block resolutions "
                                  f"{self.G.synthesis.block_resolutions}, got {assign_resolution}")
             self.centers = clusters.centers.to(self.device).float()
-            classifier = None
-            if clusters.classifier is not None:
-                from sdsg_ray.truncation.learned import CenterClassifier
-
-                classifier = CenterClassifier.from_state(clusters.classifier)
+            classifier = (CenterClassifier.from_state(clusters.classifier) if clusters.classifier is not None
+                          else None)
             available = [by for by in ASSIGNMENTS if by == self.assign_by or (by == "lpips" and metric is not None)
                          or (by == "learned" and classifier is not None) or by == "w"]
             self.assigners = {by: build_assigner(by, self.G.synthesis, self.centers, self.rows, metric,
@@ -175,24 +127,17 @@ class Sampler:
     @torch.no_grad()
     def truncated_latents(self, specs: Sequence[SampleSpec], w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w_t [B, w_dim] for each spec's own psi, mode and cluster (B <= batch_size), and the center each
-        sample was truncated toward, int64 [B] (NO_CENTER for modes 'none' and 'mean'), so a client can
-        say which cluster 'nearest' chose."""
-        targets = w.clone()
+        sample was truncated toward, int64 [B] (NO_CENTER where its mode has none), so a client can say
+        which cluster 'nearest' chose. Each mode computes the targets of its own samples, in one batch."""
+        targets = torch.empty_like(w)
         center = torch.full((len(specs),), NO_CENTER, dtype=torch.long)
-        is_mean = torch.tensor([s.mode == "mean" for s in specs], device=self.device)
-        targets[is_mean] = self.w_avg
-        forced = [i for i, s in enumerate(specs) if s.mode == "multimodal" and s.cluster is not None]
-        if forced:
-            center[forced] = torch.tensor([specs[i].cluster for i in forced])
-        for by, assigner in self.assigners.items():
-            nearest = [i for i, s in enumerate(specs)
-                       if s.mode == "multimodal" and s.cluster is None and (s.assignment or self.assign_by) == by]
-            if nearest:  # each assigner pads its own passes: a center never depends on the rest of the chunk
-                center[nearest] = assigner.assign(w[nearest]).cpu()
-        chosen = (center != NO_CENTER).nonzero().flatten().tolist()
-        if chosen:
-            targets[chosen] = self.centers[center[chosen].to(self.device)]
-        psi = torch.tensor([s.psi if s.mode != "none" else 1.0 for s in specs], device=self.device)
+        for name, mode in TRUNCATION_MODES.items():
+            rows = [i for i, s in enumerate(specs) if s.mode == name]
+            if rows:
+                targets[rows], chosen = mode.targets(self, [specs[i] for i in rows], w[rows])
+                if chosen is not None:
+                    center[rows] = torch.tensor(chosen, dtype=torch.long)
+        psi = torch.tensor([s.psi if TRUNCATION_MODES[s.mode].uses_psi else 1.0 for s in specs], device=self.device)
         return truncate(w, targets, psi), center
 
     @torch.no_grad()
@@ -215,7 +160,7 @@ class Sampler:
         """Images for mixed per-item settings, uint8 NHWC [B, R, R, 3]."""
         return self.render_with_centers(specs)[0]
 
-    def sample(self, seeds: Sequence[int], psi: float = 1.0, mode: Mode = "none",
+    def sample(self, seeds: Sequence[int], psi: float = 1.0, mode: str = "none",
                cluster: int | None = None) -> np.ndarray:
         """Images for the seeds with one setting, uint8 NHWC [B, R, R, 3]."""
         return self.render_specs([SampleSpec(int(s), float(psi), mode, cluster) for s in seeds])
@@ -246,16 +191,11 @@ def load_sampler(checkpoint: str, clusters: str | None = None, storage=None,
                  assign_resolution: int | None = None) -> Sampler:
     """A Sampler from URIs: the checkpoint's G_ema, its clusters and the metric the clusters name (loaded
     whenever there are clusters, so the paper's LPIPS rule stays available per sample)."""
-    from sdsg_ray.artifacts.checkpoint import load_inference
-    from sdsg_ray.truncation.clusters import load_clusters
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bundle = load_inference(checkpoint, storage, device=device)
     cluster_set = load_clusters(clusters, storage) if clusters else None
     metric = None
     if cluster_set is not None:
-        from sdsg_ray.pretrained import build_metric
-
         metric = build_metric(cluster_set.metric, device=device, judge_resolution=cluster_set.judge_resolution)
     return Sampler(bundle, cluster_set, metric, assign_by=assign_by, batch_size=batch_size,
                    assign_resolution=assign_resolution)

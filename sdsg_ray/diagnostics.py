@@ -1,4 +1,6 @@
-"""Controls for the outlier claim: what d(x) = LPIPS(x, G(E(x))) must beat to mean anything.
+"""Outlier diagnostics: the selection as an outlier detector against planted labels, and the controls
+that d(x) = metric(x, G(E(x))) must beat to mean anything. Filtering (report.json's ``outliers``) and
+evaluation (results.json's ``outliers``, with the controls) both call :func:`outlier_detection`.
 
 - Trivial detectors: image statistics that need no model (PNG size, gradient energy, distance of the
   mean colour from the set's mean colour, foreground share). If one of them separates the outliers,
@@ -13,12 +15,21 @@ max(AUROC, 1 - AUROC), since a statistic that runs the other way separates just 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
-from sdsg_ray.imaging import encode_png, to_tensor
+from sdsg_ray.artifacts.checkpoint import load_inference
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, ScoreSet
+from sdsg_ray.artifacts.dataset import read_labels
+from sdsg_ray.imaging import encode_png, load_batch, to_tensor
+from sdsg_ray.manifest import read_manifest
+from sdsg_ray.models import reconstruct
+from sdsg_ray.models.networks import build_networks
+from sdsg_ray.pretrained import build_metric
+from sdsg_ray.storage import Storage
 
 TRIVIAL_DETECTORS = ("png_size", "gradient_energy", "mean_colour_distance", "foreground_share")
 # A pixel is foreground when its colour is this far (L2, 0..255 scale) from its row's background colour.
@@ -51,8 +62,6 @@ def trivial_scores(images: np.ndarray) -> dict[str, np.ndarray]:
 def auroc_report(is_outlier: np.ndarray, score: np.ndarray, kinds: np.ndarray | None = None) -> dict:
     """AUROC overall and per outlier kind (each kind against all inliers); None where undefined
     (a group without both classes)."""
-    from sklearn.metrics import roc_auc_score
-
     y = np.asarray(is_outlier, bool)
     score = np.asarray(score, np.float64)
 
@@ -84,8 +93,6 @@ def trivial_report(images: np.ndarray, is_outlier: np.ndarray, kinds: np.ndarray
 def reconstruction_scores(synthesis: torch.nn.Module, encoder: torch.nn.Module, images: np.ndarray,
                           metric: Callable, device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
     """d(x) = metric(x, G(E(x))) for uint8 images [N, R, R, 3], through models.reconstruct."""
-    from sdsg_ray.models import reconstruct
-
     out = []
     for start in range(0, len(images), batch_size):
         x = to_tensor(images[start:start + batch_size]).to(device)
@@ -97,8 +104,6 @@ def reconstruction_scores(synthesis: torch.nn.Module, encoder: torch.nn.Module, 
 def untrained_networks(model_config, seed: int, device: str | torch.device = "cpu"):
     """(G, E) as stage 1 initialises them: torch seeded with the training seed, then built (what
     ``TrainingRun`` does before its first step), in eval mode."""
-    from sdsg_ray.models.networks import build_networks
-
     torch.manual_seed(seed)
     G, _, E = build_networks(model_config)
     return G.to(device).eval(), E.to(device).eval()
@@ -109,3 +114,70 @@ def untrained_scores(model_config, seed: int, images: np.ndarray, metric: Callab
     """The untrained-network control: d(x) with stage 1's initial (G, E), scored as the trained one is."""
     G, E = untrained_networks(model_config, seed, device)
     return reconstruction_scores(G.synthesis, E, images, metric, device, batch_size)
+
+
+def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: Storage,
+                      controls_device: str | None = None, batch_size: int = 64) -> dict:
+    """The selection as an outlier detector against planted labels: removed images are its positives.
+    With ``controls_device``, also the controls on the same images (:func:`outlier_controls`)."""
+    label_by_key = {row["key"]: row for row in read_labels(labels_uri, storage)}
+    kept = set(read_manifest(kept_uri, storage))
+    y_true, y_score, removed, kinds, keys = [], [], [], [], []
+    unlabelled = 0
+    rows = ((str(k), s, float(d)) for batch in ScoreSet(scores_uri).iter_batches(storage, ["key", "status", SCORE_COLUMN])
+            for k, s, d in zip(batch["key"], batch["status"], batch[SCORE_COLUMN]))
+    for key, status, d in rows:
+        if status != "ok":
+            continue
+        if key not in label_by_key:
+            unlabelled += 1
+            continue
+        y_true.append(label_by_key[key]["is_outlier"])
+        kinds.append(label_by_key[key].get("kind") or "")  # hand-made labels may have no kind column
+        y_score.append(d)
+        keys.append(key)
+        removed.append(key not in kept)
+    y_true_a, removed_a = np.array(y_true, bool), np.array(removed, bool)
+    score_a, kinds_a = np.array(y_score, np.float64), np.array(kinds)
+    tp = int((y_true_a & removed_a).sum())
+    # Each outlier kind against all inliers: which kinds the generator fails to reconstruct, and which it can.
+    ranking = auroc_report(y_true_a, score_a, kinds_a)
+    result = {
+        "images": len(y_true), "outliers": int(y_true_a.sum()), "removed": int(removed_a.sum()),
+        "true_positives": tp,
+        "precision": tp / max(1, int(removed_a.sum())),
+        "recall": tp / max(1, int(y_true_a.sum())),
+        "auroc": ranking["auroc"],
+        "auroc_by_kind": ranking["auroc_by_kind"],
+        "outlier_fraction_raw": float(y_true_a.mean()) if len(y_true_a) else None,
+        "outlier_fraction_kept": float(y_true_a[~removed_a].mean()) if (~removed_a).any() else None,
+        # the selection at random: removing as many images blindly gives precision = the outlier share
+        "precision_random": float(y_true_a.mean()) if len(y_true_a) else None,
+        "recall_random": float(removed_a.mean()) if len(removed_a) else None,
+        "unlabelled": unlabelled,
+    }
+    if controls_device is not None and keys:
+        result["controls"] = outlier_controls(keys, y_true_a, kinds_a, scores_uri, storage, controls_device, batch_size)
+    return result
+
+
+def outlier_controls(keys: Sequence[str], is_outlier: np.ndarray, kinds: np.ndarray, scores_uri: str,
+                     storage: Storage, device: str, batch_size: int) -> dict:
+    """The controls beside d(x)'s AUROC on the same images: the untrained network (stage 1's seeded
+    initialisation, same architecture and metric, scored through models.reconstruct) and the trivial
+    detectors above."""
+    summary = ScoreSet(scores_uri).read_summary(storage)
+    bundle = load_inference(summary["checkpoint"], storage, device="cpu")
+    batch = load_batch(list(keys), storage, bundle.model.resolution)
+    ok = batch["status"] == "ok"
+    images, y, k = batch["image"][ok], np.asarray(is_outlier)[ok], np.asarray(kinds)[ok]
+    seed = int(bundle.meta.get("seed", 0))
+    metric = build_metric(summary["metric"], device=device, judge_resolution=summary.get("judge_resolution"))
+    d0 = untrained_scores(bundle.model, seed, images, metric, device, batch_size)
+    return {
+        "untrained": {**auroc_report(y, d0, k), "seed": seed, "metric": summary["metric"],
+                      "judge": metric.label(bundle.model.resolution),
+                      "note": "same architecture, initialised from the training seed, scored the same way"},
+        "trivial": trivial_report(images, y, k),
+        "images": int(ok.sum()),
+    }
