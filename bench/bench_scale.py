@@ -170,7 +170,7 @@ def write_score_shards(out: Path, rows: int, seed: int = 0, shard_rows: int = 10
 
     import pyarrow.parquet as pq
 
-    from sdsg_ray.artifacts.scores import SCORE_COLUMN, SCORE_SCHEMA, SUMMARY_FILE, score_shard_uri
+    from sdsg_ray.artifacts.scores import SCORE_COLUMN, SCORE_SCHEMA, ScoreSet
     from sdsg_ray.storage import get_storage
 
     storage, rng = get_storage(), np.random.default_rng(seed)
@@ -193,11 +193,11 @@ def write_score_shards(out: Path, rows: int, seed: int = 0, shard_rows: int = 10
             SCORE_COLUMN: pa.array(d, mask=~ok), "d_l1": pa.array(d, mask=~ok),
             "feat_real": feats(real), "feat_recon": feats(recon),
         }, schema=SCORE_SCHEMA)
-        with storage.open_write(score_shard_uri(str(out), shard_id)) as f:
+        with storage.open_write(ScoreSet(str(out)).shard(shard_id)) as f:
             pq.write_table(table, f)
     summary = {"features": "stlpips-alex-pool", "features_is_inception": False, "metric": "stlpips-alex",
                "checkpoint": None, "checkpoint_identity": None}
-    storage.write_text(str(out / SUMMARY_FILE), json.dumps(summary))
+    storage.write_text(ScoreSet(str(out)).summary, json.dumps(summary))
 
 
 SELECT_CODE = PEAK + """

@@ -1,15 +1,10 @@
-"""The ``sdsg`` command line: flags -> one layered config -> one stage function.
+"""The ``sdsg`` command line: flags -> one layered config (:func:`sdsg_ray.config.build_config`) -> one stage.
 
-Each subcommand names config fields it exposes as flags; the config is built by
-:func:`sdsg_ray.config.build_config` from the layers default < the command's own defaults (the demo's)
-< ``--config`` files < ``--set`` overrides < named flags, and handed to the stage. ``jobs/<name>.py``
-call :func:`main` too, so the CLI and ``ray job submit`` never drift. This is the app layer: the table of
-commands (each a stage function, or a composition such as the pipeline followed by the sampler) lives
-here and nowhere in ``sdsg_ray``.
-
-What reaches the terminal is decided here: progress and log lines on stderr, a stage's result as JSON
-on stdout, and a user error (:class:`~sdsg_ray.errors.UserError`) as one line on stderr with exit
-status 1 (2 for a bad setting); ``--debug`` shows tracebacks instead.
+The app layer: the one table of commands (each a stage function, or a composition such as the pipeline
+followed by the sampler) lives here, and ``jobs/<name>.py`` call :func:`main` too, so the CLI and ``ray job
+submit`` never drift. Progress and logs go to stderr, a stage's result as JSON to stdout, and a user error
+(:class:`~sdsg_ray.errors.UserError`) is one line on stderr with exit status 1 (2 for a bad setting);
+``--debug`` shows tracebacks instead.
 """
 
 from __future__ import annotations
@@ -257,13 +252,6 @@ def user_error(err: BaseException) -> UserError | None:
     return None
 
 
-def _print_result(result: Any) -> None:
-    if isinstance(result, (dict, list)):
-        print(json.dumps(result, indent=2, default=str))
-    elif isinstance(result, str):
-        print(result)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -290,7 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"sdsg {args.command}: error: {known}", file=sys.stderr)
         return 2 if isinstance(known, ConfigError) else 1
-    _print_result(result)
+    if isinstance(result, (dict, list)):
+        print(json.dumps(result, indent=2, default=str))
+    elif isinstance(result, str):
+        print(result)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 

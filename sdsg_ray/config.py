@@ -500,25 +500,6 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.field=value")
-    key, raw = item.split("=", 1)
-    path = key.strip().split(".")
-    # YAML parsing gives ints, floats, bools, null and lists their natural types.
-    return path, yaml.safe_load(raw) if raw != "" else ""
-
-
-def _set_dotted(tree: dict, path: Sequence[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
 Layer = tuple[str, Mapping[str, Any]]  # (layer name, {"section.field": value})
 
 
@@ -551,20 +532,19 @@ def overrides_layer(overrides: Sequence[str] | Mapping[str, Any]) -> Layer:
         return "set", dict(overrides)
     fields = {}
     for item in overrides:
-        path, value = _parse_override(item)
-        fields[".".join(path)] = value
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        # YAML parsing gives ints, floats, bools, null and lists their natural types.
+        fields[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
     return "set", fields
 
 
 def build_config(*layers: Layer) -> SDSGConfig:
-    """The one way to build a config: layers applied over the built-in defaults in the order given.
-
-    Each layer is ``(name, {"section.field": value})``. The CLI passes them in :data:`LAYERS` order:
-    the command's own defaults (the demo's), ``--config`` files, ``--set`` overrides, named flags. The
-    result remembers which layer set each field last (:meth:`SDSGConfig.source`), so derived values
-    never replace something a user set, even to a default's value. Raises ConfigError naming each bad
-    field.
-    """
+    """The one way to build a config: layers ``(name, {"section.field": value})`` applied over the built-in
+    defaults in the order given (the CLI's: :data:`LAYERS`). The result remembers which layer set each field
+    last (:meth:`SDSGConfig.source`), so derived values never replace something a user set, even to a
+    default's value. Raises ConfigError naming each bad field."""
     tree: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, fields in layers:
@@ -572,7 +552,7 @@ def build_config(*layers: Layer) -> SDSGConfig:
             path = key.split(".")
             if len(path) != 2:
                 raise ConfigError(f"{key}: settings are named section.field (e.g. train.kimg)")
-            _set_dotted(tree, path, value)
+            tree.setdefault(path[0], {})[path[1]] = value
             sources[key] = name
     try:
         config = SDSGConfig.model_validate(tree)

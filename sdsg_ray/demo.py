@@ -1,10 +1,9 @@
 """`sdsg demo`: the whole method end to end on a laptop-sized problem, then the live sampler.
 
-Generates the Internet-like synthetic dataset (inlier modes + planted outliers), runs the pipeline at tiny
-scale on a local Ray (stage 1, scoring, selection, stage 2 with its baselines, clustering, evaluation),
-writes the report (``RunLayout(out).report``) and serves the sampler until Ctrl-C. Sized to finish within 15 minutes
-on a 2-core CPU machine with no network (timings: docs/benchmarks.md). Re-running with the same ``--out``
-skips what is already done.
+Generates the synthetic dataset, runs the whole pipeline at tiny scale on a local Ray, writes the report
+(``RunLayout(out).report``) and serves the sampler until Ctrl-C. Sized to finish within 15 minutes on a
+2-core CPU machine with no network (timings: docs/benchmarks.md). Re-running with the same ``--out`` skips
+what is already done.
 
 The defaults live here (not only in configs/demo.yaml) so that the command works after a plain
 ``pip install`` too; configs/demo.yaml is the same config, commented, and a test keeps the two equal.
@@ -24,13 +23,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "sdsg-demo"
 
-# Training's reconstruction loss uses the shipped shift-tolerant AlexNet LPIPS (the paper uses LPIPS-VGG): on a
-# CPU the VGG trunk in every step would cost several times the whole training budget. Scoring d(x) uses the
-# shipped shift-tolerant VGG LPIPS (the paper's VGG family), once per image: a network the reconstruction was not
-# optimised against judges it, and on the demo's 2-kimg generator it ranks outliers above its untrained
-# control where the AlexNet one does not (docs/benchmarks.md, "Which network judges d(x)"). Both judge at the
-# images' own 32 px (judge_resolution null): shown the images at 64-256 px, no judge beat its untrained control by
-# more on both training seeds, at 2-10x the cost (docs/benchmarks.md, "The judge's size").
+# Training's loss uses the shipped shift-tolerant AlexNet LPIPS (the paper: LPIPS-VGG): on a CPU the VGG trunk
+# in every step would cost several times the whole training budget. Scoring d(x) uses the shift-tolerant VGG
+# LPIPS, once per image: a network the reconstruction was not optimised against judges it, and on the demo's
+# 2-kimg generator it ranks outliers above its untrained control where the AlexNet one does not. Both judge at
+# the images' own 32 px: at 64-256 px no judge beat its untrained control by more on both training seeds, at
+# 2-10x the cost (docs/benchmarks.md, "Which network judges d(x)" and "The judge's size").
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"resolution": 32, "z_dim": 64, "w_dim": 64, "mapping_layers": 2, "channel_base": 2048,
               "channel_max": 64},
@@ -49,14 +47,11 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-DEMO_LAYER = "command"
-
-
 def demo_config(*layers: Layer) -> SDSGConfig:
     """The demo's config: its defaults as the command layer, then whatever layers the caller adds
     (``("set", {"train.kimg": 0.5})``); what the CLI builds for ``sdsg demo``."""
     flat = {f"{section}.{name}": value for section, values in DEMO_DEFAULTS.items() for name, value in values.items()}
-    return build_config((DEMO_LAYER, flat), *layers)
+    return build_config(("command", flat), *layers)
 
 
 def _start_local_ray(config: SDSGConfig) -> None:
@@ -76,10 +71,7 @@ def _start_local_ray(config: SDSGConfig) -> None:
 def run_demo(config: SDSGConfig) -> str:
     """Dataset -> pipeline -> report; returns the report's URI. ``config`` is the resolved demo config
     (:func:`demo_config`, or ``sdsg demo`` with its flags); ``sdsg demo`` then serves the sampler (jobs.cli).
-
-    The pipeline, the report and Ray import torch and Ray: they are imported here, not with the module,
-    because the command line reads :data:`DEMO_DEFAULTS` for ``sdsg --help``.
-    """
+    Imports torch and Ray only here: the command line reads :data:`DEMO_DEFAULTS` for ``sdsg --help``."""
     from sdsg_ray.artifacts.layout import RunLayout
     from sdsg_ray.evaluation.report import write_report
     from sdsg_ray.pipeline import run_pipeline

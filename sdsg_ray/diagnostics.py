@@ -1,16 +1,12 @@
-"""Outlier diagnostics: the selection as an outlier detector against planted labels, and the controls
-that d(x) = metric(x, G(E(x))) must beat to mean anything. Filtering (report.json's ``outliers``) and
-evaluation (results.json's ``outliers``, with the controls) both call :func:`outlier_detection`.
-
-- Trivial detectors: image statistics that need no model (PNG size, gradient energy, distance of the
-  mean colour from the set's mean colour, foreground share). If one of them separates the outliers,
-  a high AUROC of d(x) says nothing about what the generator learnt.
-- The untrained network: the same architecture, initialised from the training seed (stage 1's step 0),
-  scored the same way through :func:`sdsg_ray.models.reconstruct`. A trained d(x) that does not beat it
-  measures the images' detail, not learning.
-
-AUROCs are reported as computed (outliers positive, higher score = more outlying); ``separation`` is
-max(AUROC, 1 - AUROC), since a statistic that runs the other way separates just as well.
+"""Outlier diagnostics: the selection as an outlier detector against planted labels (:func:`outlier_detection`,
+for filtering's report.json and evaluation's results.json), and the controls that d(x) = metric(x, G(E(x)))
+must beat to mean anything:
+- trivial detectors, image statistics that need no model: if one separates the outliers, a high AUROC of
+  d(x) says nothing about what the generator learnt;
+- the untrained network (stage 1's seeded step 0, scored the same way): a trained d(x) that does not beat
+  it measures the images' detail, not learning.
+AUROCs are as computed (outliers positive); ``separation`` is max(AUROC, 1 - AUROC), since a statistic that
+runs the other way separates just as well.
 """
 
 from __future__ import annotations
@@ -36,13 +32,6 @@ TRIVIAL_DETECTORS = ("png_size", "gradient_energy", "mean_colour_distance", "for
 FOREGROUND_DISTANCE = 40.0
 
 
-def _row_background(images: np.ndarray) -> np.ndarray:
-    """Per-row background colour [N, H, 1, 3]: the median of the two outermost columns on each side.
-    The shared backgrounds are vertical gradients (sky, ground), so each row's border is its backdrop."""
-    border = np.concatenate([images[:, :, :2], images[:, :, -2:]], axis=2).astype(np.float32)
-    return np.median(border, axis=2, keepdims=True)
-
-
 def trivial_scores(images: np.ndarray) -> dict[str, np.ndarray]:
     """Each trivial detector's score for uint8 images [N, R, R, 3] (higher = more outlying for
     png_size, gradient_energy and mean_colour_distance; foreground_share as measured)."""
@@ -50,7 +39,11 @@ def trivial_scores(images: np.ndarray) -> dict[str, np.ndarray]:
     x = images.astype(np.float32) / 255.0
     dx, dy = np.diff(x, axis=2), np.diff(x, axis=1)
     mean_colour = x.mean(axis=(1, 2))
-    fg = np.linalg.norm(images.astype(np.float32) - _row_background(images), axis=-1) > FOREGROUND_DISTANCE
+    # Each row's background [N, H, 1, 3]: the median of its two outermost columns on each side (the shared
+    # backgrounds are vertical gradients, sky and ground, so each row's border is its backdrop).
+    border = np.concatenate([images[:, :, :2], images[:, :, -2:]], axis=2).astype(np.float32)
+    background = np.median(border, axis=2, keepdims=True)
+    fg = np.linalg.norm(images.astype(np.float32) - background, axis=-1) > FOREGROUND_DISTANCE
     return {
         "png_size": np.array([len(encode_png(img)) for img in images], np.float64),
         "gradient_energy": (dx ** 2).mean(axis=(1, 2, 3)) + (dy ** 2).mean(axis=(1, 2, 3)),
@@ -82,11 +75,9 @@ def separation(auroc: float | None) -> float | None:
 
 def trivial_report(images: np.ndarray, is_outlier: np.ndarray, kinds: np.ndarray | None = None) -> dict:
     """{detector: {auroc, separation, auroc_by_kind}} for every trivial detector."""
-    out = {}
-    for name, score in trivial_scores(images).items():
-        rep = auroc_report(is_outlier, score, kinds)
-        out[name] = {"auroc": rep["auroc"], "separation": separation(rep["auroc"]), "auroc_by_kind": rep["auroc_by_kind"]}
-    return out
+    reports = {name: auroc_report(is_outlier, score, kinds) for name, score in trivial_scores(images).items()}
+    return {name: {"auroc": r["auroc"], "separation": separation(r["auroc"]), "auroc_by_kind": r["auroc_by_kind"]}
+            for name, r in reports.items()}
 
 
 @torch.no_grad()
@@ -122,39 +113,29 @@ def outlier_detection(scores_uri: str, kept_uri: str, labels_uri: str, storage: 
     With ``controls_device``, also the controls on the same images (:func:`outlier_controls`)."""
     label_by_key = {row["key"]: row for row in read_labels(labels_uri, storage)}
     kept = set(read_manifest(kept_uri, storage))
-    y_true, y_score, removed, kinds, keys = [], [], [], [], []
-    unlabelled = 0
-    rows = ((str(k), s, float(d)) for batch in ScoreSet(scores_uri).iter_batches(storage, ["key", "status", SCORE_COLUMN])
-            for k, s, d in zip(batch["key"], batch["status"], batch[SCORE_COLUMN]))
-    for key, status, d in rows:
-        if status != "ok":
-            continue
-        if key not in label_by_key:
-            unlabelled += 1
-            continue
-        y_true.append(label_by_key[key]["is_outlier"])
-        kinds.append(label_by_key[key].get("kind") or "")  # hand-made labels may have no kind column
-        y_score.append(d)
-        keys.append(key)
-        removed.append(key not in kept)
-    y_true_a, removed_a = np.array(y_true, bool), np.array(removed, bool)
-    score_a, kinds_a = np.array(y_score, np.float64), np.array(kinds)
+    batches = ScoreSet(scores_uri).iter_batches(storage, ["key", "status", SCORE_COLUMN])
+    scored = [(str(k), float(d)) for batch in batches
+              for k, s, d in zip(batch["key"], batch["status"], batch[SCORE_COLUMN]) if s == "ok"]
+    labelled = [(k, d) for k, d in scored if k in label_by_key]
+    keys = [k for k, _ in labelled]
+    y_true_a = np.array([label_by_key[k]["is_outlier"] for k in keys], bool)
+    removed_a = np.array([k not in kept for k in keys], bool)
+    score_a = np.array([d for _, d in labelled], np.float64)
+    kinds_a = np.array([label_by_key[k].get("kind") or "" for k in keys])  # hand-made labels may have no kind
     tp = int((y_true_a & removed_a).sum())
-    # Each outlier kind against all inliers: which kinds the generator fails to reconstruct, and which it can.
-    ranking = auroc_report(y_true_a, score_a, kinds_a)
     result = {
-        "images": len(y_true), "outliers": int(y_true_a.sum()), "removed": int(removed_a.sum()),
+        "images": len(keys), "outliers": int(y_true_a.sum()), "removed": int(removed_a.sum()),
         "true_positives": tp,
         "precision": tp / max(1, int(removed_a.sum())),
         "recall": tp / max(1, int(y_true_a.sum())),
-        "auroc": ranking["auroc"],
-        "auroc_by_kind": ranking["auroc_by_kind"],
+        # each outlier kind against all inliers: which kinds the generator fails to reconstruct, and which it can
+        **auroc_report(y_true_a, score_a, kinds_a),
         "outlier_fraction_raw": float(y_true_a.mean()) if len(y_true_a) else None,
         "outlier_fraction_kept": float(y_true_a[~removed_a].mean()) if (~removed_a).any() else None,
         # the selection at random: removing as many images blindly gives precision = the outlier share
         "precision_random": float(y_true_a.mean()) if len(y_true_a) else None,
         "recall_random": float(removed_a.mean()) if len(removed_a) else None,
-        "unlabelled": unlabelled,
+        "unlabelled": len(scored) - len(labelled),
     }
     if controls_device is not None and keys:
         result["controls"] = outlier_controls(keys, y_true_a, kinds_a, scores_uri, storage, controls_device, batch_size)

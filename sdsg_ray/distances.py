@@ -1,10 +1,8 @@
 """Distances between feature sets: the Fréchet distance, KID (MMD²) and their intervals. Pure maths, no I/O.
 
-The Fréchet distance is clean-fid's :func:`frechet_distance` on means and covariances, the one formula the
-project reports (FID with Inception features, "FD (<network>)" with any other). The selection's θ grid uses
-:class:`DistanceToReference`, the same number computed faster against one fixed reference, and checks its
-chosen point with :func:`frechet_distance`. KID is clean-fid's :func:`kernel_distance` on random subsets;
-:func:`unbiased_mmd2` is its estimator on whole sets, which :func:`block_kids` turns into independent
+The Fréchet distance is clean-fid's :func:`frechet_distance`, the one formula the project reports (FID with
+Inception features, "FD (<network>)" with any other); :class:`DistanceToReference` is the same number, faster,
+for the selection's θ grid. KID is clean-fid's :func:`kernel_distance`; :func:`block_kids` gives independent
 per-block estimates for the intervals behind Tables 1/3's claims.
 """
 

@@ -2,16 +2,13 @@
 
 ``sdsg import SOURCE --out DIR`` writes ``DIR/inference.pt`` (the bundle every stage loads) and, when the
 source has a discriminator, ``DIR/discriminator.pt`` (for fine-tuning). SOURCE is recognised by its bytes:
+a pickle (first byte 0x80) is an NVIDIA StyleGAN2 snapshot, read by :mod:`sdsg_ray.nvidia_pickle` without
+running any of its code (the bundle holds G_ema, the live G and ``meta.origin``, but no encoder yet); a
+safetensors file written by ``sdsg export`` comes back bit for bit.
 
-* a pickle (first byte 0x80): an NVIDIA StyleGAN2 snapshot, read by :mod:`sdsg_ray.nvidia_pickle` without
-  running any of its code. The bundle holds G_ema, the live G, w_avg, the model config and
-  ``meta.origin`` (the pickle's sha256, NVIDIA's init kwargs); it has no encoder yet (``E`` is None).
-* a safetensors file written by ``sdsg export`` (8-byte little-endian header length, then JSON): the
-  tensors come back bit for bit.
-
-``sdsg export --checkpoint DIR --format safetensors`` writes G_ema, E, E_ema (when present) and w_avg as
-safetensors, with the model config and the bundle's meta as JSON strings in the file's metadata. A
-safetensors file is tensors and strings only: reading one can run nothing.
+``sdsg export --checkpoint DIR --format safetensors`` writes G_ema, E, E_ema (when present) and w_avg, with
+the model config and the bundle's meta as JSON strings in the file's metadata: tensors and strings only, so
+reading one can run nothing.
 """
 
 from __future__ import annotations
@@ -27,15 +24,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from pydantic import ValidationError
 
-from sdsg_ray.artifacts.checkpoint import (
-    ModelDir,
-    CheckpointError,
-    _cpu_state,
-    export_discriminator,
-    export_inference,
-    inference_uri,
-    load_inference,
-)
+from sdsg_ray.artifacts.checkpoint import (CheckpointError, ModelDir, _cpu_state, export_discriminator,
+                                            export_inference, inference_uri, load_inference)
 from sdsg_ray.config import ModelConfig, SDSGConfig
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.models.networks import build_encoder, build_generator
@@ -73,12 +63,8 @@ def export_safetensors(checkpoint: str, out: str, storage: Storage | None = None
         net = getattr(bundle, name)
         if net is not None:
             tensors.update({f"{name}.{k}": v for k, v in _cpu_state(net).items()})
-    metadata = {
-        "format": SAFETENSORS_FORMAT,
-        "model": json.dumps(bundle.model.model_dump(mode="json")),
-        "meta": json.dumps(bundle.meta),
-        "source_identity": bundle.identity,
-    }
+    metadata = {"format": SAFETENSORS_FORMAT, "model": json.dumps(bundle.model.model_dump(mode="json")),
+                "meta": json.dumps(bundle.meta), "source_identity": bundle.identity}
     target = out if out.endswith(".safetensors") else ModelDir(out).export
     storage.write_bytes(target, save_safetensors_bytes(tensors, metadata=metadata))
     log.info("exported %s (identity %s) to %s: %d tensors", checkpoint, bundle.identity, target, len(tensors))

@@ -1,9 +1,6 @@
-"""Every figure the project writes, each a function from numbers or images to PNG bytes.
-
-One module so that every PNG shares one renderer (matplotlib's Agg backend, no display needed), one
-size and resolution policy, and one way to turn a figure into bytes (:func:`to_png`). Callers compute;
-these functions only draw. Image grids without axes (sample and reconstruction grids) are plain pixels
-and live in :mod:`sdsg_ray.imaging`.
+"""Every figure the project writes, each a function from numbers or images to PNG bytes: one renderer
+(matplotlib's Agg backend), one resolution policy, one :func:`to_png`. Callers compute; these functions only
+draw. Image grids without axes are plain pixels and live in :mod:`sdsg_ray.imaging`.
 """
 
 from __future__ import annotations
@@ -33,9 +30,6 @@ def to_png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     _pyplot().close(fig)
     return buf.getvalue()
-
-
-# ----- self-filtering -----------------------------------------------------------------------------
 
 
 def score_histogram(edges: np.ndarray, counts: np.ndarray, theta: float, target: float, metric: str) -> bytes:
@@ -96,9 +90,6 @@ def originals_over_reconstructions(rows: Sequence[tuple[str, Sequence[float], np
     return to_png(fig)
 
 
-# ----- evaluation -------------------------------------------------------------------------------------
-
-
 def distance_vs_psi(curve: dict, label: str) -> bytes:
     """The paper's Fig. 7: distance to the training set against ψ for each truncation curve in ``curve``
     (``{"psis": [...], "<curve>": {"fd": [...]}}``, as evaluation.truncation_curves writes it)."""
@@ -118,17 +109,13 @@ def distance_vs_psi(curve: dict, label: str) -> bytes:
 def labelled_grid(grid: np.ndarray, row_labels: Sequence[str], title: str) -> bytes:
     """An image grid (uint8 [H, W, 3], rows of equal height) with a label per row."""
     plt = _pyplot()
-    height = grid.shape[0] / grid.shape[1] * 8
-    fig, ax = plt.subplots(figsize=(8, max(2.0, height)))
+    fig, ax = plt.subplots(figsize=(8, max(2.0, grid.shape[0] / grid.shape[1] * 8)))
     ax.imshow(grid, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([(i + 0.5) * grid.shape[0] / len(row_labels) for i in range(len(row_labels))])
     ax.set_yticklabels(row_labels)
     ax.set_title(title)
     return to_png(fig)
-
-
-# ----- measurements -------------------------------------------------------------------------------------
 
 
 def curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,

@@ -57,18 +57,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         scale = 257.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
         gray = np.clip(np.rint(values / scale), 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
-    if has_alpha:
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, P, CMYK (incl. Adobe-inverted, handled by PIL), YCbCr, ...
-
-
-def _center_crop_box(width: int, height: int) -> tuple[float, float, float, float]:
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
 
 
 def decode_image(data: bytes, resolution: int) -> Decoded:
@@ -89,10 +82,8 @@ def decode_image(data: bytes, resolution: int) -> Decoded:
         if width <= 0 or height <= 0:
             return _error(f"invalid image size {width}x{height}")
         if width * height > MAX_IMAGE_PIXELS:
-            return _error(
-                f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit "
-                f"{MAX_IMAGE_PIXELS} (sdsg_ray.imaging.MAX_IMAGE_PIXELS)"
-            )
+            return _error(f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit "
+                          f"{MAX_IMAGE_PIXELS} (sdsg_ray.imaging.MAX_IMAGE_PIXELS)")
         # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, still >= resolution on both sides.
         img.draft(None, (resolution, resolution))
         img.load()  # decodes now, so truncated or corrupt data fails here, inside the try
@@ -100,8 +91,10 @@ def decode_image(data: bytes, resolution: int) -> Decoded:
             img = ImageOps.exif_transpose(img)
         except Exception:
             pass  # malformed EXIF is common on the web; the pixels are still good, keep them as stored
-        img = _to_rgb(img)
-        img = img.resize((resolution, resolution), _RESAMPLE, box=_center_crop_box(*img.size))
+        img = _to_rgb(img)  # always RGB, so the array below is [R, R, 3]
+        side = min(img.size)
+        left, top = (img.size[0] - side) / 2, (img.size[1] - side) / 2
+        img = img.resize((resolution, resolution), _RESAMPLE, box=(left, top, left + side, top + side))
         array = np.asarray(img, dtype=np.uint8)
     except Image.DecompressionBombError as err:
         return _error(f"decompression bomb: {err}")
@@ -109,8 +102,6 @@ def decode_image(data: bytes, resolution: int) -> Decoded:
         return _error(f"corrupt or truncated image: {type(err).__name__}: {err}")
     finally:
         source.close()
-    if array.shape != (resolution, resolution, 3):
-        return _error(f"unexpected decoded shape {array.shape}")
     return Decoded("ok", None, array)
 
 

@@ -9,11 +9,8 @@ A prefix may also hold img2dataset shards (webdataset ``.tar``, image-bytes ``.p
 then yields one sample address per image inside them (:mod:`sdsg_ray.shards`), so scores, selections and
 training address samples as ``<shard>#key=...`` strings in the same ``key`` column.
 
-Scoring lists its input once into ``<out>/manifest/`` (:func:`ensure_manifest`): shards of
-``manifest_shard_size`` keys and ``_SHARDS.json``, written last, which records the source and every
-shard's row count; a re-run reuses the listing instead of repeating it (an interrupted listing is
-simply redone: it is deterministic). A 100M-object prefix is thus never held in memory nor handed to
-Ray Data as a list of paths (resolving paths alone takes hours at that size).
+Scoring lists its input once into ``<out>/manifest/`` (:func:`ensure_manifest`), so a 100M-object prefix
+is never held in memory nor handed to Ray Data as a list of paths (resolving paths alone takes hours).
 """
 
 from __future__ import annotations
@@ -37,19 +34,15 @@ from sdsg_ray.storage import ObjectNotFound, Storage, StorageError, get_storage,
 log = logging.getLogger(__name__)
 
 KEY = "key"
-SHARD_PATTERN = "manifest-{:05d}.parquet"
 
 
 def shard_name(index: int) -> str:
-    return SHARD_PATTERN.format(index)
+    return f"manifest-{index:05d}.parquet"
 
 
 def is_manifest(uri: str, storage: Storage | None = None) -> bool:
-    """A ``.parquet`` file, or a prefix holding our first shard ``manifest-00000.parquet``.
-
-    Checking for the first shard by name is one HEAD request, where listing an image prefix to look for
-    parquet files could mean millions of keys.
-    """
+    """A ``.parquet`` file, or a prefix holding our first shard ``manifest-00000.parquet``: one HEAD
+    request, where listing an image prefix to look for parquet files could mean millions of keys."""
     storage = storage or get_storage()
     if uri.lower().endswith(".parquet"):
         try:  # an img2dataset parquet shard (image bytes inside) is data, not a manifest
@@ -63,7 +56,7 @@ def list_images(uri: str, storage: Storage) -> Iterator[str]:
     """Image URIs under a prefix (by suffix, case-insensitive), sorted, streamed page by page; webdataset
     ``.tar`` and image-bytes ``.parquet`` shards (one shard, or a prefix holding them) are replaced by
     the sample addresses of their images (sdsg_ray.shards), in shard order."""
-    if shards.is_shard_uri(uri):
+    if shards.shard_format(uri) is not None:
         return shards.expand_shards(iter([normalize(uri)]), storage)
     return shards.expand_shards(storage.list(uri, suffixes=IMAGE_SUFFIXES + shards.shard_suffixes()), storage)
 
@@ -76,24 +69,16 @@ def resolve_images(uri: str, storage: Storage) -> list[str]:
     return keys
 
 
-def _table(keys: Sequence[str], columns: dict[str, Sequence]) -> pa.Table:
+def write_manifest(keys: Iterable[str], uri: str, storage: Storage, **columns: Sequence) -> None:
+    """Write one parquet file with ``key`` (normalised full URIs) and any extra equal-length columns."""
+    keys = list(keys)
     data = {KEY: pa.array([normalize(k) for k in keys], type=pa.string())}
     for name, values in columns.items():
         if len(values) != len(keys):
             raise ValueError(f"manifest column {name!r} has {len(values)} values for {len(keys)} keys")
         data[name] = pa.array(values)
-    return pa.table(data)
-
-
-def _write_table(table: pa.Table, uri: str, storage: Storage) -> None:
     with storage.open_write(uri) as f:  # atomic: a reader never sees half a parquet file
-        pq.write_table(table, f, compression="zstd")
-
-
-def write_manifest(keys: Iterable[str], uri: str, storage: Storage, **columns: Sequence) -> None:
-    """Write one parquet file with ``key`` (normalised full URIs) and any extra equal-length columns."""
-    keys = list(keys)
-    _write_table(_table(keys, columns), uri, storage)
+        pq.write_table(pa.table(data), f, compression="zstd")
 
 
 def write_manifest_shards(keys: Iterable[str], prefix_uri: str, storage: Storage, shard_size: int) -> list[str]:
@@ -151,12 +136,11 @@ def read_manifest(uri: str, storage: Storage) -> list[str]:
 def write_parquet_stream(batches: Iterable[pa.RecordBatch], schema: pa.Schema, uri: str, storage: Storage) -> int:
     """Write record batches into one parquet file, streamed; the file appears only when complete."""
     rows = 0
-    with storage.open_write(uri) as f:
-        with pq.ParquetWriter(f, schema) as writer:
-            for batch in batches:
-                if batch.num_rows:
-                    writer.write_batch(batch.cast(schema) if batch.schema != schema else batch)
-                    rows += batch.num_rows
+    with storage.open_write(uri) as f, pq.ParquetWriter(f, schema) as writer:
+        for batch in batches:
+            if batch.num_rows:
+                writer.write_batch(batch.cast(schema) if batch.schema != schema else batch)
+                rows += batch.num_rows
     return rows
 
 
@@ -173,10 +157,6 @@ class ManifestShard:
     rows: int
 
 
-def manifest_shard_uri(out: str, shard_id: int) -> str:
-    return join(out, MANIFEST_DIR, shard_name(shard_id))
-
-
 def iter_keys(data: str, storage: Storage) -> Iterator[str]:
     """Image URIs of a prefix (streamed from Storage.list) or of a manifest (streamed row group by row group)."""
     if not is_manifest(data, storage):
@@ -184,19 +164,23 @@ def iter_keys(data: str, storage: Storage) -> Iterator[str]:
         return
     for uri in manifest_files(data, storage):
         with storage.open_read(uri) as f:
-            for batch in pq.ParquetFile(f).iter_batches(columns=["key"]):
-                yield from batch.column("key").to_pylist()
+            for batch in pq.ParquetFile(f).iter_batches(columns=[KEY]):
+                yield from batch.column(KEY).to_pylist()
 
 
 def ensure_manifest(data: str, out: str, storage: Storage, shard_size: int) -> list[ManifestShard]:
-    """The manifest shards of `data` under `<out>/manifest/`, listing only if no complete listing exists."""
+    """The manifest shards of `data` under `<out>/manifest/`, listing only if no complete listing exists.
+
+    ``_SHARDS.json``, written last, records the source and every shard's row count; an interrupted listing
+    is simply redone (it is deterministic)."""
     source = normalize(data)
     index_uri = join(out, MANIFEST_DIR, INDEX_FILE)
     if storage.exists(index_uri):
         index = json.loads(storage.read_text(index_uri))
         if index["source"] != source:
             raise InvalidRequest(f"{out} already holds scores of {index['source']}, not {source}: use another --out")
-        return [ManifestShard(s["shard_id"], manifest_shard_uri(out, s["shard_id"]), s["rows"]) for s in index["shards"]]
+        return [ManifestShard(s["shard_id"], join(out, MANIFEST_DIR, shard_name(s["shard_id"])), s["rows"])
+                for s in index["shards"]]
 
     listed = 0
 

@@ -7,17 +7,15 @@ record: ``_reconstruct_persistent_obj(meta)`` with ``meta = {type, version, modu
 state}``, where ``module_src`` is the whole Python source file of the network, which NVIDIA's loader
 ``exec``s. Loading a pickle from the Internet with NVIDIA's code therefore runs that pickle's code.
 
-Here :class:`RestrictedUnpickler` resolves an allow-list of globals only (:data:`ALLOWED_GLOBALS`):
-torch's tensor-rebuild functions (storages are read back with ``torch.load(weights_only=True)``),
-NVIDIA's persistence record (replaced by :func:`_capture_record`, which keeps the metadata as a
-:class:`PersistentRecord` and never looks at the source beyond hashing it), ``EasyDict`` as a plain dict,
-and the numpy scalar pieces NVIDIA's modules hold (their ``weight_gain`` floats). Any other global is
-refused in one line that names it, before anything is called.
+Here :class:`RestrictedUnpickler` resolves only the globals of :data:`ALLOWED_GLOBALS`: torch's
+tensor-rebuild functions (storages read back with ``torch.load(weights_only=True)``), NVIDIA's persistence
+record (replaced by :func:`_capture_record`, which keeps it as data and only hashes the source), ``EasyDict``
+as a plain dict, and numpy scalar pieces. Any other global is refused in one line that names it, before
+anything is called.
 
-:func:`convert` then reads the architecture from the records' own attributes (the values the networks were
-built with, so the defaults of either repository do not matter), refuses what this project does not
-implement in one line each, rebuilds :class:`~sdsg_ray.models.networks.Generator` and
-:class:`~sdsg_ray.models.networks.Discriminator`, and maps every parameter and buffer by name:
+:func:`convert` then reads the architecture from the records' own attributes (so neither repository's
+defaults matter), refuses what this project does not implement in one line each, rebuilds the project's
+Generator and Discriminator, and maps every parameter and buffer by name:
 
     G  mapping.fc{i}.*           -> mapping.layers.{i}.*        mapping.w_avg -> mapping.w_avg
        synthesis.b{R}.*          -> synthesis.blocks.{k}.*      (k: the block at resolution R)
@@ -87,8 +85,7 @@ class PersistentRecord:
         return self.state.get(name, default)
 
     def child(self, name: str) -> "PersistentRecord | None":
-        child = (self.state.get("_modules") or {}).get(name)
-        return child if isinstance(child, PersistentRecord) else None
+        return self.children().get(name)
 
     def children(self) -> dict[str, "PersistentRecord"]:
         return {k: v for k, v in (self.state.get("_modules") or {}).items() if isinstance(v, PersistentRecord)}
@@ -208,12 +205,6 @@ def _refuse(what: str) -> UnsupportedModelError:
                                  "skip generator, residual discriminator, unconditional)")
 
 
-def _one_value(values: set, what: str) -> Any:
-    if len(values) != 1:
-        raise _refuse(f"{what} differing between layers ({sorted(map(str, values))})")
-    return next(iter(values))
-
-
 def _tensor(tensors: dict[str, Tensor], name: str, what: str) -> Tensor:
     if name not in tensors:
         raise CheckpointError(f"{what}: NVIDIA tensor {name} is missing")
@@ -283,7 +274,9 @@ def model_config(G: PersistentRecord, D: PersistentRecord | None) -> ModelConfig
         d_channels[4] = int(_tensor(d_tensors, "b4.conv.weight", "D").shape[0])
         if any(channels.get(r) != c for r, c in d_channels.items()):
             raise _refuse(f"a discriminator whose channels {d_channels} differ from the generator's {channels}")
-    conv_clamp = _one_value(clamps, "conv_clamp")
+    if len(clamps) != 1:
+        raise _refuse(f"conv_clamp differing between layers ({sorted(map(str, clamps))})")
+    conv_clamp = next(iter(clamps))
     channel_base, channel_max = _channel_rule(channels)
     return ModelConfig(
         resolution=resolution, z_dim=int(G.attr("z_dim")), w_dim=int(G.attr("w_dim")), mapping_layers=len(fc_layers),
@@ -312,16 +305,6 @@ def _renamed(nvidia: str, block_index: dict[int, int], fixed: tuple[str, str], b
     return nvidia  # mapping.w_avg and anything unknown (then reported as unmapped)
 
 
-def generator_name(nvidia: str, block_index: dict[int, int]) -> str:
-    """G's names (``resample_filter`` buffers are checked, not mapped)."""
-    return _renamed(nvidia, block_index, (r"mapping\.fc(\d+)\.(weight|bias)", r"mapping.layers.\1.\2"),
-                    (r"synthesis\.b", "synthesis.blocks"))
-
-
-def discriminator_name(nvidia: str, block_index: dict[int, int]) -> str:
-    return _renamed(nvidia, block_index, (r"b4\.(conv|fc|out)\.(.+)", r"\1.\2"), ("b", "trunk.blocks"))
-
-
 def load_mapped(net: torch.nn.Module, tensors: dict[str, Tensor], rename: Callable[[str], str], what: str) -> None:
     """Copy NVIDIA's tensors into ``net`` by the name map; every tensor on both sides must be accounted for."""
     reference_filter = fir_filter()
@@ -348,24 +331,6 @@ def load_mapped(net: torch.nn.Module, tensors: dict[str, Tensor], rename: Callab
     net.load_state_dict(mapped, strict=True, assign=True)  # the pickle's tensors become the weights: no copy
 
 
-def _unfilled(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """The network with shapes but no storage (built on the meta device: no random init of weights that
-    :func:`load_mapped` assigns next), except the fixed FIR filters, which are not in any state dict and
-    are built here as the network would build them."""
-    with torch.device("meta"):
-        net = build()
-    for module in net.modules():
-        if isinstance(dict(module.named_buffers(recurse=False)).get(_FILTER), Tensor):
-            module.register_buffer(_FILTER, fir_filter(), persistent=False)
-    return net
-
-
-def _check_filled(net: torch.nn.Module, what: str) -> None:
-    left = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"{what}: sdsg tensors left without weights {left[:8]}")
-
-
 @dataclass
 class ImportedNetworks:
     model: ModelConfig
@@ -376,21 +341,34 @@ class ImportedNetworks:
 
 
 def _built_from(record: PersistentRecord, build: Callable[[], torch.nn.Module], blocks: Callable[[Any], Any],
-                rename: Callable[[str, dict[int, int]], str], what: str) -> Any:
-    """A network built empty, filled with the record's tensors by the name map, every parameter accounted for."""
-    net = _unfilled(build)
+                fixed: tuple[str, str], block_names: tuple[str, str], what: str) -> Any:
+    """A network built empty, filled with the record's tensors by the name map (:func:`_renamed`), every
+    parameter accounted for.
+
+    Built on the meta device (no random init of the weights :func:`load_mapped` assigns), except the fixed
+    FIR filters, which are in no state dict and are built here as the network would build them."""
+    with torch.device("meta"):
+        net = build()
+    for module in net.modules():
+        if isinstance(dict(module.named_buffers(recurse=False)).get(_FILTER), Tensor):
+            module.register_buffer(_FILTER, fir_filter(), persistent=False)
     index = {block.resolution: i for i, block in enumerate(blocks(net))}
-    load_mapped(net, flat_tensors(record), lambda n: rename(n, index), what)
-    _check_filled(net, what)
+    load_mapped(net, flat_tensors(record), lambda n: _renamed(n, index, fixed, block_names), what)
+    left = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{what}: sdsg tensors left without weights {left[:8]}")
     return net
 
 
 def build_generator_from(record: PersistentRecord, model: ModelConfig, what: str) -> Generator:
-    return _built_from(record, lambda: build_generator(model), lambda G: G.synthesis.blocks, generator_name, what)
+    return _built_from(record, lambda: build_generator(model), lambda G: G.synthesis.blocks,
+                       (r"mapping\.fc(\d+)\.(weight|bias)", r"mapping.layers.\1.\2"),
+                       (r"synthesis\.b", "synthesis.blocks"), what)
 
 
 def build_discriminator_from(record: PersistentRecord, model: ModelConfig, what: str) -> Discriminator:
-    return _built_from(record, lambda: build_discriminator(model), lambda D: D.trunk.blocks, discriminator_name, what)
+    return _built_from(record, lambda: build_discriminator(model), lambda D: D.trunk.blocks,
+                       (r"b4\.(conv|fc|out)\.(.+)", r"\1.\2"), ("b", "trunk.blocks"), what)
 
 
 def convert(data: bytes, source: str) -> ImportedNetworks:

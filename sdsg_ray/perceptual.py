@@ -1,18 +1,15 @@
 """The perceptual metrics the project can judge with: one registry, whose names are the config's choices.
 
-d(x) = metric(x, G(E(x))) in scoring, the controls' untrained d(x), the selection's examples, the perceptual
-assignment of multi-modal truncation and training's reconstruction loss all use a metric built from an
-entry here (:func:`sdsg_ray.pretrained.build_metric`); ``score.metric``, ``train.metric`` and
-``clusters.metric`` accept "auto" or a registered name, checked when a config is validated, so an entry
-registered later (a plugin, a test) is accepted too. Importing this module imports no torch: an entry
-builds its network only when asked.
+Scoring's d(x) = metric(x, G(E(x))), the controls, the selection's examples, multi-modal truncation's
+perceptual assignment and training's reconstruction loss all build their metric from an entry here
+(:func:`sdsg_ray.pretrained.build_metric`). ``score.metric``, ``train.metric`` and ``clusters.metric`` accept
+"auto" or a registered name, checked when a config is validated, so a later entry (a plugin, a test) is
+accepted too. Importing this module imports no torch: an entry builds its network only when asked.
 
-An entry is small: a description, whether its weights are here (``available``, what "auto" asks, in
-registration order), and ``build``, which returns a :class:`sdsg_ray.pretrained.PerceptualMetric`: a frozen
-torch module that judges two image batches at its judge size (``metric(x, y)`` -> [B]) and names itself
-(``label(side)``). Nothing in it assumes LPIPS: a metric supplies its features of a judged image and the
-distance between features, and the base class does the resizing, the caching the assignment needs and
-the pairwise form. A new metric is one such class and one ``METRICS.register(name, entry)``.
+An entry is a description, ``available`` (are its weights here? what "auto" asks, in registration order)
+and ``build``, which returns a :class:`sdsg_ray.pretrained.PerceptualMetric`. Nothing assumes LPIPS: a new
+metric is one PerceptualMetric subclass (features of a judged image, distance between features) and one
+``METRICS.register(name, entry)``.
 """
 
 from __future__ import annotations

@@ -77,8 +77,7 @@ def _inputs(config: SDSGConfig) -> tuple[str, str | None]:
 
 
 def plan(config: SDSGConfig) -> list[Stage]:
-    """The ordered stages of the pipeline, each with its own config: every stage output is the member of
-    ``RunLayout(pipeline.root)`` unless a config layer set its path, and every input is an earlier output."""
+    """The ordered stages of the pipeline, each with its own config (see the module docstring)."""
     config = with_layout_defaults(config)
     layout = RunLayout(config.pipeline.root.rstrip("/"))
     raw, labels = _inputs(config)
@@ -195,12 +194,9 @@ def run_stages(stages: list[Stage], root: str, storage: Storage) -> list[StageRe
 
 
 def run_pipeline(config: SDSGConfig) -> dict[str, Any]:
-    """Run (or continue) the whole pipeline under ``pipeline.root``; writes and returns its summary
-    (``RunLayout.summary``: every stage with its status and seconds, and the layout). Serving afterwards
-    (``pipeline.serve``) is the command line's composition (jobs.cli).
-
-    Each stage joins (or starts) Ray itself when it needs it, so a finished pipeline re-runs in seconds.
-    """
+    """Run (or continue) the whole pipeline under ``pipeline.root``; writes and returns its summary (every
+    stage's status and seconds, and the layout). Each stage joins (or starts) Ray itself when it needs it,
+    so a finished pipeline re-runs in seconds. Serving afterwards is jobs.cli's composition."""
     config = with_layout_defaults(config)
     storage = get_storage(config.storage)
     layout = RunLayout(config.pipeline.root.rstrip("/"))

@@ -3,27 +3,16 @@
 Nothing here ever falls back to random weights: a missing file raises :class:`PretrainedMissing` naming
 the file, the directory to put it in, and the offline alternative.
 
-Metrics (all take NCHW float images in [-1, 1]) are the entries of :data:`sdsg_ray.perceptual.METRICS`;
-:func:`build_metric` builds one by name. :class:`PerceptualMetric` is what every metric is: a frozen module
-that resizes both inputs to its judge size and compares features of the judged images. The LPIPS family
-(:class:`LpipsMetric`) are the built-in entries:
-- ``lpips-vgg``, ``lpips-alex``: the ``lpips`` package. Its linear heads ship in the wheel; the trunk is
-  torchvision's ImageNet network from ``$TORCH_HOME/hub/checkpoints`` (``torch.hub.get_dir()``).
-- ``stlpips-vgg``, ``stlpips-alex``: shift-tolerant LPIPS (``stlpips-pytorch``), trunk and heads ship in
-  the wheel, so they work offline. ``stlpips-alex`` is the offline default for CPU work.
-
-LPIPS, written out (this is exactly what ``lpips.LPIPS.forward`` computes, ``spatial=False``):
+Metrics (NCHW float images in [-1, 1]) are the entries of :data:`sdsg_ray.perceptual.METRICS`, built by
+:func:`build_metric`. LPIPS, written out (exactly ``lpips.LPIPS.forward`` with ``spatial=False``):
     f_l(x)    = unit-normalise over channels(trunk_l(scale(x)))            per layer l, [B, C_l, H_l, W_l]
     d(x, y)   = sum_l mean_{h,w} sum_c w_{l,c} (f_l(x) - f_l(y))_{c,h,w}^2  with w_l the 1x1 "lin" weights
-so the per-layer features can be cached (:meth:`PerceptualMetric.features`) and distances computed later
-(:meth:`PerceptualMetric.distance_from_features`, :meth:`PerceptualMetric.pairwise_distance_from_features`).
+so the per-layer features can be cached (:meth:`PerceptualMetric.features`) and distances computed later.
 
-The judge's size (``judge_resolution``): the LPIPS heads were calibrated on 64 x 64 patches, and the deeper
-trunk layers shrink a 32-px image to 2 x 2 maps, so how large the metric sees an image is a parameter of
-the method (issue 31; NVIDIA's projector resizes to 256 px before LPIPS-VGG). A metric built with a
-``judge_resolution`` resizes every input to that side inside :meth:`PerceptualMetric.features`, the one
-door every distance goes through, so d(x) in scoring and in the controls and the perceptual assignment of
-multi-modal truncation all judge at the size they were configured with (:func:`judge_resize`).
+The judge's size (``judge_resolution``): the LPIPS heads were calibrated on 64 x 64 patches and the deeper
+trunk layers shrink a 32-px image to 2 x 2 maps, so the size the metric sees is a parameter of the method
+(NVIDIA's projector resizes to 256 px before LPIPS-VGG). :meth:`PerceptualMetric.features`, the one door
+every distance goes through, resizes to it (:func:`judge_resize`).
 """
 
 from __future__ import annotations
@@ -31,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -64,28 +54,16 @@ class PretrainedMissing(UserError, FileNotFoundError):
     """A pretrained weight file is absent; the message says which, where it goes, and the alternative."""
 
 
-def _checkpoint_dir() -> Path:
-    # torch.hub.get_dir() reads $TORCH_HOME at call time: <TORCH_HOME>/hub/checkpoints.
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
 def lpips_weights(family: str, net: str) -> Path:
     """The file an LPIPS-family network cannot be built without: torchvision's ImageNet trunk (lpips; the
     heads ship in its wheel) or the shift-tolerant weights inside stlpips-pytorch (trunk and heads)."""
-    if family == "lpips":
-        return _checkpoint_dir() / LPIPS_BACKBONE_FILES[net]
+    if family == "lpips":  # torch.hub.get_dir() reads $TORCH_HOME at call time
+        return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
     try:
         import stlpips_pytorch
     except ImportError as err:
         raise PretrainedMissing(f"stlpips-{net}: stlpips-pytorch not importable ({err})") from None
     return Path(stlpips_pytorch.__file__).parent / "weights" / "vST0.0" / f"{net}_shift_tolerant.pth"
-
-
-def _available(name: str) -> tuple[bool, str]:
-    try:
-        return METRICS[name].available()
-    except PretrainedMissing as err:
-        return False, str(err)
 
 
 def resolve_metric(name: str = AUTO) -> str:
@@ -98,7 +76,10 @@ def resolve_metric(name: str = AUTO) -> str:
         return name
     reasons = []
     for candidate in METRICS:
-        ok, why = _available(candidate)
+        try:
+            ok, why = METRICS[candidate].available()
+        except PretrainedMissing as err:
+            ok, why = False, str(err)
         if ok:
             log.info("metric auto -> %s (%s; skipped: %s)", candidate, why, "; ".join(reasons) or "none")
             return candidate
@@ -109,16 +90,14 @@ def resolve_metric(name: str = AUTO) -> str:
 def judge_resize(x: Tensor, side: int) -> Tensor:
     """x NCHW -> [N, C, side, side]: the one resize rule of the judge, the same for x and G(E(x)).
 
-    Shrinking: ``area`` (each output pixel the mean of the input pixels it covers, a box filter). It is
-    exact for the power-of-two factors used here and aliases nothing: no detail finer than the judge's
-    grid folds back into coarser, false detail. Enlarging: ``bilinear`` (``align_corners=False``), a smooth
-    filter that adds no detail and, unlike bicubic, never overshoots: no ringing at edges for the trunk
-    to read as texture, and values stay within [-1, 1]. The same side (no-op) returns x itself.
+    Shrinking: ``area`` (a box filter), exact for the power-of-two factors used here and free of aliasing
+    (no detail finer than the judge's grid folds back into false detail). Enlarging: ``bilinear``, which adds
+    no detail and, unlike bicubic, never overshoots (no ringing for the trunk to read as texture; values stay
+    in [-1, 1]). The same side returns x itself.
     """
     if x.shape[-2:] == (side, side):
         return x
-    shrinking = x.shape[-2] > side and x.shape[-1] > side
-    if shrinking:
+    if x.shape[-2] > side and x.shape[-1] > side:
         return F.interpolate(x, size=(side, side), mode="area")
     return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
 
@@ -137,13 +116,10 @@ class PerceptualMetric(nn.Module):
     """A perceptual distance d(x, y) per pair of NCHW images in [-1, 1], judged at one size, with cacheable
     features. Built frozen and in eval mode by :func:`build_metric`; differentiable in its inputs.
 
-    A metric implements :meth:`embed` (features of images already at the judge size, a list of tensors with
-    the batch first) and :meth:`distance_from_features`; this class resizes (:meth:`features`, the one door
-    every distance goes through) and derives ``forward`` and the pairwise form from them.
-
-    ``judge_resolution``: the side every input is resized to first (:func:`judge_resize`); None judges
-    images at their own size (the upsampling to MIN_METRIC_SIDE aside), the behaviour before issue 31 and
-    what training's reconstruction loss uses.
+    A metric implements :meth:`embed` (features of images already at the judge size, batch first) and
+    :meth:`distance_from_features`; this class resizes and derives ``forward`` and the pairwise form.
+    ``judge_resolution``: the side every input is resized to first; None judges images at their own size
+    (upsampled to MIN_METRIC_SIDE at least), as training's reconstruction loss does.
     """
 
     def __init__(self, name: str, judge_resolution: int | None = None):
@@ -155,15 +131,12 @@ class PerceptualMetric(nn.Module):
         self.judge_resolution = judge_resolution
 
     def judged_side(self, side: int) -> int:
-        """The side the metric sees for an input of side ``side``."""
         return judged_side(self.judge_resolution, side)
 
     def label(self, side: int) -> str:
-        """What judged an input of side ``side``, for summaries and reports: "stlpips-vgg at 128 px"."""
         return judge_label(self.name, self.judge_resolution, side)
 
     def features(self, x: Tensor) -> list[Tensor]:
-        """:meth:`embed` of x resized to the judge's side."""
         assert x.ndim == 4 and x.shape[1] == 3, f"expected NCHW RGB, got {tuple(x.shape)}"
         if self.judge_resolution is not None:
             x = judge_resize(x, self.judge_resolution)
@@ -176,11 +149,8 @@ class PerceptualMetric(nn.Module):
         raise NotImplementedError
 
     def distance_from_features(self, fx: list[Tensor], fy: list[Tensor]) -> Tensor:
-        """Equals ``forward(x, y)`` given ``fx = features(x)``, ``fy = features(y)``; returns [B].
-
-        Batch dimensions broadcast: fy with batch 1 is compared with every row of fx. For every pair of
-        B rows and K rows use :meth:`pairwise_distance_from_features`.
-        """
+        """Equals ``forward(x, y)`` given ``fx = features(x)``, ``fy = features(y)``; returns [B]. Batch
+        dimensions broadcast: fy with batch 1 is compared with every row of fx."""
         raise NotImplementedError
 
     def pairwise_distance_from_features(self, fx: list[Tensor], fc: list[Tensor]) -> Tensor:
@@ -189,7 +159,6 @@ class PerceptualMetric(nn.Module):
                             for k in range(fc[0].shape[0])], dim=1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """The distance per pair, [B]; x, y NCHW in [-1, 1]."""
         return self.distance_from_features(self.features(x), self.features(y))
 
 
@@ -204,7 +173,7 @@ class LpipsMetric(PerceptualMetric):
 
     @classmethod
     def load(cls, name: str, family: str, net: str, judge_resolution: int | None) -> "LpipsMetric":
-        """The upstream module with verified pretrained weights (trunk and heads)."""
+        """The metric with verified pretrained weights (trunk and heads), or :class:`PretrainedMissing`."""
         weights = lpips_weights(family, net)
         if family == "lpips":
             if not weights.is_file():
@@ -238,8 +207,7 @@ class LpipsMetric(PerceptualMetric):
         return cls(name, module, judge_resolution)
 
     def embed(self, x: Tensor) -> list[Tensor]:
-        """Unit-normalised (over channels) activations of each trunk layer, [B, C_l, H_l, W_l]."""
-        # Same eps as lpips.normalize_tensor, so forward() matches the upstream module to float precision.
+        # Unit-normalised over channels, with lpips.normalize_tensor's eps: forward() matches upstream.
         return [f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10) for f in self.net(self.scaling_layer(x))]
 
     def distance_from_features(self, fx: list[Tensor], fy: list[Tensor]) -> Tensor:
@@ -275,30 +243,24 @@ def build_metric(name: str = AUTO, device: str | torch.device = "cpu",
     return metric
 
 
-# ----- FID features ---------------------------------------------------------------------------
-
-
 def distance_labels(feature_name: str, is_inception: bool) -> tuple[str, str]:
-    """How to report distances on these features: ('FID', 'KID') only for real Inception features;
-    any other network is named, never passed off as FID: ('FD (<net>)', 'KD (<net>)')."""
-    if is_inception:
-        return "FID", "KID"
-    return f"FD ({feature_name})", f"KD ({feature_name})"
+    """('FID', 'KID') only for real Inception features; any other network is named, never passed off as
+    FID: ('FD (<net>)', 'KD (<net>)')."""
+    return ("FID", "KID") if is_inception else (f"FD ({feature_name})", f"KD ({feature_name})")
 
 
+@dataclass(eq=False)
 class FeatureExtractor:
     """Images NCHW float in [-1, 1] (any resolution) -> features [B, dim] as float64 numpy."""
 
-    def __init__(self, name: str, dim: int, is_inception: bool, module: nn.Module, device: torch.device):
-        self.name = name
-        self.dim = dim
-        self.is_inception = is_inception
-        self.module = module
-        self.device = device
+    name: str
+    dim: int
+    is_inception: bool
+    module: nn.Module
+    device: torch.device
 
     @property
     def distance_label(self) -> str:
-        """How to report Frechet distances on these features: "FID" only for real Inception."""
         return distance_labels(self.name, self.is_inception)[0]
 
     @torch.no_grad()
@@ -351,22 +313,18 @@ def _cleanfid_cache_dir() -> str:
 
 def find_inception(path: str | None = None) -> Path:
     """The Inception file: explicit ``path`` (file or directory) > $SDSG_INCEPTION_PATH > clean-fid's cache."""
-    candidates = [(p, src) for p, src in ((path, "path"), (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")) if p]
-    candidates.append((_cleanfid_cache_dir(), "clean-fid's cache"))
-    tried = []
-    for candidate, source in candidates:
-        file = Path(candidate)
-        if file.is_file() and file.name != INCEPTION_FILE:
-            raise PretrainedMissing(f"{file} ({source}): clean-fid loads the Inception file by its name; rename it to {INCEPTION_FILE}")
-        if file.is_dir() or file.name != INCEPTION_FILE:
-            file = file / INCEPTION_FILE
-        if file.is_file():
-            return file
-        tried.append(f"{file} ({source})")
-        if source != "clean-fid's cache":
-            break  # an explicit location that is wrong is an error, not a reason to look elsewhere
+    given = [(p, src) for p, src in ((path, "path"), (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")) if p]
+    # An explicit location that is wrong is an error, not a reason to look elsewhere.
+    location, source = given[0] if given else (_cleanfid_cache_dir(), "clean-fid's cache")
+    file = Path(location)
+    if file.is_file() and file.name != INCEPTION_FILE:
+        raise PretrainedMissing(f"{file} ({source}): clean-fid loads the Inception file by its name; rename it to {INCEPTION_FILE}")
+    if file.is_dir() or file.name != INCEPTION_FILE:
+        file = file / INCEPTION_FILE
+    if file.is_file():
+        return file
     raise PretrainedMissing(
-        f"Inception weights {INCEPTION_FILE} not found at {', '.join(tried)}. Download {INCEPTION_URL} "
+        f"Inception weights {INCEPTION_FILE} not found at {file} ({source}). Download {INCEPTION_URL} "
         f"and put it in {_cleanfid_cache_dir()} (clean-fid's cache) or point ${INCEPTION_ENV} at it; or use the "
         f"offline features '{OFFLINE_FEATURES}' (reported as FD, not FID)."
     )

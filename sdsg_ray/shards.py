@@ -13,17 +13,13 @@ Every sample gets a **sample address**, a string used wherever the project uses 
 
 It is self-contained: reading a sample needs no index, only one ranged read (tar) or one row group
 (parquet), so stage 2 and the selection figures read kept samples without re-reading whole shards.
-:func:`read_samples` groups a batch's addresses by shard and reads each contiguous run of tar members
-in one ranged read (the listing keeps samples in shard order, so a scoring batch is one or two reads).
 
 Why not Ray Data's ``read_webdataset``/``read_parquet`` for the image bytes: ``read_webdataset`` reads a
 tar as one unit (a truncated shard fails its whole read task), decodes with webdataset's decoder unless
 told not to, and yields no byte offsets, so a sample could not be read again later without its whole
 shard. Scoring keeps its plan (``read_parquet`` over the listing, own read+decode UDF with a status per
 row, exactly-once score shards); only listing (:func:`expand_shards`) and reading learn about shards.
-
-Each layout is one :class:`ShardFormat` in :data:`SHARD_FORMATS` (its suffix, how to index a shard, how to
-read a run of its samples, and how ingest writes one); a new layout is one entry, registered by name.
+Each layout is one :class:`ShardFormat` in :data:`SHARD_FORMATS`; a new layout is one registered entry.
 """
 
 from __future__ import annotations
@@ -101,10 +97,6 @@ def shard_format(uri: str) -> ShardFormat | None:
     return next((fmt for _, fmt in SHARD_FORMATS.items() if lower.endswith(fmt.suffix)), None)
 
 
-def is_shard_uri(uri: str) -> bool:
-    return shard_format(uri) is not None
-
-
 def shard_suffixes() -> tuple[str, ...]:
     return tuple(fmt.suffix for _, fmt in SHARD_FORMATS.items())
 
@@ -112,7 +104,7 @@ def shard_suffixes() -> tuple[str, ...]:
 def parse_address(text: str) -> SampleAddress | None:
     """The address in ``text``, or None when ``text`` is a plain object URI (even one holding a '#')."""
     shard, sep, fragment = text.rpartition("#")
-    if not sep or not is_shard_uri(shard) or not fragment.startswith("key="):
+    if not sep or shard_format(shard) is None or not fragment.startswith("key="):
         return None
     fields = dict(parse_qsl(fragment, keep_blank_values=True))
     try:
@@ -123,17 +115,11 @@ def parse_address(text: str) -> SampleAddress | None:
         return None
 
 
-def is_manifest_file(uri: str) -> bool:
-    """Our own parquet shards (manifest-*, scores-*) and hidden/underscore files are never image shards,
-    so listing skips their footers; any other parquet without an image-bytes column yields no samples."""
-    name = os.path.basename(uri)
-    return name.startswith(("manifest-", "scores-", ".", "_"))
-
-
 def image_column(schema: pa.Schema) -> str | None:
     """The image-bytes column of an img2dataset parquet (None: a metadata/manifest parquet)."""
     for name in IMAGE_EXTENSIONS + ("image",):
-        if name in schema.names and (pa.types.is_binary(schema.field(name).type) or pa.types.is_large_binary(schema.field(name).type)):
+        kind = schema.field(name).type if name in schema.names else None
+        if kind is not None and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
             return name
     return None
 
@@ -158,8 +144,7 @@ def index_tar(uri: str, storage: Storage) -> list[str]:
                 for member in tar:
                     if not member.isfile():
                         continue
-                    base = os.path.basename(member.name)
-                    stem, _, ext = base.partition(".")
+                    stem, _, ext = os.path.basename(member.name).partition(".")
                     if ext.lower() not in IMAGE_EXTENSIONS:
                         continue
                     key = os.path.join(os.path.dirname(member.name), stem)  # webdataset: dir/stem is the sample
@@ -174,18 +159,18 @@ def index_tar(uri: str, storage: Storage) -> list[str]:
 
 def index_parquet(uri: str, storage: Storage) -> list[str]:
     """Addresses of every row of an img2dataset parquet shard (failed rows too: they score as errors).
-    Our own manifests and score shards are skipped by name, without reading their footers."""
-    if is_manifest_file(uri):
+    Our own manifests and score shards and hidden files are skipped by name, without reading their footers;
+    any other parquet without an image-bytes column yields no samples."""
+    if os.path.basename(uri).startswith(("manifest-", "scores-", ".", "_")):
         return []
     with storage.open_read(uri) as f:
         pf = pq.ParquetFile(f)
         column = image_column(pf.schema_arrow)
         if column is None:
             return []
-        names = pf.schema_arrow.names
-        keys = pf.read(columns=["key"]).column("key").to_pylist() if "key" in names else None
-    n = len(keys) if keys is not None else pf.metadata.num_rows
-    return [str(SampleAddress(uri, str(keys[i]) if keys is not None else str(i), row=i, column=column)) for i in range(n)]
+        has_keys = "key" in pf.schema_arrow.names
+        keys = pf.read(columns=["key"]).column("key").to_pylist() if has_keys else range(pf.metadata.num_rows)
+    return [str(SampleAddress(uri, str(key), row=i, column=column)) for i, key in enumerate(keys)]
 
 
 def expand_shards(uris: Iterator[str], storage: Storage, threads: int = 8) -> Iterator[str]:
@@ -195,10 +180,7 @@ def expand_shards(uris: Iterator[str], storage: Storage, threads: int = 8) -> It
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for uri in uris:
             fmt = shard_format(uri)
-            if fmt is not None:
-                pending.append(pool.submit(fmt.index, uri, storage))
-            else:
-                pending.append(uri)
+            pending.append(uri if fmt is None else pool.submit(fmt.index, uri, storage))
             while len(pending) > 2 * threads or (pending and isinstance(pending[0], str)):
                 head = pending.pop(0)
                 yield from ([head] if isinstance(head, str) else head.result())
@@ -236,8 +218,7 @@ def _read_tar(shard: str, items: list[tuple[int, SampleAddress]], storage: Stora
 def _read_parquet(shard: str, items: list[tuple[int, SampleAddress]], storage: Storage, out: dict) -> None:
     with storage.open_read(shard) as f:
         pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        extra = [c for c in ("status", "error_message") if c in names]
+        extra = [c for c in ("status", "error_message") if c in pf.schema_arrow.names]
         starts, total = [], 0
         for g in range(pf.metadata.num_row_groups):
             starts.append(total)
@@ -264,8 +245,9 @@ def _read_parquet(shard: str, items: list[tuple[int, SampleAddress]], storage: S
 
 def read_samples(keys: Sequence[str], storage: Storage) -> dict[int, bytes | Exception]:
     """index -> bytes (or the exception) for every key of ``keys`` that is a sample address; plain URIs
-    are left out (the caller reads them). One ranged read per contiguous run of tar members, one row group
-    read per parquet row group; a failing shard is an error on each of its samples, never a raise."""
+    are left out (the caller reads them). One ranged read per contiguous run of tar members (the listing
+    keeps samples in shard order, so a scoring batch is one or two reads), one read per parquet row group;
+    a failing shard is an error on each of its samples, never a raise."""
     groups: dict[str, list[tuple[int, SampleAddress]]] = defaultdict(list)
     for i, key in enumerate(keys):
         a = parse_address(key)

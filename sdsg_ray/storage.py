@@ -1,23 +1,18 @@
 """URI-addressed storage: a local path, ``file:///abs/path``, ``s3://bucket/prefix``, or any registered scheme.
 
-One storage layer for the whole project. Each URI scheme has one object store class, registered by scheme
-in :data:`STORES` (:class:`LocalObjects` for local paths and ``file://``, :class:`S3Objects` on one boto3
-client for ``s3://``); :class:`Storage` looks the store up by the URI's scheme and keeps the project's
-guarantees on top of it: atomic writes (a reader sees the old object or the new one, never half of one),
-sorted listings streamed page by page, and errors that name the URI and the endpoint (never a
-credential). Ray is handed the same store as a pyarrow filesystem (:meth:`Storage.arrow_filesystem`):
-Ray Train's checkpoints and Ray Data's parquet reads go through the same client, endpoint, retry policy
-and error translation as everything else, so the project has one S3 client family (boto3/botocore)
-configured in one place (:class:`~sdsg_ray.config.StorageConfig`).
-
-A new scheme (``gs://``) is one :class:`ObjectStore` subclass and one ``STORES.register`` call in this
-file; no caller branches on the scheme.
+Each URI scheme has one object store class, registered by scheme in :data:`STORES` (:class:`LocalObjects`
+for local paths and ``file://``, :class:`S3Objects` on one boto3 client for ``s3://``); :class:`Storage`
+looks the store up by the URI's scheme and keeps the project's guarantees on top of it: atomic writes (a
+reader sees the old object or the new one, never half of one), sorted listings streamed page by page, and
+errors that name the URI and the endpoint (never a credential). Ray gets the same store as a pyarrow
+filesystem (:meth:`Storage.arrow_filesystem`), so Ray Train's checkpoints and Ray Data's parquet reads share
+the client, endpoint, retries and error translation configured in :class:`~sdsg_ray.config.StorageConfig`.
+A new scheme (``gs://``) is one :class:`ObjectStore` subclass and one ``STORES.register`` call.
 
 Endpoint: ``StorageConfig.endpoint_url`` > ``$AWS_ENDPOINT_URL`` > AWS itself. Credentials always come
-from the standard AWS chain (environment, profile, instance role) and are never logged.
-
-Local URIs are normalised to absolute paths (``file:///a/b`` and ``a/b`` both become ``/abs/a/b``), so
-the keys a listing yields, the keys a manifest holds and the keys in ``labels.csv`` are the same strings.
+from the standard AWS chain (environment, profile, instance role) and are never logged. Local URIs are
+normalised to absolute paths (``file:///a/b`` and ``a/b`` both become ``/abs/a/b``), so the keys a
+listing yields, the keys a manifest holds and the keys in ``labels.csv`` are the same strings.
 """
 
 from __future__ import annotations
@@ -87,7 +82,7 @@ def normalize(uri: str) -> str:
 
 def join(uri: str, *parts: str) -> str:
     """``join("s3://b/runs", "x", "y.pt") == "s3://b/runs/x/y.pt"``; local URIs keep their form."""
-    out = uri.rstrip("/") if uri.rstrip("/") else uri
+    out = uri.rstrip("/") or uri
     for part in parts:
         part = part.strip("/")
         if part:
@@ -192,7 +187,7 @@ class LocalObjects(ObjectStore):
             return open(path, "rb")
         except FileNotFoundError:
             raise ObjectNotFound(f"{path}: no such object") from None
-        except (IsADirectoryError, PermissionError, OSError) as err:
+        except OSError as err:
             raise StorageError(f"{path}: {type(err).__name__}: {err.strerror or err}") from None
 
     @contextlib.contextmanager
@@ -231,11 +226,8 @@ class LocalObjects(ObjectStore):
 
 
 class S3Objects(ObjectStore):
-    """Objects in S3 or an S3-compatible store, through one boto3 client built on first use.
-
-    Picklable, because Ray ships it to workers: the client holds sockets and locks, so it is dropped
-    when pickled and rebuilt lazily in each process from the same settings.
-    """
+    """Objects in S3 or an S3-compatible store, through one boto3 client built on first use. Picklable for
+    Ray: the client (sockets, locks) is dropped when pickled and rebuilt lazily from the same settings."""
 
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)
@@ -263,16 +255,13 @@ class S3Objects(ObjectStore):
     def where(self) -> str:
         return self.endpoint_url or "AWS S3"
 
-    def resolved(self) -> "S3Objects":
-        """This store with the endpoint and region of this process written into its config, so that a
-        copy shipped to a Ray worker reaches the same store whatever that worker's environment says."""
-        return S3Objects(self.config.model_copy(update={"endpoint_url": self.endpoint_url, "region": self.region}))
-
     def arrow_filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-        """This store behind pyarrow's interface (:class:`S3ArrowHandler`), with the endpoint, region,
-        retries and error messages of every other storage call, and the path ``bucket/key``."""
+        """This store behind pyarrow's interface (:class:`S3ArrowHandler`), and the path ``bucket/key``. The
+        endpoint and region of this process are written into the handler's config, so that a copy shipped
+        to a Ray worker reaches the same store whatever that worker's environment says."""
         bucket, key = split_s3(uri)
-        return pyarrow.fs.PyFileSystem(S3ArrowHandler(self.resolved())), f"{bucket}/{key}".rstrip("/")
+        resolved = S3Objects(self.config.model_copy(update={"endpoint_url": self.endpoint_url, "region": self.region}))
+        return pyarrow.fs.PyFileSystem(S3ArrowHandler(resolved)), f"{bucket}/{key}".rstrip("/")
 
     def relative(self, target: str, base: str) -> str | None:
         (bucket, key), (base_bucket, base_key) = split_s3(target), split_s3(base)
@@ -311,8 +300,7 @@ class S3Objects(ObjectStore):
             if code in _MISSING_KEY_CODES:
                 return ObjectNotFound(f"{uri}: no such object")
             if code == "NoSuchBucket":
-                bucket, _ = split_s3(uri)
-                return StorageError(f"{uri}: bucket {bucket!r} does not exist at {where}")
+                return StorageError(f"{uri}: bucket {split_s3(uri)[0]!r} does not exist at {where}")
             if code in _AUTH_CODES:
                 return StorageError(
                     f"{uri}: access denied ({code}) at {where}; check the credentials of the standard "
@@ -343,67 +331,47 @@ class S3Objects(ObjectStore):
         bucket, _ = split_s3(uri)
         if bucket in self._checked_buckets:
             return
-        with self.errors(uri, "HEAD bucket"):
-            try:
+        try:
+            with self.errors(uri, "HEAD bucket"):
                 self.client.head_bucket(Bucket=bucket)
-            except Exception as err:
-                code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
-                if code in ("404", "NoSuchBucket"):
-                    raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {self.where()}") from None
-                raise
+        except ObjectNotFound:  # head_bucket's 404 (NoSuchBucket already says the same)
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {self.where()}") from None
         self._checked_buckets.add(bucket)
 
     # the interface -----------------------------------------------------------------------------------
 
-    def list(self, prefix_uri: str, delimiter: str | None = None) -> Iterator[ObjectInfo]:
-        """Objects under the prefix ``prefix_uri/`` in byte order, 1000 keys a request (never all in memory).
-
-        Keys ending in "/" (directory markers) are skipped. With ``delimiter="/"`` only the objects
-        directly under the prefix are listed (see :meth:`list_dirs` for the sub-prefixes).
-        """
-        bucket, prefix = split_s3(prefix_uri)
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        kwargs = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
-        with self.errors(prefix_uri, "LIST"):
-            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
-                for obj in page.get("Contents", ()):
-                    if not obj["Key"].endswith("/"):
-                        yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj.get("LastModified"))
-
-    def list_dirs(self, prefix_uri: str) -> Iterator[str]:
-        """The sub-prefixes directly under ``prefix_uri/`` (as URIs without a trailing slash)."""
+    def pages(self, prefix_uri: str, **kwargs: Any) -> Iterator[dict]:
+        """The ListObjectsV2 pages under the prefix ``prefix_uri/``, 1000 keys a request (never all in memory)."""
         bucket, prefix = split_s3(prefix_uri)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         with self.errors(prefix_uri, "LIST"):
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-            for page in pages:
-                for common in page.get("CommonPrefixes", ()):
-                    yield f"s3://{bucket}/{common['Prefix'].rstrip('/')}"
+            yield from self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **kwargs)
+
+    def list(self, prefix_uri: str) -> Iterator[ObjectInfo]:
+        """Objects under the prefix ``prefix_uri/`` in byte order, skipping directory markers (keys ending in "/")."""
+        bucket, _ = split_s3(prefix_uri)
+        for page in self.pages(prefix_uri):
+            for obj in page.get("Contents", ()):
+                if not obj["Key"].endswith("/"):
+                    yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj.get("LastModified"))
 
     def has_prefix(self, prefix_uri: str) -> bool:
-        """Whether any object (a directory marker included) lies under ``prefix_uri/``."""
-        bucket, prefix = split_s3(prefix_uri)
-        prefix = prefix.rstrip("/") + "/" if prefix else ""
-        with self.errors(prefix_uri, "LIST"):
-            return bool(self.client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0))
+        """Whether any object (a directory marker included) lies under ``prefix_uri/`` (one LIST of one key)."""
+        return any(page.get("KeyCount", 0) for page in self.pages(prefix_uri, MaxKeys=1))
 
     def info(self, uri: str) -> ObjectInfo | None:
         """The object's size and mtime, or None if there is no such object (a missing bucket raises)."""
         bucket, key = split_s3(uri)
         if not key:
             return None
-        with self.errors(uri, "HEAD"):
-            try:
+        try:
+            with self.errors(uri, "HEAD"):
                 head = self.client.head_object(Bucket=bucket, Key=key)
-                return ObjectInfo(uri, int(head["ContentLength"]), head.get("LastModified"))
-            except Exception as err:
-                code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
-                if code not in _MISSING_KEY_CODES:
-                    raise
-        self._check_bucket(uri)
-        return None
+        except ObjectNotFound:  # a 404: no such key, or no such bucket
+            self._check_bucket(uri)
+            return None
+        return ObjectInfo(uri, int(head["ContentLength"]), head.get("LastModified"))
 
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
@@ -425,9 +393,8 @@ class S3Objects(ObjectStore):
 
     @contextlib.contextmanager
     def open_write(self, uri: str) -> Iterator[IO[bytes]]:
-        """Bytes are spooled, then sent as one PUT or a multipart upload; S3 makes an object visible only
-        when that PUT or CompleteMultipartUpload succeeds, so readers never see a partial object. On error
-        nothing is written and the previous object, if any, is left untouched."""
+        """Bytes are spooled, then sent as one PUT or a multipart upload: S3 makes an object visible only
+        when that PUT or CompleteMultipartUpload succeeds, so readers never see a partial object."""
         with tempfile.SpooledTemporaryFile(max_size=_SINGLE_PUT_BYTES) as spool:
             yield spool
             self.upload(uri, spool)
@@ -442,15 +409,6 @@ class S3Objects(ObjectStore):
                 self.client.put_object(Bucket=bucket, Key=key, Body=spool.read(), **_content_type(key))  # one PUT: atomic on S3
             else:
                 self.client.upload_fileobj(spool, bucket, key, ExtraArgs=_content_type(key))
-
-    def write_bytes(self, uri: str, data: bytes) -> None:
-        if len(data) > _SINGLE_PUT_BYTES:
-            with self.open_write(uri) as f:
-                f.write(data)
-            return
-        bucket, key = split_s3(uri)
-        with self.errors(uri, "PUT"):
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, **_content_type(key))
 
     def delete(self, uri: str) -> None:
         bucket, key = split_s3(uri)
@@ -485,9 +443,6 @@ class _RangeReader(io.RawIOBase):
 
     def seekable(self) -> bool:
         return True
-
-    def tell(self) -> int:
-        return self.pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
@@ -535,21 +490,16 @@ class _UploadOnClose(io.RawIOBase):
 
 
 class S3ArrowHandler(pyarrow.fs.FileSystemHandler):
-    """pyarrow's filesystem interface over :class:`S3Objects` (paths are ``bucket/key``).
-
-    S3 has no directories: a "directory" exists when an object lies under its prefix. ``create_dir``
-    writes an empty ``dir/`` marker object, as pyarrow's own S3 filesystem does, so that an empty
-    directory a caller just created is found; listings never yield markers.
-    """
+    """pyarrow's filesystem interface over :class:`S3Objects` (paths are ``bucket/key``). S3 has no
+    directories: a "directory" exists when an object lies under its prefix. ``create_dir`` writes an empty
+    ``dir/`` marker object, as pyarrow's own S3 filesystem does, so that an empty directory a caller just
+    created is found; listings never yield markers."""
 
     def __init__(self, store: S3Objects) -> None:
         self.store = store
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, S3ArrowHandler) and other.store.config == self.store.config
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
 
     @staticmethod
     def uri(path: str) -> str:
@@ -587,10 +537,13 @@ class S3ArrowHandler(pyarrow.fs.FileSystemHandler):
                     dirs.add(parent)
                     parent = parent.rsplit("/", 1)[0]
                 out.append(pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.File, size=obj.size, mtime=obj.mtime))
-        else:
-            dirs.update(uri[len("s3://"):] for uri in self.store.list_dirs(self.uri(base)))
-            out += [pyarrow.fs.FileInfo(o.uri[len("s3://"):], pyarrow.fs.FileType.File, size=o.size, mtime=o.mtime)
-                    for o in self.store.list(self.uri(base), delimiter="/")]
+        else:  # one level: the objects directly under base, and its sub-prefixes
+            bucket = base.split("/")[0]
+            for page in self.store.pages(self.uri(base), Delimiter="/"):
+                dirs.update(f"{bucket}/{common['Prefix'].rstrip('/')}" for common in page.get("CommonPrefixes", ()))
+                out += [pyarrow.fs.FileInfo(f"{bucket}/{o['Key']}", pyarrow.fs.FileType.File, size=int(o["Size"]),
+                                            mtime=o.get("LastModified"))
+                        for o in page.get("Contents", ()) if not o["Key"].endswith("/")]
         out += [pyarrow.fs.FileInfo(d, pyarrow.fs.FileType.Directory) for d in sorted(dirs)]
         if not out and not selector.allow_not_found and not self.store.has_prefix(self.uri(base)):
             raise FileNotFoundError(f"{self.uri(base)}: no such directory")
@@ -601,29 +554,21 @@ class S3ArrowHandler(pyarrow.fs.FileSystemHandler):
         if "/" in path and self.store.info(self.uri(path)) is None and not self.store.has_prefix(self.uri(path)):
             self.store.write_bytes(self.uri(path) + "/", b"")
 
-    def _keys_under(self, path: str) -> list[str]:
-        bucket, prefix = split_s3(self.uri(path))
-        prefix = prefix + "/" if prefix else ""
-        keys: list[str] = []
-        with self.store.errors(self.uri(path), "LIST"):
-            for page in self.store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                keys += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", ())]
+    def _keys_under(self, path: str, missing_ok: bool = False) -> list[str]:
+        """Every key under ``path/``, directory markers included; none is a FileNotFoundError unless ``missing_ok``."""
+        bucket, _ = split_s3(self.uri(path))
+        pages = self.store.pages(self.uri(path))
+        keys = [f"s3://{bucket}/{o['Key']}" for page in pages for o in page.get("Contents", ())]
+        if not keys and not missing_ok:
+            raise FileNotFoundError(f"{self.uri(path)}: no such directory")
         return keys
 
     def delete_dir(self, path: str) -> None:
-        keys = self._keys_under(path)
-        if not keys:
-            raise FileNotFoundError(f"{self.uri(path)}: no such directory")
-        self.store.delete_many(keys)
+        self.store.delete_many(self._keys_under(path))
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        keys = self._keys_under(path)
-        if not keys and not missing_dir_ok:
-            raise FileNotFoundError(f"{self.uri(path)}: no such directory")
-        marker = self.uri(path) + "/"
-        keys = [k for k in keys if k != marker]
-        if keys:
-            self.store.delete_many(keys)
+        keys = self._keys_under(path, missing_ok=missing_dir_ok)
+        self.store.delete_many([k for k in keys if k != self.uri(path) + "/"])  # the directory itself stays
 
     def delete_root_dir_contents(self) -> None:
         raise StorageError("refusing to delete every bucket's contents")
@@ -638,7 +583,7 @@ class S3ArrowHandler(pyarrow.fs.FileSystemHandler):
             self.store.copy(self.uri(src), self.uri(dest))
             self.store.delete(self.uri(src))
             return
-        keys = self._keys_under(src)
+        keys = self._keys_under(src, missing_ok=True)
         if not keys:
             raise FileNotFoundError(f"{self.uri(src)}: no such object or directory")
         for key in keys:
@@ -651,8 +596,7 @@ class S3ArrowHandler(pyarrow.fs.FileSystemHandler):
     def open_input_stream(self, path: str) -> pyarrow.NativeFile:
         return pyarrow.PythonFile(self.store.open_read(self.uri(path)), mode="r")
 
-    def open_input_file(self, path: str) -> pyarrow.NativeFile:
-        return pyarrow.PythonFile(self.store.open_read(self.uri(path)), mode="r")
+    open_input_file = open_input_stream
 
     def open_output_stream(self, path: str, metadata) -> pyarrow.NativeFile:
         return pyarrow.PythonFile(_UploadOnClose(self.store, self.uri(path)), mode="w")
@@ -670,10 +614,8 @@ STORES.register("s3", S3Objects)
 
 
 class Storage:
-    """One object store per URI scheme behind one API; see the module docstring for its guarantees.
-
-    Stores are built from ``config`` on first use of their scheme and cached. Picklable, so Ray can ship
-    it to workers: each store pickles without its clients (see :class:`S3Objects`)."""
+    """One object store per URI scheme behind one API (see the module docstring for its guarantees), each
+    built from ``config`` on first use of its scheme. Picklable for Ray: stores pickle without their clients."""
 
     def __init__(self, config: StorageConfig | None = None):
         self.config = config or StorageConfig()
@@ -691,25 +633,16 @@ class Storage:
         store = self.store(uri)
         return store, store.normalize(uri)
 
-    # ----- listing --------------------------------------------------------------------------------
-    def list_objects(self, prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[ObjectInfo]:
-        """Objects (URI, size) under a prefix (a "directory"), sorted by URI, streamed.
-
-        S3 is listed page by page (1000 keys a request), so millions of keys stream without being held
-        in memory; S3 returns keys in byte order, and the local walk yields the same order. ``suffixes``
-        filters case-insensitively (``(".jpg", ".png")``). A prefix with nothing under it yields nothing.
-        """
+    def list(self, prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
+        """Full URIs of the objects under a prefix (a "directory"), streamed in byte order (S3's order, which
+        the local walk reproduces). ``suffixes`` filters case-insensitively (``(".jpg", ".png")``). A prefix
+        with nothing under it yields nothing."""
         wanted = tuple(s.lower() for s in suffixes) if suffixes else None
         store, prefix = self._on(prefix_uri)
         for obj in store.list(prefix):
             if wanted is None or obj.uri.lower().endswith(wanted):
-                yield obj
+                yield obj.uri
 
-    def list(self, prefix_uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
-        """Full URIs of the objects under a prefix, sorted, streamed (see :meth:`list_objects`)."""
-        return (obj.uri for obj in self.list_objects(prefix_uri, suffixes))
-
-    # ----- objects ----------------------------------------------------------------------------------
     def read_bytes(self, uri: str) -> bytes:
         store, uri = self._on(uri)
         return store.read_bytes(uri)
@@ -723,12 +656,8 @@ class Storage:
         return store.open_read(uri)
 
     def open_write(self, uri: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        """A binary file to write ``uri`` into; it appears only if the block finishes without error.
-
-        Local: a temp file in the target directory, then ``os.replace`` (atomic on POSIX). S3: one PUT
-        or a multipart upload after the block. On error nothing is written and the previous object, if
-        any, is left untouched.
-        """
+        """A binary file to write ``uri`` into; it appears only if the block finishes without error (on
+        error the previous object, if any, is left untouched)."""
         store, uri = self._on(uri)
         return store.open_write(uri)
 
@@ -772,13 +701,8 @@ class Storage:
         store, target_in_store = self._on(target)
         return store.relative(target_in_store, store.normalize(base)) or target
 
-    # ----- Ray ---------------------------------------------------------------------------------------
     def arrow_filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-        """``(filesystem, path inside it)`` for Ray Train's ``storage_filesystem`` and Ray Data's readers.
-
-        Local: pyarrow's LocalFileSystem and the absolute path. S3: this project's own S3 store behind
-        pyarrow's interface (:class:`S3ArrowHandler`) and the path ``bucket/key``.
-        """
+        """``(filesystem, path inside it)`` for Ray Train's ``storage_filesystem`` and Ray Data's readers."""
         store, uri = self._on(uri)
         return store.arrow_filesystem(uri)
 

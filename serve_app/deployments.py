@@ -5,7 +5,8 @@
                                --@serve.batch--> one forward pass for many concurrent requests
 
 Multi-sample responses (POST /v1/samples): ``format=png`` -> JSON ``{"seeds": [...], "images": [base64 PNG,
-...], "clusters": [center index or null, ...]}``; ``format=grid`` -> one PNG grid (row-major in seed order); ``format=npy`` -> one .npy uint8 [N, R, R, 3].
+...], "clusters": [center index or null, ...]}``; ``format=grid`` -> one PNG grid (row-major in seed order);
+``format=npy`` -> one .npy uint8 [N, R, R, 3].
 ``GET /`` is the sampler page (serve_app/static/index.html), a client of these same endpoints.
 """
 
@@ -30,22 +31,11 @@ from ray.serve.handle import DeploymentHandle
 from sdsg_ray.config import SDSGConfig
 from sdsg_ray.imaging import encode_png, square_grid
 from sdsg_ray.storage import get_storage
-from sdsg_ray.truncation.modes import NO_CENTER, TRUNCATION_MODES, InvalidSample, SampleSpec
+from sdsg_ray.truncation.modes import NO_CENTER, TRUNCATION_MODES, AssignBy, InvalidSample, SampleSpec
 from sdsg_ray.truncation.sampler import load_sampler
 
-from .schemas import (
-    ASSIGNMENT_HELP,
-    DEFAULT_TRUNCATION,
-    TRUNCATION_HELP,
-    Assignment,
-    FieldError,
-    ImageFormat,
-    SamplesRequest,
-    ServiceUnavailable,
-    on_field_error,
-    on_unavailable,
-    on_validation_error,
-)
+from .schemas import (ASSIGNMENT_HELP, DEFAULT_TRUNCATION, TRUNCATION_HELP, FieldError, ImageFormat, SamplesRequest,
+                      ServiceUnavailable, on_field_error, on_unavailable, on_validation_error)
 
 
 # Plain HTML + JS calling this API with relative URLs (so it works under any route prefix), no CDN: offline.
@@ -77,8 +67,6 @@ class SamplerDeployment:
         device = "cuda" if torch.cuda.is_available() and s.num_gpus > 0 else "cpu"
         self.sampler = load_sampler(s.checkpoint, s.clusters or None, get_storage(cfg.storage), s.assign_by,
                                     device, batch_size=s.max_batch_size, assign_resolution=s.assign_resolution)
-        # the default assignment rule (s.assign_by resolved: 'auto' -> learned when the clusters have a classifier)
-        # and the ones a request may pick instead
         bundle, clusters = self.sampler.bundle, self.sampler.clusters
         self.info_dict = {
             "resolution": self.sampler.resolution,
@@ -86,8 +74,8 @@ class SamplerDeployment:
             "w_dim": int(bundle.G_ema.w_dim),
             "checkpoint": {"uri": s.checkpoint, "identity": bundle.identity, "meta": _jsonable(bundle.meta)},
             "metric": clusters.metric if clusters else None,
-            "assign_by": self.sampler.assign_by if clusters else None,
-            "assignments": list(self.sampler.assignments),
+            "assign_by": self.sampler.assign_by if clusters else None,  # the default rule, 'auto' resolved
+            "assignments": list(self.sampler.assignments),  # the rules a request may pick instead
             "assignment_quality": clusters.assignment_quality if clusters else {},
             "assign_resolution": s.assign_resolution or self.sampler.resolution,
             "device": device,
@@ -98,8 +86,7 @@ class SamplerDeployment:
             "default_truncation": DEFAULT_TRUNCATION,
             "clusters": None if clusters is None else {
                 "uri": s.clusters, "identity": clusters.identity, "count": clusters.count,
-                "sizes": clusters.sizes.tolist(), "seed": clusters.seed,
-            },
+                "sizes": clusters.sizes.tolist(), "seed": clusters.seed},
         }
         self._render_batch.set_max_batch_size(s.max_batch_size)
         self._render_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -122,21 +109,14 @@ class SamplerDeployment:
         flat = [spec for request in requests for spec in request]
         # Off the event loop: the replica keeps collecting the next batch while this one renders.
         images, centers = await asyncio.to_thread(self.sampler.render_with_centers, flat)
-        out, start = [], 0
-        for request in requests:
-            out.append((images[start:start + len(request)], centers[start:start + len(request)]))
-            start += len(request)
-        return out
+        bounds = np.cumsum([len(request) for request in requests])[:-1]
+        return list(zip(np.split(images, bounds), np.split(centers, bounds)))
 
 
-api = FastAPI(
-    title="sdsg-ray sampler",
-    description="Self-Distilled StyleGAN samples with multi-modal truncation (Mokady et al. 2022).",
-    version="1",
-)
-api.add_exception_handler(RequestValidationError, on_validation_error)
-api.add_exception_handler(FieldError, on_field_error)
-api.add_exception_handler(ServiceUnavailable, on_unavailable)
+api = FastAPI(title="sdsg-ray sampler", version="1",
+              description="Self-Distilled StyleGAN samples with multi-modal truncation (Mokady et al. 2022).",
+              exception_handlers={RequestValidationError: on_validation_error, FieldError: on_field_error,
+                                  ServiceUnavailable: on_unavailable})
 
 
 @serve.deployment
@@ -161,12 +141,11 @@ class Ingress:
                      seed_field=lambda i: "seed", assignment: str | None = None) -> list[SampleSpec]:
         """SampleSpecs checked against the loaded model; an InvalidSample names the request field."""
         info = await self.model_info()
-        clusters = info["clusters"]
         psi = self.default_psi if psi is None else psi
         specs = [SampleSpec(seed, psi, truncation, cluster, assignment) for seed in seeds]
         for i, spec in enumerate(specs):
             try:
-                spec.check(clusters["count"] if clusters else 0, info["assignments"])
+                spec.check(info["clusters"]["count"] if info["clusters"] else 0, info["assignments"])
             except InvalidSample as err:
                 raise FieldError(seed_field(i) if err.field == "seed" else err.field, err.message) from None
         return specs
@@ -205,8 +184,7 @@ class Ingress:
 
     @api.get("/v1/clusters/grid.png", response_class=Response)
     async def clusters_grid(self) -> Response:
-        if (await self.model_info())["clusters"] is None:
-            raise FieldError("clusters", "no clusters loaded", status_code=404)
+        await self.clusters()  # the same 404 without clusters
         return Response(await self.sampler.center_grid.remote(), media_type="image/png")
 
     @api.get("/v1/sample", response_class=Response)
@@ -217,7 +195,7 @@ class Ingress:
         truncation: str = Query(DEFAULT_TRUNCATION, description=TRUNCATION_HELP),
         cluster: int | None = Query(None, description="Force this center (modes toward cluster centers)."),
         format: ImageFormat = Query("png"),
-        assignment: Assignment | None = Query(None, description=ASSIGNMENT_HELP),
+        assignment: AssignBy | None = Query(None, description=ASSIGNMENT_HELP),
     ) -> Response:
         """One image: PNG, or a .npy uint8 [R, R, 3]."""
         images, _ = await self._render(await self._specs([seed], psi, truncation, cluster, assignment=assignment))
@@ -239,8 +217,7 @@ class Ingress:
         if spec.format == "npy":
             return Response(_npy(images), media_type="application/octet-stream")
         if spec.format == "grid":
-            return Response(encode_png(square_grid(images)),
-                            media_type="image/png")
+            return Response(encode_png(square_grid(images)), media_type="image/png")
         return JSONResponse({"seeds": seeds, "images": [base64.b64encode(encode_png(im)).decode() for im in images],
                              # the center each image was truncated toward (null where its mode has none)
                              "clusters": [None if c == NO_CENTER else int(c) for c in centers]})

@@ -2,7 +2,7 @@
 
 Request bodies check their shape only (types, which fields go together, how many samples); the limits
 of a sample (seed range, ψ range, truncation mode, cluster index) are checked in one place,
-:meth:`sdsg_ray.truncation.modes.SampleSpec.check` (modes against their registry), and its error is mapped here to a 4xx whose JSON names
+:meth:`sdsg_ray.truncation.modes.SampleSpec.check`, and its error is mapped here to a 4xx whose JSON names
 the request field: ``{"detail": "psi: must be in [0, 1], got 1.5", "errors": [{"field": "psi", ...}]}``.
 """
 
@@ -17,15 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sdsg_ray.truncation.modes import AssignBy
 
 ImageFormat = Literal["png", "npy"]
-Assignment = AssignBy
 ASSIGNMENT_HELP = ("Rule picking the nearest center (modes toward cluster centers): lpips (the paper's), learned "
                    "(classifier fitted to it, cheaper) or w; default: the model's (GET /v1/model `assign_by`).")
 DEFAULT_TRUNCATION = "multimodal"  # the paper's mode: what a request without `truncation` gets
 TRUNCATION_HELP = ("A registered truncation mode, checked against the registry per request (GET /v1/model "
                    "`truncations` lists them and whether this model can draw each).")
 BatchFormat = Literal["png", "grid", "npy"]
-
-
 RETRY_AFTER_S = 1  # what a 503 asks clients to wait: about the time Serve needs to notice a dead replica
 
 
@@ -52,7 +49,7 @@ class SamplesRequest(BaseModel):
     psi: float | None = Field(None, description="Truncation strength in [0, 1]; default from config.")
     truncation: str = Field(DEFAULT_TRUNCATION, description=TRUNCATION_HELP)
     cluster: int | None = Field(None, description="Force this center (modes toward cluster centers).")
-    assignment: Assignment | None = Field(None, description=ASSIGNMENT_HELP)
+    assignment: AssignBy | None = Field(None, description=ASSIGNMENT_HELP)
     format: BatchFormat = "png"
 
     @model_validator(mode="after")
@@ -64,9 +61,7 @@ class SamplesRequest(BaseModel):
         return self
 
     def seed_list(self) -> list[int]:
-        if self.seeds is not None:
-            return list(self.seeds)
-        return [self.seed + i for i in range(self.count)]
+        return list(self.seeds) if self.seeds is not None else list(range(self.seed, self.seed + self.count))
 
     def seed_field(self, index: int) -> str:
         """The request field that produced the index-th seed (``seeds.3``, or ``seed``/``count``)."""

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdsg_ray.artifacts.score_writer import ShardAssembler
-from sdsg_ray.artifacts.scores import SCORE_COLUMN, SUMMARY_FILE, ScoreSet
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, ScoreSet, ShardAssembler
 from sdsg_ray.artifacts.selection import FilteredSet
 from sdsg_ray.config import load_config
 from sdsg_ray.filtering.curation_page import allocate, sample_by_score
@@ -51,8 +50,8 @@ def make_small_selection(root: Path, n: int = 120, page_images: int = 2000, **se
     batch = {"key": np.array([row["key"] for row in labels], object), "shard": np.arange(len(labels)) % 2,
              "status": np.array(["ok"] * len(labels), object), "error": np.array([""] * len(labels), object),
              SCORE_COLUMN: d, "d_l1": d / 2, "feat_real": feat, "feat_recon": feat * 0.5}
-    ShardAssembler(scores, storage, {s: int((batch["shard"] == s).sum()) for s in range(2)}).add(batch)
-    storage.write_text(join(scores, SUMMARY_FILE), json.dumps({
+    ShardAssembler(ScoreSet(scores), storage, {s: int((batch["shard"] == s).sum()) for s in range(2)}).add(batch)
+    storage.write_text(ScoreSet(scores).summary, json.dumps({
         "metric": "stlpips-vgg", "features": "test-features", "features_is_inception": False,
         "checkpoint": ckpt, "pair": "ema"}))
     out = str(root / "selection")

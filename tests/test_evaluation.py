@@ -54,7 +54,7 @@ def test_only_inception_features_are_called_fid():
 
 
 def write_scores(storage, out: str, rows: list[tuple[str, str, float]]) -> None:
-    from sdsg_ray.artifacts.scores import SCORE_SCHEMA, score_shard_uri
+    from sdsg_ray.artifacts.scores import SCORE_SCHEMA, ScoreSet
     from sdsg_ray.manifest import write_parquet_stream
 
     n = len(rows)
@@ -64,7 +64,7 @@ def write_scores(storage, out: str, rows: list[tuple[str, str, float]]) -> None:
         "feat_real": pa.array([[0.0]] * n, pa.list_(pa.float32())),
         "feat_recon": pa.array([[0.0]] * n, pa.list_(pa.float32())),
     }, schema=SCORE_SCHEMA)
-    write_parquet_stream([batch], SCORE_SCHEMA, score_shard_uri(out, 0), storage)
+    write_parquet_stream([batch], SCORE_SCHEMA, ScoreSet(out).shard(0), storage)
 
 
 def test_outlier_detection_counts_removed_images_against_planted_labels(tmp_path):

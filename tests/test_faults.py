@@ -72,7 +72,7 @@ def test_a_flaky_store_loses_nothing(ray_cluster, s3_endpoint, flaky_store, tmp_
     from sdsg_ray.distributed.train import run_training
     from sdsg_ray.filtering.score import run_scoring
     from sdsg_ray.filtering.scorer import ReconstructionScorer
-    from sdsg_ray.artifacts.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import ScoreSet
     from sdsg_ray.filtering.select import run_selection
     from sdsg_ray.imaging import decode_image
     from sdsg_ray.manifest import read_manifest
@@ -108,7 +108,7 @@ def test_a_flaky_store_loses_nothing(ray_cluster, s3_endpoint, flaky_store, tmp_
     assert len(kept) == report["size_kept"] >= 4
 
     rows = {}
-    for batch in iter_score_batches(join(bucket, "scores"), storage, ["key", "status", SCORE_COLUMN]):
+    for batch in ScoreSet(join(bucket, "scores")).iter_batches(storage, ["key", "status", SCORE_COLUMN]):
         for key, status, d in zip(batch["key"], batch["status"], batch[SCORE_COLUMN]):
             assert key not in rows, f"{key} scored twice"
             rows[key] = (status, d)
@@ -163,7 +163,7 @@ import ray
 from ray.cluster_utils import Cluster
 from sdsg_ray.config import load_config
 from sdsg_ray.filtering.score import run_scoring
-from sdsg_ray.artifacts.scores import written_shards
+from sdsg_ray.artifacts.scores import ScoreSet
 from sdsg_ray.storage import get_storage
 
 settings = json.loads(sys.argv[1])
@@ -189,10 +189,10 @@ scoring = threading.Thread(target=score, daemon=True)
 scoring.start()
 # Node operations belong to the main thread (cluster_utils installs signal handlers).
 deadline = time.monotonic() + 600
-while time.monotonic() < deadline and scoring.is_alive() and not written_shards(out, storage):
+while time.monotonic() < deadline and scoring.is_alive() and not ScoreSet(out).written_shards(storage):
     time.sleep(0.05)
 if scoring.is_alive():
-    events["shards_before"] = len(written_shards(out, storage))  # counted before the node goes
+    events["shards_before"] = len(ScoreSet(out).written_shards(storage))  # counted before the node goes
     cluster.remove_node(victim, allow_graceful=False)  # its raylet and every worker on it die at once
     cluster.add_node(num_cpus=1, num_gpus=1)  # then somewhere the actor can be restarted
     gone = time.monotonic()
@@ -217,7 +217,7 @@ def test_losing_the_scoring_node_mid_run_scores_every_key_exactly_once(tmp_path)
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.dataset.synthetic import make_dataset
     from sdsg_ray.filtering.scorer import ReconstructionScorer
-    from sdsg_ray.artifacts.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import ScoreSet
     from sdsg_ray.imaging import decode_image
     from sdsg_ray.manifest import read_manifest
     from sdsg_ray.models import build_networks
@@ -259,9 +259,9 @@ def test_losing_the_scoring_node_mid_run_scores_every_key_exactly_once(tmp_path)
     for shard in sorted((tmp_path / "scores" / "scores").iterdir()):
         shard_id = int(shard.stem.split("-")[1])
         shard_keys = read_manifest(join(out, "manifest", f"manifest-{shard_id:05d}.parquet"), storage)
-        in_shard = [k for b in iter_score_batches(out, storage, ["key"]) for k in b["key"] if k in shard_keys]
+        in_shard = [k for b in ScoreSet(out).iter_batches(storage, ["key"]) for k in b["key"] if k in shard_keys]
         assert sorted(in_shard) == sorted(shard_keys), shard  # complete, never partial
-    for batch in iter_score_batches(out, storage, ["key", "status", SCORE_COLUMN]):
+    for batch in ScoreSet(out).iter_batches(storage, ["key", "status", SCORE_COLUMN]):
         for key, status, d in zip(batch["key"], batch["status"], batch[SCORE_COLUMN]):
             assert key not in rows and status == "ok", key
             rows[key] = d

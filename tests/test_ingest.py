@@ -412,7 +412,7 @@ def _statuses(out: str) -> dict[str, str]:
 
 def _score_select_and_read_kept(data: str, work: str, checkpoint: str) -> dict:
     from sdsg_ray.filtering.score import run_scoring
-    from sdsg_ray.artifacts.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import ScoreSet
     from sdsg_ray.filtering.select import run_selection
     from sdsg_ray.training.data import ImageDataset
 
@@ -421,7 +421,7 @@ def _score_select_and_read_kept(data: str, work: str, checkpoint: str) -> dict:
     summary = run_scoring(load_config(None, {
         "score.data": data, "score.checkpoint": checkpoint, "score.out": scores, "score.batch_size": 8,
         "score.actors": 1, "score.manifest_shard_size": 10}))
-    keys = [k for b in iter_score_batches(scores, storage, ["key"]) for k in b["key"].tolist()]
+    keys = [k for b in ScoreSet(scores).iter_batches(storage, ["key"]) for k in b["key"].tolist()]
     assert len(keys) == len(set(keys)) == summary["images"]  # every sample once
     report = run_selection(load_config(None, {
         "select.scores": scores, "select.out": join(work, "selection"), "select.min_size": 10,

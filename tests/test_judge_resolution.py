@@ -121,12 +121,12 @@ def test_config_accepts_sizes_and_null() -> None:
 
 
 def test_clusters_file_records_the_judge_size(tmp_path) -> None:
-    from sdsg_ray.artifacts.clusters import ClusterSet, load_clusters, save_clusters
+    from sdsg_ray.artifacts.clusters import ClusterFile, ClusterSet
 
     clusters = ClusterSet(centers=torch.zeros(2, 4), sizes=torch.ones(2, dtype=torch.long), seed=0,
                           metric="stlpips-alex", checkpoint="x", judge_resolution=128)
-    uri = save_clusters(clusters, str(tmp_path))
-    assert load_clusters(uri).judge_resolution == 128
+    uri = ClusterFile(str(tmp_path)).write(clusters, get_storage())
+    assert ClusterFile(uri).read(get_storage()).judge_resolution == 128
 
 
 def test_scoring_summary_records_metric_and_size(ray_cluster, tmp_path) -> None:
@@ -135,7 +135,7 @@ def test_scoring_summary_records_metric_and_size(ray_cluster, tmp_path) -> None:
     from PIL import Image
 
     from sdsg_ray.filtering.score import run_scoring
-    from sdsg_ray.artifacts.scores import iter_score_batches
+    from sdsg_ray.artifacts.scores import ScoreSet
 
     data = tmp_path / "images"
     data.mkdir()
@@ -150,7 +150,7 @@ def test_scoring_summary_records_metric_and_size(ray_cluster, tmp_path) -> None:
         "score.data": str(data), "score.checkpoint": checkpoint, "score.out": out, "score.metric": "stlpips-alex",
         "score.judge_resolution": 64, "score.fid_features": "stlpips-alex-pool", "score.batch_size": 6}))
     assert (summary["metric"], summary["judge_resolution"]) == ("stlpips-alex", 64)
-    rows = {k: d for b in iter_score_batches(out, get_storage(), ["key", SCORE_COLUMN]) for k, d in zip(b["key"], b[SCORE_COLUMN])}
+    rows = {k: d for b in ScoreSet(out).iter_batches(get_storage(), ["key", SCORE_COLUMN]) for k, d in zip(b["key"], b[SCORE_COLUMN])}
     scored = np.array([rows[k] for k in sorted(rows)])
     expected = reconstruction_scores(G.synthesis, E, x, build_metric("stlpips-alex", judge_resolution=64))
     np.testing.assert_allclose(scored, expected, rtol=1e-4)

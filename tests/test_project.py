@@ -205,7 +205,7 @@ LAYERS = {
     "sdsg_ray.ray_utils": ARTIFACTS, "sdsg_ray.nvidia_pickle": ARTIFACTS, "sdsg_ray.artifacts": ARTIFACTS,
     **{f"sdsg_ray.artifacts.{name}": ARTIFACTS for name in (
         "base", "checkpoint", "clusters", "dataset", "evaluation", "generated", "json_file", "layout", "report",
-        "score_writer", "scores", "selection")},
+        "scores", "selection")},
     "sdsg_ray.dataset": STAGES, "sdsg_ray.dataset.synthetic": STAGES, "sdsg_ray.training": STAGES,
     "sdsg_ray.training.loop": STAGES, "sdsg_ray.training.data": STAGES, "sdsg_ray.distributed": STAGES,
     "sdsg_ray.distributed.train": STAGES, "sdsg_ray.filtering": STAGES,

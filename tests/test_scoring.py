@@ -23,7 +23,7 @@ from PIL import Image
 from sdsg_ray.artifacts.checkpoint import export_inference
 from sdsg_ray.config import ModelConfig, load_config
 from sdsg_ray.filtering.score import footer_actors, run_scoring
-from sdsg_ray.artifacts.scores import SCORE_COLUMN, SCORE_COLUMNS, iter_score_batches, score_shard_uri
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, SCORE_COLUMNS, ScoreSet
 from sdsg_ray.filtering.select import run_selection
 from sdsg_ray.models.networks import build_networks
 from sdsg_ray.storage import get_storage, join
@@ -74,7 +74,7 @@ def read_scores(out: str) -> dict[str, dict]:
     """key -> row of every score shard under out; asserts each key appears once."""
     rows: dict[str, dict] = {}
     cols = list(SCORE_COLUMNS)
-    for batch in iter_score_batches(out, get_storage(), cols):
+    for batch in ScoreSet(out).iter_batches(get_storage(), cols):
         for i, key in enumerate(batch["key"]):
             assert key not in rows, f"{key} scored twice"
             rows[key] = {c: batch[c][i] for c in cols}
@@ -164,7 +164,7 @@ def test_rerun_after_crash_is_exactly_once(ray_cluster, corpus, reference, tmp_p
         """
         import json, os, signal, sys
         from sdsg_ray.config import load_config
-        from sdsg_ray.artifacts import score_writer as writer
+        from sdsg_ray.artifacts import scores as writer
         from sdsg_ray.filtering import score
 
         write = writer.ShardAssembler._write
@@ -188,7 +188,7 @@ def test_rerun_after_crash_is_exactly_once(ray_cluster, corpus, reference, tmp_p
             proc.kill()
     assert returncode == -9, log.read_text()[-3000:]
     storage = get_storage()
-    written = [i for i in range(6) if storage.exists(score_shard_uri(out, i))]
+    written = [i for i in range(6) if storage.exists(ScoreSet(out).shard(i))]
     assert len(written) == 1, written  # interrupted part-way: one complete shard, the rest never started
     assert not storage.exists(join(out, "summary.json"))
 
@@ -287,7 +287,7 @@ def test_the_score_writer_stores_a_row_once_even_when_it_arrives_late(tmp_path) 
     """A retried task can deliver a row again, before or after its shard was written: the shard holds the
     row once, the late copy is dropped (never a KeyError) and both copies are counted; a row of a shard
     the run is not scoring is refused with a message naming it."""
-    from sdsg_ray.artifacts.score_writer import ShardAssembler
+    from sdsg_ray.artifacts.scores import ShardAssembler
 
     def batch(shard: int, keys: list[str], d: float) -> dict[str, np.ndarray]:
         n = len(keys)
@@ -300,13 +300,13 @@ def test_the_score_writer_stores_a_row_once_even_when_it_arrives_late(tmp_path) 
 
     storage = get_storage()
     out = str(tmp_path / "scores")
-    assembler = ShardAssembler(out, storage, {0: 2, 1: 2})
+    assembler = ShardAssembler(ScoreSet(out), storage, {0: 2, 1: 2})
     assert assembler.add(batch(0, ["a"], 0.1)) == []
     assert assembler.add(batch(0, ["a"], 0.1)) == [] and assembler.duplicates == 1  # early copy: pending
     assert assembler.add(batch(0, ["b"], 0.2)) == [0]  # shard 0 complete: written
     assert assembler.add(batch(0, ["a", "b"], 0.1)) == [] and assembler.duplicates == 3  # late copies: dropped
     assert assembler.add(batch(1, ["c", "d"], 0.3)) == [1] and assembler.incomplete == {}
-    keys = [k for b in iter_score_batches(out, storage, ["key"]) for k in b["key"].tolist()]
+    keys = [k for b in ScoreSet(out).iter_batches(storage, ["key"]) for k in b["key"].tolist()]
     assert sorted(keys) == ["a", "b", "c", "d"]
     with pytest.raises(ValueError, match="shard 7"):
         assembler.add(batch(7, ["e"], 0.4))

@@ -12,10 +12,9 @@ import pytest
 from sdsg_ray.config import load_config
 from sdsg_ray.distances import DistanceToReference, frechet_distance
 from sdsg_ray.filtering.selection import BinnedMoments, CurvePoint, apply_rule, mean_cov, threshold_grid
-from sdsg_ray.artifacts.scores import SCORE_COLUMN, SUMMARY_FILE
+from sdsg_ray.artifacts.scores import SCORE_COLUMN, ScoreSet, ShardAssembler
 from sdsg_ray.artifacts.selection import EXAMPLE_SCORE_KEY
 from sdsg_ray.filtering.select import run_selection
-from sdsg_ray.artifacts.score_writer import ShardAssembler
 from sdsg_ray.storage import get_storage, join
 
 
@@ -116,9 +115,9 @@ def write_fake_scores(out: str, n_in: int, n_out: int, dim: int, recon_shrink: f
         "feat_recon": np.concatenate([recon, nan]),
     }
     expected = {s: int((batch["shard"] == s).sum()) for s in range(3)}
-    assert ShardAssembler(out, storage, expected).add(batch) == [0, 1, 2]
+    assert ShardAssembler(ScoreSet(out), storage, expected).add(batch) == [0, 1, 2]
     summary = {"metric": "stlpips-alex", "features": "stlpips-alex-pool", "features_is_inception": False, "checkpoint": join(out, "missing.pt")}
-    storage.write_text(join(out, SUMMARY_FILE), json.dumps(summary))
+    storage.write_text(ScoreSet(out).summary, json.dumps(summary))
     return {"d": d, "feat": feat, "keys": keys[:n]}
 
 
@@ -164,8 +163,8 @@ def test_scores_that_name_no_checkpoint_still_select(tmp_path) -> None:
     # G and E is skipped with a reason, and the selection itself does not need them.
     scores = tmp_path / "scores"
     write_fake_scores(str(scores), n_in=300, n_out=60, dim=8, recon_shrink=0.9)
-    summary = json.loads((scores / SUMMARY_FILE).read_text())
-    (scores / SUMMARY_FILE).write_text(json.dumps({**summary, "checkpoint": None}))
+    summary = json.loads((scores / ScoreSet.summary.name).read_text())
+    (scores / ScoreSet.summary.name).write_text(json.dumps({**summary, "checkpoint": None}))
     report = run_selection(load_config(None, {"select.scores": str(scores), "select.out": str(tmp_path / "sel"),
                                               "select.target_threshold": 0.3, "select.min_size": 50}))
     assert report["size_kept"] > 0 and report["best_worst"] == "skipped: checkpoint None unavailable"

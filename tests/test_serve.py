@@ -17,7 +17,8 @@ from test_truncation import METRIC, make_tiny_model
 
 from sdsg_ray.artifacts.checkpoint import load_inference
 from sdsg_ray.config import load_config
-from sdsg_ray.artifacts.clusters import load_clusters
+from sdsg_ray.artifacts.clusters import ClusterFile
+from sdsg_ray.storage import get_storage
 from sdsg_ray.truncation.modes import SampleSpec
 from sdsg_ray.truncation.sampler import Sampler
 
@@ -58,7 +59,8 @@ def local_sampler(app) -> Sampler:
     from sdsg_ray.pretrained import build_metric
 
     # batch_size as in the service: images are reproducible for a given forward batch size
-    return Sampler(load_inference(app["ckpt"]), load_clusters(app["clusters"]), build_metric(METRIC), batch_size=8)
+    clusters = ClusterFile(app["clusters"]).read(get_storage())
+    return Sampler(load_inference(app["ckpt"]), clusters, build_metric(METRIC), batch_size=8)
 
 
 def npy(response: httpx.Response) -> np.ndarray:
@@ -75,7 +77,8 @@ def test_info_endpoints(client, app):
     assert model["pass_sizes"][-1] == 8 and model["pass_sizes"] == sorted(model["pass_sizes"])  # max_batch_size 8
     clusters = client.get("/v1/clusters").json()
     assert clusters["count"] == 6 and sum(clusters["sizes"]) == 600
-    assert clusters["identity"] == model["clusters"]["identity"] == load_clusters(app["clusters"]).identity
+    written = ClusterFile(app["clusters"]).read(get_storage())
+    assert clusters["identity"] == model["clusters"]["identity"] == written.identity
     grid = client.get("/v1/clusters/grid.png")
     assert grid.headers["content-type"] == "image/png" and Image.open(io.BytesIO(grid.content)).size[0] >= 96
     assert "/v1/samples" in client.get("/openapi.json").json()["paths"]

@@ -18,7 +18,7 @@ from conftest import driver_with_setup_hook
 from PIL import Image
 
 from sdsg_ray.artifacts.checkpoint import export_inference
-from sdsg_ray.artifacts.scores import iter_score_batches
+from sdsg_ray.artifacts.scores import ScoreSet
 from sdsg_ray.config import ModelConfig, load_config
 from sdsg_ray.filtering.score import run_scoring
 from sdsg_ray.models.networks import build_networks
@@ -92,7 +92,7 @@ def test_a_shard_format_registered_in_a_test_is_scored(jsonl_on_the_cluster, tmp
                                              "score.batch_size": 4, "score.manifest_shard_size": 6}))
 
     rows = {}
-    for batch in iter_score_batches(out, storage, ["key", "status", "error"]):
+    for batch in ScoreSet(out).iter_batches(storage, ["key", "status", "error"]):
         rows.update({key: (status, error) for key, status, error in zip(batch["key"], batch["status"], batch["error"])})
     assert sorted(rows) == sorted(expected) and summary["scored"] == len(expected)
     assert {key: status for key, (status, _) in rows.items()} == {key: "ok" for key in expected}, rows

@@ -182,7 +182,7 @@ def test_mean_truncation_uses_the_clusters_w_mean_when_present(tmp_path):
     from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
     from sdsg_ray.config import ModelConfig
     from sdsg_ray.models.networks import build_generator
-    from sdsg_ray.artifacts.clusters import ClusterSet, load_clusters, save_clusters
+    from sdsg_ray.artifacts.clusters import ClusterFile, ClusterSet
     from sdsg_ray.truncation.clusters import fit_centers, map_latents
     from sdsg_ray.truncation.sampler import Sampler
 
@@ -195,8 +195,8 @@ def test_mean_truncation_uses_the_clusters_w_mean_when_present(tmp_path):
     centers, sizes = fit_centers(w, 4, seed=0)
     cs = ClusterSet(centers=centers, sizes=sizes, seed=0, metric="lpips-alex", checkpoint=bundle.identity,
                     w_mean=w.mean(0))
-    save_clusters(cs, str(tmp_path / "c"))
-    loaded = load_clusters(str(tmp_path / "c"))
+    ClusterFile(str(tmp_path / "c")).write(cs, get_storage())
+    loaded = ClusterFile(str(tmp_path / "c")).read(get_storage())
     torch.testing.assert_close(loaded.w_mean, w.mean(0))
     assert bundle.w_avg.abs().sum() == 0  # an untrained G never updated its w_avg
     sampler = Sampler(bundle, clusters=loaded, assign_by="w")

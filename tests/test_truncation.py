@@ -18,7 +18,7 @@ from sdsg_ray.artifacts.checkpoint import export_inference, load_inference
 from sdsg_ray.config import ModelConfig
 from sdsg_ray.models.networks import build_generator
 from sdsg_ray.storage import get_storage
-from sdsg_ray.artifacts.clusters import load_clusters
+from sdsg_ray.artifacts.clusters import ClusterFile
 from sdsg_ray.truncation.modes import SampleSpec
 from sdsg_ray.truncation.sampler import Sampler
 from sdsg_ray.truncation.assign import PassRows, render
@@ -70,12 +70,13 @@ def metric():
 def sampler(tiny, metric) -> Sampler:
     ckpt, clusters = tiny
     # batch_size 8: the largest forward pass; small keeps the CPU test cheap
-    return Sampler(load_inference(ckpt), load_clusters(clusters), metric, assign_by="lpips", batch_size=8)
+    cluster_set = ClusterFile(clusters).read(get_storage())
+    return Sampler(load_inference(ckpt), cluster_set, metric, assign_by="lpips", batch_size=8)
 
 
 def test_clusters_file_records_its_origin_and_is_reproducible(tiny):
     ckpt, out = tiny
-    clusters = load_clusters(out)
+    clusters = ClusterFile(out).read(get_storage())
     bundle = load_inference(ckpt)
     assert clusters.centers.shape == (N_CLUSTERS, bundle.G_ema.w_dim)
     assert clusters.sizes.sum() == 600 and (clusters.sizes > 0).all()
@@ -183,7 +184,7 @@ def test_bad_specs_name_the_field(sampler, spec, field):
 def test_center_grid_and_mismatched_clusters(sampler, tiny):
     grid = Image.open(io.BytesIO(sampler.center_grid()))
     assert grid.size[0] >= 3 * 32 and grid.mode == "RGB"
-    clusters = load_clusters(tiny[1])
+    clusters = ClusterFile(tiny[1]).read(get_storage())
     clusters.checkpoint = "0" * 16
     with pytest.raises(ValueError, match="sdsg cluster"):
         Sampler(sampler.bundle, clusters, None, assign_by="w")
@@ -194,14 +195,14 @@ def test_center_grid_and_mismatched_clusters(sampler, tiny):
 
 
 def test_classifier_is_saved_with_the_centers_and_loads_weights_only(tiny, tmp_path):
-    from sdsg_ray.artifacts.clusters import ClusterSet, save_clusters
+    from sdsg_ray.artifacts.clusters import ClusterFile, ClusterSet
     from sdsg_ray.truncation.learned import CenterClassifier
 
     ckpt, out = tiny
     payload = torch.load(Path(out) / "clusters.pt", weights_only=True)  # no pickled code, tensors only
     classifier = CenterClassifier.from_state(payload["classifier"])
     assert classifier.num_classes == N_CLUSTERS
-    clusters = load_clusters(out)
+    clusters = ClusterFile(out).read(get_storage())
     w = Sampler(load_inference(ckpt)).latents(range(16))
     assert torch.equal(CenterClassifier.from_state(clusters.classifier).logits(w), classifier.logits(w))
     quality = clusters.assignment_quality
@@ -214,14 +215,14 @@ def test_classifier_is_saved_with_the_centers_and_loads_weights_only(tiny, tmp_p
     assert quality["learned_top1"] > quality["majority_top1"], quality
     # a clusters file without a classifier (older files, classifier_latents=0) still loads, and means lpips
     bare = ClusterSet(clusters.centers, clusters.sizes, clusters.seed, clusters.metric, clusters.checkpoint)
-    loaded = load_clusters(save_clusters(bare, str(tmp_path / "bare")))
+    loaded = ClusterFile(ClusterFile(str(tmp_path / "bare")).write(bare, get_storage())).read(get_storage())
     assert loaded.classifier is None and loaded.assignment_quality == {}
     assert "classifier" not in torch.load(tmp_path / "bare" / "clusters.pt", weights_only=True)
 
 
 def test_assignment_modes(tiny, metric):
     ckpt, out = tiny
-    bundle, clusters = load_inference(ckpt), load_clusters(out)
+    bundle, clusters = load_inference(ckpt), ClusterFile(out).read(get_storage())
     learned = Sampler(bundle, clusters, metric, batch_size=8)  # auto: the file has a classifier
     assert learned.assign_by == "learned" and learned.assignments == ("lpips", "learned", "w")
     assert Sampler(bundle, clusters, None, assign_by="w", batch_size=8).assignments == (

@@ -53,17 +53,13 @@ class InferenceBundle:
 ScoringPairName = Literal["ema", "live"]
 
 
-def no_encoder_error(bundle: InferenceBundle) -> CheckpointError:
-    """The one message for a bundle without E (an imported generator, or a stage-2 export)."""
-    origin = " (imported generator)" if bundle.meta.get("origin") else ""
-    return CheckpointError(f"checkpoint {bundle.identity}{origin}: this checkpoint has no encoder; "
-                           "run `sdsg train --stage encoder --checkpoint DIR`")
-
-
 def require_encoder(bundle: InferenceBundle) -> Encoder:
-    """``bundle.E``, or the CheckpointError every stage that needs E raises when there is none."""
+    """``bundle.E``, or the one CheckpointError every stage that needs E raises when there is none (an
+    imported generator, or a stage-2 export)."""
     if bundle.E is None:
-        raise no_encoder_error(bundle)
+        origin = " (imported generator)" if bundle.meta.get("origin") else ""
+        raise CheckpointError(f"checkpoint {bundle.identity}{origin}: this checkpoint has no encoder; "
+                              "run `sdsg train --stage encoder --checkpoint DIR`")
     return bundle.E
 
 
@@ -111,6 +107,28 @@ def identity_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:IDENTITY_HEX_CHARS]
 
 
+def torch_bytes(payload: dict) -> bytes:
+    """``payload`` as ``torch.save`` writes it: tensors and JSON-like values only, so it loads with weights_only."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def read_torch_file(uri: str, storage: Storage, expected_format: str, what: str,
+                    device: str | torch.device = "cpu") -> tuple[dict, bytes]:
+    """The payload of a file this project wrote with :func:`torch_bytes`, and its bytes. ``weights_only``: no
+    code runs. Raises ObjectNotFound when missing, CheckpointError naming the URI when not ``what``."""
+    data = storage.read_bytes(uri)
+    try:
+        payload = torch.load(io.BytesIO(data), weights_only=True, map_location=device)
+    except Exception as err:  # truncated zip, pickle garbage, disallowed globals: all mean "not our file"
+        raise CheckpointError(f"{uri}: not a readable torch file ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{uri}: not an sdsg {what} (format {found!r}, expected {expected_format!r})")
+    return payload, data
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     while True:
@@ -151,9 +169,7 @@ def export_inference(
         "w_avg": G_plain.mapping.w_avg.detach().to("cpu", copy=True),
         "meta": meta,
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
+    data = torch_bytes(payload)
     target = inference_uri(uri)
     storage.write_bytes(target, data)
     identity = identity_of(data)
@@ -169,10 +185,8 @@ def export_discriminator(D: Discriminator, model: ModelConfig, uri: str, storage
     """
     storage = storage or get_storage()
     payload = {"format": DISCRIMINATOR_FORMAT, "model": model.model_dump(mode="json"), "D": _cpu_state(D)}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
     target = discriminator_uri(uri)
-    storage.write_bytes(target, buffer.getvalue())
+    storage.write_bytes(target, torch_bytes(payload))
     return target
 
 
@@ -181,16 +195,8 @@ def load_discriminator(uri: str, storage: Storage | None = None, device: str | t
 
     Raises ObjectNotFound when missing, CheckpointError (naming the URI) when unreadable or mismatched.
     """
-    storage = storage or get_storage()
     target = discriminator_uri(uri)
-    data = storage.read_bytes(target)
-    try:
-        payload = torch.load(io.BytesIO(data), weights_only=True, map_location=device)
-    except Exception as err:  # see load_inference
-        raise CheckpointError(f"{target}: not a readable torch file ({type(err).__name__}: {err})") from None
-    if not isinstance(payload, dict) or payload.get("format") != DISCRIMINATOR_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{target}: not an sdsg discriminator file (format {found!r}, expected {DISCRIMINATOR_FORMAT!r})")
+    payload, _ = read_torch_file(target, storage or get_storage(), DISCRIMINATOR_FORMAT, "discriminator file", device)
     try:
         model = ModelConfig.model_validate(payload["model"])
         D = build_discriminator(model)
@@ -213,16 +219,8 @@ def load_inference(uri: str, storage: Storage | None = None, device: str | torch
     a readable sdsg inference bundle; both name the URI. ``E`` is None in a bundle without an encoder (an
     imported generator, a stage-2 export): stages that need it call :func:`require_encoder`.
     """
-    storage = storage or get_storage()
     target = inference_uri(uri)
-    data = storage.read_bytes(target)
-    try:
-        payload = torch.load(io.BytesIO(data), weights_only=True, map_location=device)
-    except Exception as err:  # truncated zip, pickle garbage, disallowed globals: all mean "not our file"
-        raise CheckpointError(f"{target}: not a readable torch file ({type(err).__name__}: {err})") from None
-    if not isinstance(payload, dict) or payload.get("format") != INFERENCE_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{target}: not an sdsg inference bundle (format {found!r}, expected {INFERENCE_FORMAT!r})")
+    payload, data = read_torch_file(target, storage or get_storage(), INFERENCE_FORMAT, "inference bundle", device)
     missing = [k for k in _REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{target}: inference bundle lacks {missing}")

@@ -6,15 +6,13 @@ tensors too), so it loads with ``torch.load(weights_only=True)``. Its identity i
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import torch
 
 from sdsg_ray.artifacts.base import Artifact, Member
-from sdsg_ray.artifacts.checkpoint import identity_of
-from sdsg_ray.errors import InvalidRequest
-from sdsg_ray.storage import Storage, get_storage
+from sdsg_ray.artifacts.checkpoint import identity_of, read_torch_file, torch_bytes
+from sdsg_ray.storage import Storage
 
 FORMAT = "sdsg-clusters/1"
 
@@ -60,9 +58,7 @@ class ClusterSet:
         if self.classifier is not None:
             payload["classifier"] = self.classifier
             payload["assignment_quality"] = dict(self.assignment_quality)
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        return buf.getvalue()
+        return torch_bytes(payload)
 
 
 @dataclass(frozen=True)
@@ -84,10 +80,7 @@ class ClusterFile(Artifact):
 
     def read(self, storage: Storage) -> ClusterSet:
         """The ClusterSet written by :meth:`write` (weights_only: no code runs on load)."""
-        data = storage.read_bytes(self.file)
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise InvalidRequest(f"{self.file}: not a clusters file (expected format {FORMAT!r})")
+        payload, data = read_torch_file(self.file, storage, FORMAT, "clusters file")
         return ClusterSet(
             centers=payload["centers"].float(),
             sizes=payload["sizes"].long(),
@@ -102,12 +95,3 @@ class ClusterFile(Artifact):
             judge_resolution=payload.get("judge_resolution"),  # absent: files written before issue 31 (own size)
         )
 
-
-def save_clusters(clusters: ClusterSet, uri: str, storage: Storage | None = None) -> str:
-    """Write ``<uri>/clusters.pt`` (or ``uri`` if it names a .pt); returns the file's URI."""
-    return ClusterFile(uri).write(clusters, storage or get_storage())
-
-
-def load_clusters(uri: str, storage: Storage | None = None) -> ClusterSet:
-    """The clusters file at ``uri`` (the `sdsg cluster` --out, or the .pt itself)."""
-    return ClusterFile(uri).read(storage or get_storage())

@@ -18,15 +18,11 @@ class SyntheticDataset(Artifact):
     labels = Member("labels.csv", "one row per image: its mode or planted outlier kind")
     preview = Member("preview.png", "inliers by mode and outliers by kind")
 
-    @classmethod
-    def labels_of(cls, uri: str) -> str:
-        """``uri`` itself if it names a .csv, else the labels file of the dataset directory ``uri``."""
-        return uri if uri.endswith(".csv") else cls(uri).labels
-
 
 def read_labels(uri: str, storage: Storage) -> list[dict]:
-    """Rows of a dataset's labels (its directory or the file itself) with typed ``is_outlier``."""
-    rows = list(csv.DictReader(io.StringIO(storage.read_text(SyntheticDataset.labels_of(uri)))))
+    """Rows of a dataset's labels (its directory, or the .csv itself) with typed ``is_outlier``."""
+    labels = uri if uri.endswith(".csv") else SyntheticDataset(uri).labels
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(labels))))
     for row in rows:
         row["is_outlier"] = row["is_outlier"] == "1"
     return rows

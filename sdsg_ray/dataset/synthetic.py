@@ -1,21 +1,11 @@
 """An Internet-like image set for one keyword ("bird"): several inlier modes plus rare planted outliers.
 
-Inliers are stylised birds drawn from smooth parametric shapes in four modes (``perched``, ``flying``,
-``front``, ``wader``), varying pose, colour, scale, position, mirroring and background (sky gradient,
-optional rolling ground). They are simple and consistent on purpose: a tiny StyleGAN learns them in
-minutes on a CPU.
-
-Outliers are what a keyword scrape also returns, drawn ON THE SAME backgrounds WITH THE SAME palettes,
-as smooth filled shapes at the bird's size, so that they differ from the birds in CONTENT, not in image
-statistics (every trivial detector of ``sdsg_ray.diagnostics`` stays <= 0.70 AUROC overall; a test
-checks it):
-- ``animal``: another subject (a four-legged animal, side view);
-- ``person``: a person standing, front view;
-- ``poster``: a poster / screenshot layout (panel, header bar, picture block, text bars);
-- ``drawing``: a bird in outlines only (a line drawing);
-- ``collage``: two small scenes side by side, each on its own backdrop.
-The earlier kinds (``STATISTICAL_KINDS``: text, noise, object, cartoon, clutter) remain available through
-``make_dataset(kinds=...)``.
+Inliers are stylised birds in four modes (``MODES``), varying pose, colour, scale, position, mirroring and
+background (sky gradient, optional rolling ground): simple and consistent on purpose, so that a tiny
+StyleGAN learns them in minutes on a CPU. Outliers (``OUTLIER_KINDS``) are what a keyword scrape also
+returns, drawn ON THE SAME backgrounds WITH THE SAME palettes, as smooth filled shapes at the bird's size,
+so that they differ from the birds in CONTENT, not in image statistics (every trivial detector of
+``sdsg_ray.diagnostics`` stays <= 0.70 AUROC overall; a test checks it).
 
 Every image is a pure function of ``(seed, index)``: the same seed gives the same bytes. Images are
 written as a mix of .jpg and .png under ``<out>/images/``; ``<out>/labels.csv`` has
@@ -46,10 +36,10 @@ from sdsg_ray.storage import Storage, join, normalize
 log = logging.getLogger(__name__)
 
 MODES = ("perched", "flying", "front", "wader")
-# What the demo plants: outliers that differ from the birds in content, not in image statistics.
+# What the demo plants: another subject, a person, a poster, a line drawing, a collage.
 OUTLIER_KINDS = ("animal", "person", "poster", "drawing", "collage")
-# The earlier demo's kinds (before 2026-12-03): most of them differ in statistics (sharp text, pixel
-# noise), which trivial detectors catch; kept to show that the trivial-detector check can fail.
+# Kinds that mostly differ in statistics (sharp text, pixel noise), which trivial detectors catch; available
+# through make_dataset(kinds=...) to show that the trivial-detector check can fail.
 STATISTICAL_KINDS = ("text", "noise", "object", "cartoon", "clutter")
 INLIER_KIND = "inlier"
 LABEL_COLUMNS = ("key", "is_outlier", "kind", "mode")
@@ -107,6 +97,9 @@ class Canvas:
     def ellipse(self, cx, cy, rx, ry, fill, angle: float = 0.0, outline=None, width: float = 0.0) -> None:
         self.polygon(_ellipse_points(cx, cy, rx, ry, angle), fill, outline, width)
 
+    def rect(self, x0, y0, x1, y1, fill) -> None:
+        self.polygon([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
+
     def line(self, points, fill, width: float) -> None:
         self.draw.line(self.px(points), fill=fill, width=max(1, round(width * self.size)), joint="curve")
 
@@ -138,18 +131,15 @@ def _background(rng: np.random.Generator, size: int, flat: bool = False) -> tupl
         x = np.linspace(0, 1, 33)
         ridge = horizon + amp * np.sin(2 * math.pi * freq * x + phase)
         mask = Image.new("L", (size, size), 0)
-        ImageDraw.Draw(mask).polygon(
-            [(xi * size, yi * size) for xi, yi in zip(x, ridge)] + [(size, size), (0, size)], fill=255
-        )
+        ridge_points = [(xi * size, yi * size) for xi, yi in zip(x, ridge)]
+        ImageDraw.Draw(mask).polygon(ridge_points + [(size, size), (0, size)], fill=255)
         far = ground if flat else ground * np.float32(0.75)  # ground darkens toward the viewer
         sky.paste(_column(ground, far, size), (0, 0), mask)
     return sky, horizon
 
 
-# ----- inliers: one bird, four modes ------------------------------------------------------------
-
-
 def _bird(c: Canvas, rng: np.random.Generator, mode: str, palette, horizon: float) -> None:
+    """An inlier: one bird in one of the four ``MODES``."""
     body, accent, detail = (_jitter(rng, col, 12) for col in palette)
     s = float(rng.uniform(0.55, 0.85))  # overall size, fraction of the frame
     cx = 0.5 + float(rng.uniform(-0.1, 0.1))
@@ -212,28 +202,21 @@ def _bird(c: Canvas, rng: np.random.Generator, mode: str, palette, horizon: floa
         c.ellipse(hx + flip * 0.02 * s, hy - 0.015 * s, 0.015 * s, 0.015 * s, detail)
 
 
-# ----- outliers ----------------------------------------------------------------------------------
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # Pillow's bundled font: same glyphs on every machine
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def _text(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
+    """A statistical outlier: a few letters, sharp strokes, sometimes on a sign board."""
     body, accent, detail = (_jitter(rng, col, 12) for col in palette)
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!?"
-    lines = [
-        "".join(letters[i] for i in rng.integers(len(letters), size=int(rng.integers(2, 5))))
-        for _ in range(int(rng.integers(1, 3)))
-    ]
+    lines = ["".join(letters[i] for i in rng.integers(len(letters), size=int(rng.integers(2, 5))))
+             for _ in range(int(rng.integers(1, 3)))]
     size = c.size
     if rng.random() < 0.5:  # on a sign board
         x0, y0 = rng.uniform(0.1, 0.25), rng.uniform(0.15, 0.35)
-        c.polygon([(x0, y0), (1 - x0, y0), (1 - x0, y0 + 0.45), (x0, y0 + 0.45)], accent)
-    font = _font(int(size * rng.uniform(0.22, 0.32)))  # strokes of 1-2 output pixels: sharp, not learnable
+        c.rect(x0, y0, 1 - x0, y0 + 0.45, accent)
+    font_size = int(size * rng.uniform(0.22, 0.32))  # strokes of 1-2 output pixels: sharp, not learnable
+    try:
+        font = ImageFont.load_default(size=font_size)  # Pillow's bundled font: same glyphs on every machine
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
     y = rng.uniform(0.15, 0.3) * size
     for line in lines:
         x = rng.uniform(0.05, 0.2) * size
@@ -267,18 +250,16 @@ def _object(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> Non
     cx, base = 0.5 + float(rng.uniform(-0.1, 0.1)), min(horizon + 0.05, 0.9)
     if rng.random() < 0.5:  # a house: box, roof, door, windows
         w, h = 0.6 * s, 0.42 * s
-        c.polygon([(cx - w / 2, base - h), (cx + w / 2, base - h), (cx + w / 2, base), (cx - w / 2, base)], body)
+        c.rect(cx - w / 2, base - h, cx + w / 2, base, body)
         c.polygon([(cx - w / 2 - 0.04, base - h), (cx + w / 2 + 0.04, base - h), (cx, base - h - 0.25 * s)], accent)
-        c.polygon([(cx - 0.04 * s, base - 0.18 * s), (cx + 0.04 * s, base - 0.18 * s), (cx + 0.04 * s, base),
-                   (cx - 0.04 * s, base)], detail)
+        c.rect(cx - 0.04 * s, base - 0.18 * s, cx + 0.04 * s, base, detail)
         for side in (-1, 1):
             x = cx + side * 0.15 * s
-            c.polygon([(x - 0.05 * s, base - 0.28 * s), (x + 0.05 * s, base - 0.28 * s), (x + 0.05 * s, base - 0.2 * s),
-                       (x - 0.05 * s, base - 0.2 * s)], accent)
+            c.rect(x - 0.05 * s, base - 0.28 * s, x + 0.05 * s, base - 0.2 * s, accent)
     else:  # a car: body, cabin, wheels
         w = 0.85 * s
         y = base - 0.1 * s
-        c.polygon([(cx - w / 2, y - 0.15 * s), (cx + w / 2, y - 0.15 * s), (cx + w / 2, y), (cx - w / 2, y)], body)
+        c.rect(cx - w / 2, y - 0.15 * s, cx + w / 2, y, body)
         c.polygon([(cx - w / 4, y - 0.15 * s), (cx - w / 6, y - 0.28 * s), (cx + w / 6, y - 0.28 * s),
                    (cx + w / 4, y - 0.15 * s)], accent)
         for side in (-1, 1):
@@ -312,16 +293,11 @@ def _clutter(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> No
         if shape == 0:
             c.ellipse(x, y, r, r * rng.uniform(0.5, 1.5), colour, float(rng.uniform(0, math.pi)))
         elif shape == 1:
-            c.polygon([(x - r, y - r), (x + r, y - r), (x + r, y + r), (x - r, y + r)], colour)
+            c.rect(x - r, y - r, x + r, y + r, colour)
         elif shape == 2:
             c.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], colour)
         else:
             c.line([(x - r, y - r * rng.uniform(-1, 1)), (x + r, y + r * rng.uniform(-1, 1))], colour, 0.02)
-
-
-# Content outliers: another subject, a person, a poster, a drawing, a collage. Smooth filled shapes of the
-# bird's size, drawn with the bird's palettes on the bird's backgrounds, so that image statistics (PNG
-# size, gradient energy, mean colour, foreground share) do not tell them apart; only what they depict does.
 
 
 def _animal(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
@@ -378,18 +354,14 @@ def _poster(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> Non
     s = float(rng.uniform(0.55, 0.85))
     cx, cy = 0.5 + float(rng.uniform(-0.08, 0.08)), 0.5 + float(rng.uniform(-0.06, 0.06))
     w, h = 0.62 * s, 0.48 * s
-
-    def rect(x0, y0, x1, y1, fill):
-        c.polygon([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
-
     x0, y0 = cx - w / 2, cy - h / 2
-    rect(x0, y0, x0 + w, y0 + h, accent)
-    rect(x0, y0, x0 + w, y0 + 0.18 * h, body)  # header bar
+    c.rect(x0, y0, x0 + w, y0 + h, accent)
+    c.rect(x0, y0, x0 + w, y0 + 0.18 * h, body)  # header bar
     split = float(rng.uniform(0.4, 0.6))
-    rect(x0 + 0.06 * w, y0 + 0.28 * h, x0 + split * w, y0 + 0.9 * h, body)  # picture block
+    c.rect(x0 + 0.06 * w, y0 + 0.28 * h, x0 + split * w, y0 + 0.9 * h, body)  # picture block
     for k in range(int(rng.integers(2, 4))):  # text lines, as thick bars
         y = y0 + (0.3 + 0.2 * k) * h
-        rect(x0 + (split + 0.06) * w, y, x0 + float(rng.uniform(0.8, 0.94)) * w, y + 0.08 * h, detail)
+        c.rect(x0 + (split + 0.06) * w, y, x0 + float(rng.uniform(0.8, 0.94)) * w, y + 0.08 * h, detail)
 
 
 class _OutlineCanvas(Canvas):
@@ -405,8 +377,7 @@ class _OutlineCanvas(Canvas):
 
 def _drawing(c: Canvas, rng: np.random.Generator, palette, horizon: float) -> None:
     """A drawing: a bird sketched in outlines (no fills), the same poses as the inliers."""
-    ink = _jitter(rng, palette[0], 12)
-    sketch = _OutlineCanvas(c.image, ink, 0.04)
+    sketch = _OutlineCanvas(c.image, _jitter(rng, palette[0], 12), 0.04)
     _bird(sketch, rng, MODES[int(rng.integers(len(MODES)))], palette, horizon)
 
 
@@ -425,9 +396,6 @@ OUTLIER_DRAW: dict[str, Callable] = {
     "animal": _animal, "person": _person, "poster": _poster, "drawing": _drawing, "collage": _collage,
     "text": _text, "noise": _noise, "object": _object, "cartoon": _cartoon, "clutter": _clutter,
 }
-
-
-# ----- one image, the whole set ------------------------------------------------------------------
 
 
 def plan(n: int, outlier_fraction: float, seed: int, kinds: tuple[str, ...] = OUTLIER_KINDS) -> list[Item]:
@@ -470,13 +438,8 @@ def encode(image: np.ndarray, suffix: str, quality: int = 92) -> bytes:
     return buffer.getvalue()
 
 
-def _preview(items: list[Item], images: dict[int, np.ndarray], per_row: int = 8) -> np.ndarray:
-    """Rows of inliers (one per mode) then outliers (one row per kind), upscaled to >= 64 px tiles."""
-    rows = []
-    for mode in MODES:
-        rows.append([i.index for i in items if i.mode == mode][:per_row])
-    for kind in dict.fromkeys(i.kind for i in items if i.is_outlier):
-        rows.append([i.index for i in items if i.kind == kind][:per_row])
+def _preview(rows: list[list[int]], images: dict[int, np.ndarray], per_row: int = 8) -> np.ndarray:
+    """The images of each row of indices, ``per_row`` tiles a row, upscaled to >= 64 px tiles."""
     some = next(iter(images.values()))
     blank = np.full_like(some, 255)
     tiles = [images[row[k]] if k < len(row) else blank for row in rows for k in range(per_row)]
@@ -501,9 +464,11 @@ def make_dataset(
     items = plan(n, outlier_fraction, seed, tuple(kinds))
     dataset = SyntheticDataset(out)
     keys = {item.index: join(dataset.images, f"{item.index:06d}{item.suffix}") for item in items}
-    preview_indices = set()
-    for group in [[i for i in items if i.mode == m] for m in MODES] + [[i for i in items if i.kind == k] for k in kinds]:
-        preview_indices.update(i.index for i in group[:8])
+    # The preview's rows: inliers, one row per mode, then outliers, one row per kind.
+    preview = [[i.index for i in items if i.mode == mode][:8] for mode in MODES]
+    preview += [[i.index for i in items if i.kind == kind][:8]
+                for kind in dict.fromkeys(i.kind for i in items if i.is_outlier)]
+    preview_indices = {index for row in preview for index in row}
     kept: dict[int, np.ndarray] = {}
     with ThreadPoolExecutor(max_workers=8) as writers:  # uploads overlap rendering (S3 latency)
         pending = []
@@ -518,23 +483,15 @@ def make_dataset(
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(LABEL_COLUMNS)
-    for item in items:
-        writer.writerow([keys[item.index], int(item.is_outlier), item.kind, item.mode])
-    labels_uri, preview_uri = dataset.labels, dataset.preview
-    storage.write_text(labels_uri, text.getvalue())
-    storage.write_bytes(preview_uri, encode_png(_preview(items, kept)))
+    writer.writerows([keys[item.index], int(item.is_outlier), item.kind, item.mode] for item in items)
+    storage.write_text(dataset.labels, text.getvalue())
+    storage.write_bytes(dataset.preview, encode_png(_preview(preview, kept)))
 
     summary = {
-        "out": out,
-        "n": n,
-        "resolution": resolution,
-        "seed": seed,
-        "outliers": sum(i.is_outlier for i in items),
+        "out": out, "n": n, "resolution": resolution, "seed": seed, "outliers": sum(i.is_outlier for i in items),
         "kinds": {k: sum(i.kind == k for i in items) for k in (INLIER_KIND,) + tuple(kinds)},
         "modes": {m: sum(i.mode == m for i in items) for m in MODES},
-        "labels": labels_uri,
-        "preview": preview_uri,
-        "seconds": round(time.perf_counter() - start, 2),
+        "labels": dataset.labels, "preview": dataset.preview, "seconds": round(time.perf_counter() - start, 2),
     }
     log.info("wrote %d images (%d outliers) to %s in %.1fs", n, summary["outliers"], out, summary["seconds"])
     return summary

@@ -1,11 +1,10 @@
 """Ray Train wiring for ``sdsg train`` (thin: the training itself is ``sdsg_ray.training.loop``).
 
-One TorchTrainer worker per ``train.workers``; each wraps the modules its stage trains (G.mapping,
-G.synthesis, D and E; E alone for stage 'encoder') with ``prepare_model`` (DDP when there are several workers), reports every ``log_every`` steps and attaches
-the training state at every checkpoint (rank 0 only; ``report`` is a barrier on every rank). Ray Train
-keeps the run state under ``<out>/ray``: a failed worker group restarts from the latest checkpoint
-(``FailureConfig.max_failures``), and calling ``run_training`` again with the same ``--out`` resumes
-the same run (same ``RunConfig`` name and storage path).
+One TorchTrainer worker per ``train.workers``; each wraps the modules its stage trains with ``prepare_model``
+(DDP when there are several workers), reports every ``log_every`` steps and attaches the training state at
+every checkpoint (rank 0 only; ``report`` is a barrier on every rank). Ray Train keeps the run state under
+``<out>/ray``: a failed worker group restarts from the latest checkpoint (``FailureConfig.max_failures``),
+and ``run_training`` again with the same ``--out`` resumes the run (same ``RunConfig`` name and path).
 """
 
 from __future__ import annotations
@@ -90,9 +89,7 @@ def build_trainer(config: SDSGConfig):
     """The TorchTrainer for ``config`` (exposed so tests and tools can inspect it)."""
     tc = config.train
     use_gpu = tc.gpus_per_worker > 0
-    resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = tc.gpus_per_worker
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {})}
     filesystem, storage_path = get_storage(config.storage).arrow_filesystem(tc.out)
     env = worker_env(config.storage)
     return TorchTrainer(
@@ -117,10 +114,8 @@ def run_training(config: SDSGConfig) -> dict[str, Any]:
     _check_data(config)
     ensure_ray(config.storage)
     tc = config.train
-    log.info(
-        "training stage=%s on %s -> %s: %d worker(s), %.1f kimg, batch %d",
-        tc.stage, tc.data, tc.out, tc.workers, tc.kimg, tc.batch_size,
-    )
+    log.info("training stage=%s on %s -> %s: %d worker(s), %.1f kimg, batch %d",
+             tc.stage, tc.data, tc.out, tc.workers, tc.kimg, tc.batch_size)
     result = build_trainer(config).fit()
     if result.error is not None:
         raise result.error

@@ -2,14 +2,10 @@
 
 - Tables 1/3: each stage-2 generator (trained on the filtered set Y, on a random subset of |Y| images, on
   the raw set X) against its own training set (the paper's protocol) and against X (a common yardstick).
-- Fig. 7: distance against psi for global-mean and multi-modal truncation (the paper's LPIPS assignment,
-  and the learned assignment when the clusters file has its classifier: does the cheaper rule change quality?).
-- Fig. 4: the same seeds untruncated, mean-truncated and multimodal-truncated.
+- Fig. 7 and Fig. 4: truncation (:mod:`sdsg_ray.evaluation.truncation_curves`).
 - Outlier detection of the selection against planted labels (synthetic data only; :mod:`sdsg_ray.diagnostics`).
-
-Distances (:mod:`sdsg_ray.distances`) are computed on in-memory features (:mod:`sdsg_ray.evaluation.features`).
-With Inception features they are FID and KID; with any other network they are reported as
-"FD (<network>)" / "KD (<network>)", never as FID.
+With Inception features the distances are FID and KID; with any other network "FD (<network>)" and
+"KD (<network>)", never FID.
 """
 
 from __future__ import annotations
@@ -44,24 +40,19 @@ def evaluate_models(models: Sequence[EvalModel], raw: str, bank: FeatureBank, se
         bundle = load_inference(model.checkpoint, storage, device=device)
         sampler = Sampler(bundle, batch_size=batch_size)
         fake = sample_features(sampler, bank, seeds, 1.0, "none", desc=f"samples {model.name}")
-        own = distances(fake, bank.real(model.train_data))
-        vs_raw = distances(fake, bank.real(raw))
+        own, vs_raw = distances(fake, bank.real(model.train_data)), distances(fake, bank.real(raw))
+        kid_blocks = block_kids(fake, bank.real(model.train_data))
         rows.append({
             "model": model.name, "checkpoint": model.checkpoint, "identity": bundle.identity,
             "kimg": bundle.meta.get("kimg"), "train_data": model.train_data,
             "train_size": bank.sizes[model.train_data],
             "fd_vs_train": own.fd, "kd_vs_train": own.kd, "fd_vs_raw": vs_raw.fd, "kd_vs_raw": vs_raw.kd,
             # unbiased KID per disjoint block of the samples: the interval behind Tables 1/3's claims
-            "kid_blocks_vs_train": block_kids(fake, bank.real(model.train_data)),
-            "kid_blocks_vs_raw": block_kids(fake, bank.real(raw)),
+            "kid_blocks_vs_train": kid_blocks, "kid_blocks_vs_raw": block_kids(fake, bank.real(raw)),
+            "kid_vs_train_interval": t_interval(kid_blocks),
         })
-        rows[-1]["kid_vs_train_interval"] = t_interval(rows[-1]["kid_blocks_vs_train"])
         log.info("%s: vs train %.4g / vs raw %.4g", model.name, own.fd, vs_raw.fd)
     return rows
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Entry point
 
 
 def run_evaluation(config: SDSGConfig) -> dict:
@@ -91,11 +82,9 @@ def run_evaluation(config: SDSGConfig) -> dict:
     results: dict = {
         "features": {"name": extractor.name, "dim": extractor.dim, "is_inception": extractor.is_inception},
         "labels": {"fd": fd_label, "kd": kd_label},
-        "num_samples": cfg.num_samples,
-        "raw_data": cfg.data,
-        "checkpoint": cfg.checkpoint,
+        "num_samples": cfg.num_samples, "raw_data": cfg.data, "checkpoint": cfg.checkpoint,
+        "models": evaluate_models(models, cfg.data, bank, seeds, storage, device, cfg.batch_size),
     }
-    results["models"] = evaluate_models(models, cfg.data, bank, seeds, storage, device, cfg.batch_size)
     rows = {m["model"]: m for m in results["models"]}
     if "filtered" in rows:  # Tables 1/3: filtered minus the other row, unbiased KID vs own training set
         results["table_claims"] = {

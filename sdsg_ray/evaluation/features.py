@@ -1,9 +1,5 @@
-"""Features for the distances: of real image sets (read once per set) and of a sampler's images.
-
-The extractor is :func:`sdsg_ray.pretrained.build_fid_features`'s; X is the reference of every model, so
-its features are computed once and cached by URI. Samples go through the truncation Sampler, the same
-code path as the HTTP service.
-"""
+"""Features for the distances (:func:`sdsg_ray.pretrained.build_fid_features`): of real image sets, read once
+per set, and of a sampler's images (the truncation Sampler, the same code path as the HTTP service)."""
 
 from __future__ import annotations
 
@@ -39,11 +35,8 @@ class FeatureBank:
     _cache: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def real(self, uri: str) -> np.ndarray:
-        if uri not in self._cache:
-            self._cache[uri] = self._compute(uri)
-        return self._cache[uri]
-
-    def _compute(self, uri: str) -> np.ndarray:
+        if uri in self._cache:
+            return self._cache[uri]
         keys = resolve_images(uri, self.storage)
         if not keys:
             raise ObjectNotFound(f"{uri}: no images found")
@@ -60,7 +53,8 @@ class FeatureBank:
         self.failed[uri] = failed
         if failed:
             log.warning("%s: %d images could not be read and are left out of its features", uri, failed)
-        return np.concatenate(chunks)
+        self._cache[uri] = np.concatenate(chunks)
+        return self._cache[uri]
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """Features of generated uint8 NHWC images."""

@@ -50,13 +50,6 @@ def _latest_grid(storage: Storage, training_out: str, kind: str) -> str | None:
     return grids[-1] if grids else None
 
 
-def _timings(pipeline: dict | None, extra: Sequence[tuple[str, float]]) -> str:
-    rows = [(s["name"], s["status"], s["seconds"]) for s in (pipeline or {}).get("stages", [])]
-    rows += [(name, "ran", seconds) for name, seconds in extra]
-    total = sum(r[2] for r in rows)
-    return _table(["stage", "status", "seconds"], rows + [("total", "", total)])
-
-
 def _models_section(results: dict) -> str:
     fd, kd = results["labels"]["fd"], results["labels"]["kd"]
     def interval(m: dict) -> str:
@@ -160,12 +153,11 @@ def _selection_section(results: dict, storage: Storage, selection: FilteredSet |
               sel["distance_kept_vs_raw"], sel["distance_recon_vs_raw"], sel.get("judge", sel["metric"]))]))
     out = results.get("outliers")
     if out:
-        parts.append("<h3>Outlier detection against the planted labels</h3>")
-        parts.append(_table(
+        parts += ["<h3>Outlier detection against the planted labels</h3>", _table(
             ["images", "planted outliers", "removed", "precision", "recall", "AUROC of d(x)",
              "outlier share in X", "outlier share in Y"],
             [(out["images"], out["outliers"], out["removed"], out["precision"], out["recall"], out["auroc"],
-              out["outlier_fraction_raw"], out["outlier_fraction_kept"])]))
+              out["outlier_fraction_raw"], out["outlier_fraction_kept"])])]
         if out.get("auroc_by_kind"):
             kinds = list(out["auroc_by_kind"])
             rows = [["d(x), trained", out["auroc"]] + list(out["auroc_by_kind"].values())]
@@ -175,14 +167,13 @@ def _selection_section(results: dict, storage: Storage, selection: FilteredSet |
                             + [ctl["untrained"]["auroc_by_kind"].get(k) for k in kinds])
                 rows += [[f"trivial: {name} (control)", rep["auroc"]] + [rep["auroc_by_kind"].get(k) for k in kinds]
                          for name, rep in ctl["trivial"].items()]
-            parts.append("<p>AUROC, each outlier kind against all inliers (0.5 is chance; for a trivial "
-                         "detector 0.2 separates as well as 0.8).</p>")
-            parts.append(_table(["detector", "overall"] + kinds, rows))
+            parts += ["<p>AUROC, each outlier kind against all inliers (0.5 is chance; for a trivial "
+                      "detector 0.2 separates as well as 0.8).</p>", _table(["detector", "overall"] + kinds, rows)]
     if selection:
-        for uri, caption in ((selection.histogram, "d(x) histogram and the chosen θ"),
-                             (selection.bounds_figure, "Distance of Y to X against θ with both bounds (Fig. 8)"),
-                             (selection.examples_figure, "Best and worst reconstructions")):
-            parts.append(_figure(storage, uri, caption))
+        parts += [_figure(storage, uri, caption) for uri, caption in (
+            (selection.histogram, "d(x) histogram and the chosen θ"),
+            (selection.bounds_figure, "Distance of Y to X against θ with both bounds (Fig. 8)"),
+            (selection.examples_figure, "Best and worst reconstructions"))]
     return "".join(parts)
 
 
@@ -215,10 +206,9 @@ def write_report(root: str, out: str | None = None, storage: Storage | None = No
         if selection:  # the selection's figures and curation page need no evaluation
             sections.append(_selection_section({}, storage, selection, report.uri))
     else:
-        sections.append(_claims_section(results))
-        sections.append(_models_section(results))
-        sections.append(_truncation_section(results, storage, evaluation.uri))
-        sections.append(_selection_section(results, storage, selection, report.uri))
+        sections += [_claims_section(results), _models_section(results),
+                     _truncation_section(results, storage, evaluation.uri),
+                     _selection_section(results, storage, selection, report.uri)]
     samples = [(caption, _latest_grid(storage, model.uri, kind)) for caption, model, kind in (
         ("Stage 1 (joint G+E): samples", layout.stage1, "samples"),
         ("Stage 1: reconstructions G(E(x))", layout.stage1, "recon"),
@@ -227,7 +217,10 @@ def write_report(root: str, out: str | None = None, storage: Storage | None = No
     if any(uri for _, uri in samples):
         sections.append("<h2>Training samples</h2>")
         sections += [_figure(storage, uri, name) for name, uri in samples if uri]
-    sections.append("<h2>Stage timings</h2>" + _timings(pipeline, extra_timings))
+    timings = [(s["name"], s["status"], s["seconds"]) for s in (pipeline or {}).get("stages", [])]
+    timings += [(name, "ran", seconds) for name, seconds in extra_timings]
+    sections.append("<h2>Stage timings</h2>"
+                    + _table(["stage", "status", "seconds"], timings + [("total", "", sum(r[2] for r in timings))]))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(sections)}</body></html>")
     target = report.write(page, storage)

@@ -1,10 +1,5 @@
-"""The paper's truncation figures, for every registered truncation mode (sdsg_ray.truncation.modes).
-
-- Fig. 7: distance to the training set against psi, one curve per mode's line (the multi-modal mode draws
-  the sampler's own assignment, and the learned one beside it when the clusters file has its classifier).
-- Fig. 4: the same seeds, one row per mode the sampler can draw.
-Sampling goes through the truncation Sampler, the same code path as the HTTP service.
-"""
+"""The paper's truncation figures (Fig. 7's curves, Fig. 4's grid) for every registered truncation mode
+(sdsg_ray.truncation.modes), sampled through the truncation Sampler, the same code path as the HTTP service."""
 
 from __future__ import annotations
 
@@ -33,10 +28,9 @@ def truncation_curve(sampler, bank: FeatureBank, reference: np.ndarray, seeds: S
                      psis: Sequence[float], untruncated: Distances | None = None) -> dict:
     """Fig. 7: FD/KD against psi for each registered mode's lines, the same seeds at every point.
 
-    At psi = 1 every mode draws w itself, so that point is computed once (or taken from ``untruncated``,
-    the same seeds' untruncated distances to ``reference`` when the caller already has them). A line whose
-    mode has centers pins each seed's center by its assignment rule once, for every psi; a line that
-    ``agrees_with`` another records how often both picked the same center.
+    At psi = 1 every mode draws w itself, so that point is computed once (or is ``untruncated``, when the
+    caller already has it). A line whose mode has centers pins each seed's center by its assignment rule,
+    once for every psi; a line that ``agrees_with`` another records how often both picked the same center.
     """
     lines = [(name, line, rule) for name, mode in TRUNCATION_MODES.items() for line, rule in mode.fig7_lines(sampler)]
     rules = {line.name: rule for _, line, rule in lines if rule is not None}

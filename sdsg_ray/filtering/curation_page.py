@@ -1,15 +1,8 @@
 """``curation.html``: the selection as a page to look at, written by ``sdsg select`` next to report.json.
 
-A static page (no server: it works opened from a file or served by an S3 website) with
-
-- the images ordered by d(x) as thumbnails, every image up to ``select.page_images`` (the cap), beyond it a
-  stratified sample over d(x) (below), each thumbnail marked kept or removed at the slider's θ;
-- a θ slider over the selection's own θ grid (arrow keys step one grid point) that moves the boundary and
-  updates the kept/removed counts live;
-- the distance-vs-θ curve (the paper's Fig. 8) with the chosen θ, the target and both bounds marked
-  (diversity: FD(G(E(X)), X); size: ``min_size``);
-- with planted labels (``select.labels``), precision and recall per outlier kind at the slider's θ;
-- clicking a thumbnail shows x beside G(E(x)) and d(x).
+A static page (no server: it works from a file or an S3 website): thumbnails by d(x), kept or removed at a
+θ slider over the selection's own θ grid, Fig. 8, and precision/recall per planted outlier kind at the
+slider's θ (docs/architecture.md describes it).
 
 Why the numbers agree with report.json: the page's counts at grid θ_k are report.json's ``curve[k].size``;
 the per-kind counts and each thumbnail's kept/removed state use the rule's own binning
@@ -18,16 +11,12 @@ report.json's ``outliers`` numbers. A page opened from ``file://`` may not fetch
 in the HTML as JSON; the thumbnails are JPEG sprite sheets beside it (``curation/x-NNN.jpg`` and
 ``curation/recon-NNN.jpg``), written once here, by the selection run.
 
-Size: the embedded data is ~60 bytes per thumbnail plus ~50 bytes per grid θ, and the sprites are two JPEG
-thumbnails of at most ``page_thumb_size`` px per shown image, so the page is bounded by the cap, not by the
-number of images: 1M scored images give the same page as 2,000 (report.json ``curation_page.bytes`` holds
-the measured total; docs/architecture.md states it for the demo and for 1M rows).
-
-Stratified sample: the strata are the 100 equal-width d(x) bins of the selection's histogram. Each
-stratum gets an equal share of the cap, capped by what it holds (water-filling), so the sparse tail of
-high d(x), where the outliers are, is shown in full; within a stratum the images are a uniform random
-sample (seeded, streaming: the ``n`` smallest of one random priority per image). Each thumbnail carries
-the number of images it stands for.
+The page's size is bounded by the cap ``select.page_images``, not by the number of images (report.json's
+``curation_page.bytes``; docs/architecture.md has measured sizes). Beyond the cap it shows a stratified
+sample: the strata are the 100 equal-width d(x) bins of the selection's histogram. Each stratum gets an
+equal share of the cap, capped by what it holds (water-filling), so the sparse tail of high d(x), where the
+outliers are, is shown in full; within a stratum the images are a uniform random sample (seeded, streaming:
+the ``n`` smallest of one random priority per image). Each thumbnail carries the number of images it stands for.
 """
 
 from __future__ import annotations
@@ -129,15 +118,9 @@ def kept_until(d: np.ndarray, thetas: np.ndarray) -> np.ndarray:
     return BinnedMoments(np.asarray(thetas, np.float64), dim=0).bin_index(np.asarray(d, np.float64)) + 1
 
 
-def label_kinds(labels_uri: str, storage: Storage) -> dict[str, str]:
-    """key -> 'inlier', or the outlier's kind ('outlier' when the labels name none)."""
-    return {row["key"]: "inlier" if not row["is_outlier"] else row.get("kind") or "outlier"
-            for row in read_labels(labels_uri, storage)}
-
-
 def kind_counts(scores: ScoreSet, kind_of: dict[str, str], storage: Storage, thetas: np.ndarray) -> dict:
-    """Per label kind (:func:`label_kinds`), its labelled readable images and how many are kept at each
-    grid θ (curve order): what the page turns into precision and recall at any slider θ."""
+    """Per label kind (``kind_of``: key -> 'inlier' or the outlier's kind), its labelled readable images and
+    how many are kept at each grid θ (curve order): what the page turns into precision and recall at any θ."""
     by_kind: dict[str, list[np.ndarray]] = defaultdict(list)
     for batch in scores.iter_batches(storage, ["key", "status", SCORE_COLUMN]):
         names = np.array([kind_of.get(k, "") if s == "ok" else "" for k, s in zip(batch["key"], batch["status"])])
@@ -154,15 +137,7 @@ def kind_counts(scores: ScoreSet, kind_of: dict[str, str], storage: Storage, the
 
 
 def _thumb(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[0] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
-
-
-def _jpeg(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
+    return image if image.shape[0] == size else np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
 
 
 def write_thumbnails(keys: list[str], bundle, pair: str, storage: Storage, out: FilteredSet, thumb_size: int) -> dict:
@@ -183,13 +158,15 @@ def write_thumbnails(keys: list[str], bundle, pair: str, storage: Storage, out: 
         block = slice(sheet * per_sheet, (sheet + 1) * per_sheet)
         for name, images in (("x", x), ("recon", recon)):
             # row-major, SHEET_SIDE wide (a sheet holding fewer images is one row of them: same cells)
-            data = _jpeg(image_grid(images[block], ncols=SHEET_SIDE))
+            buf = io.BytesIO()
+            Image.fromarray(image_grid(images[block], ncols=SHEET_SIDE)).save(buf, "JPEG", quality=JPEG_QUALITY)
+            data = buf.getvalue()
             file = f"{name}-{sheet:03d}.jpg"
             storage.write_bytes(out.asset(file), data)
             sheets[name].append(f"{FilteredSet.curation_assets.name}/{file}")
             written += len(data)
-    return {"size": size, "columns": SHEET_SIDE, "per_sheet": per_sheet, "x": sheets["x"],
-            "recon": sheets["recon"], "cells": cell.tolist(), "bytes": written}
+    return {"size": size, "columns": SHEET_SIDE, "per_sheet": per_sheet, **sheets, "cells": cell.tolist(),
+            "bytes": written}
 
 
 def page_data(report: dict, sample: PageSample, thumbs: dict | None, kinds: dict | None, note: str,
@@ -237,9 +214,11 @@ def write_curation_page(report: dict, scores: ScoreSet, out: FilteredSet, storag
         note = f"thumbnails skipped: {bundle_note or 'no checkpoint'}"
     else:
         note = "no thumbnails: select.page_images is 0"
-    thetas = np.array([p["theta"] for p in report["curve"]])
-    kind_of = label_kinds(labels, storage) if labels and storage.exists(labels) else None
-    kinds = kind_counts(scores, kind_of, storage, thetas) if kind_of else None
+    kind_of = None
+    if labels and storage.exists(labels):  # key -> 'inlier', or the outlier's kind ('outlier' when unnamed)
+        kind_of = {row["key"]: "inlier" if not row["is_outlier"] else row.get("kind") or "outlier"
+                   for row in read_labels(labels, storage)}
+    kinds = kind_counts(scores, kind_of, storage, np.array([p["theta"] for p in report["curve"]])) if kind_of else None
     page = render_page(page_data(report, sample, thumbs, kinds, note, kind_of))
     storage.write_text(out.curation_page, page)
     size = len(page.encode()) + (thumbs["bytes"] if thumbs else 0)

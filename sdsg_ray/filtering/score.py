@@ -21,8 +21,7 @@ import ray
 from tqdm import tqdm
 
 from sdsg_ray.artifacts.checkpoint import load_inference, scoring_pair
-from sdsg_ray.artifacts.score_writer import ShardAssembler
-from sdsg_ray.artifacts.scores import ScoreSet, written_shards
+from sdsg_ray.artifacts.scores import ScoreSet, ShardAssembler
 from sdsg_ray.config import ScoreConfig, SDSGConfig
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.filtering.decode import read_and_decode
@@ -145,7 +144,7 @@ def run_scoring(config: SDSGConfig) -> dict:
     _check_run(scores, storage, run)
 
     shards = ensure_manifest(cfg.data, cfg.out, storage, cfg.manifest_shard_size)
-    done = written_shards(cfg.out, storage)
+    done = scores.written_shards(storage)
     pending = [s for s in shards if s.shard_id not in done]
     total = sum(s.rows for s in shards)
     todo = sum(s.rows for s in pending)
@@ -159,7 +158,7 @@ def run_scoring(config: SDSGConfig) -> dict:
     if pending:
         scored_config = config.model_copy(update={"score": cfg.model_copy(update={"metric": metric, "fid_features": features.name})})
         ds = build_dataset(pending, storage, scored_config, resolution)
-        assembler = ShardAssembler(cfg.out, storage, {s.shard_id: s.rows for s in pending})
+        assembler = ShardAssembler(scores, storage, {s.shard_id: s.rows for s in pending})
         with tqdm(total=todo, desc="scoring", unit=" img", mininterval=2) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 assembler.add(batch)

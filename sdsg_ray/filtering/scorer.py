@@ -22,12 +22,8 @@ from sdsg_ray.pretrained import build_fid_features, build_metric
 from sdsg_ray.storage import Storage, get_storage
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class ReconstructionScorer:
-    """Scores uint8 images with a stage-1 bundle (the `score.pair` of G and E), a perceptual metric and an FID feature net.
+    """Scores uint8 images with a stage-1 bundle's `score.pair` (G, E), a perceptual metric and an FID feature net.
 
     The metric judges at its own ``judge_resolution`` (pretrained.PerceptualMetric): x and G(E(x)) are resized
     there, together, so this and the controls' d(x) (diagnostics.reconstruction_scores) cannot differ.
@@ -45,16 +41,13 @@ class ReconstructionScorer:
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """images uint8 [N, R, R, 3] -> d(x) [N] (SCORE_COLUMN), d_l1 [N], feat_real [N, D], feat_recon [N, D]."""
-        n = images.shape[0]
         assert images.shape[1:] == (self.resolution, self.resolution, 3), images.shape
         x = to_tensor(images).to(self.device)
         recon = reconstruct(self.G.synthesis, self.E, x).image.float()
         assert recon.shape == x.shape, (recon.shape, x.shape)
-        d = self.metric(x, recon).reshape(n)
-        d_l1 = (x - recon).abs().mean(dim=(1, 2, 3))
         return {
-            SCORE_COLUMN: d.float().cpu().numpy(),
-            "d_l1": d_l1.float().cpu().numpy(),
+            SCORE_COLUMN: self.metric(x, recon).reshape(images.shape[0]).float().cpu().numpy(),
+            "d_l1": (x - recon).abs().mean(dim=(1, 2, 3)).float().cpu().numpy(),
             "feat_real": np.asarray(self.features(x), np.float32),
             "feat_recon": np.asarray(self.features(recon.clamp(-1, 1)), np.float32),
         }
@@ -75,31 +68,21 @@ def reconstruct_keys(keys: list[str], bundle: InferenceBundle, storage: Storage,
     return good, originals, to_uint8(recon)
 
 
-def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Storage,
-                            pair: str = "ema") -> tuple[list[float], np.ndarray, np.ndarray]:
-    """(scores, originals, G(E(x))) as uint8 NHWC for the readable images among ``items`` (score, key)."""
-    good, originals, recon = reconstruct_keys([key for _, key in items], bundle, storage, pair)
-    return [d for (d, _), ok in zip(items, good) if ok], originals, recon
-
-
 class ScoreActor:
     """Ray Data actor: rows with status "ok" are scored; error rows pass through with NaN scores."""
 
     def __init__(self, checkpoint: str, metric: str, fid_features: str, storage: StorageConfig, pair: str = "ema",
                  judge_resolution: int | None = None) -> None:
-        device = default_device()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         bundle = load_inference(checkpoint, get_storage(storage), device="cpu")
         self.scorer = ReconstructionScorer(
             bundle, build_metric(metric, device=device, judge_resolution=judge_resolution),
-            build_fid_features(fid_features, device=device), device,
-            pair=pair,
-        )
+            build_fid_features(fid_features, device=device), device, pair=pair)
         self.feature_dim = self.scorer.features.dim
         # Where this actor ran, so the driver can report (and tests can check) the placement.
         context = ray.get_runtime_context()
-        self.placement = json.dumps(
-            {"node_id": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "device": str(device)}
-        )
+        self.placement = json.dumps({"node_id": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                                     "device": str(device)})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()

@@ -1,13 +1,8 @@
-"""`sdsg select`: three streaming passes over the score shards, the rule, and the selection's outputs.
+"""`sdsg select`: three streaming passes over the score shards (:func:`overview`, :func:`feature_pass`,
+:func:`kept_batches`), the rule (maths: selection.py), and the selection's outputs, a
+:class:`~sdsg_ray.artifacts.selection.FilteredSet` with the curation page (curation_page.py).
 
-  pass 1  scores only: range, counts, the best and worst keys (for the examples figure)
-  pass 2  features: moments of X and G(E(X)), per-θ-bin moments of X, the histogram
-          -> FD(Y_θ, X) for every θ of the grid and the bound FD(G(E(X)), X) (maths: selection.py)
-  pass 3  the kept rows -> the kept manifest (key, d(x))
-  page    a stratified sample of the rows by d(x) -> the curation page and its thumbnails (curation_page.py)
-
-Memory is one batch of rows plus the per-bin statistics, whatever the number of images. What the
-selection leaves is a :class:`~sdsg_ray.artifacts.selection.FilteredSet`.
+Memory is one batch of rows plus the per-bin statistics, whatever the number of images.
 """
 
 from __future__ import annotations
@@ -56,11 +51,10 @@ class ScoreOverview:
 def overview(scores: ScoreSet, storage: Storage, examples: int) -> ScoreOverview:
     ok = failed = 0
     lo, hi = math.inf, -math.inf
-    best: list[tuple[float, str]] = []  # max-heap via negation: the `examples` smallest
-    worst: list[tuple[float, str]] = []  # min-heap: the `examples` largest
+    best: list[tuple[float, str]] = []  # max-heap of (-d, key): the `examples` smallest
+    worst: list[tuple[float, str]] = []  # min-heap of (d, key): the `examples` largest
     for batch in scores.iter_batches(storage, ["key", "status", SCORE_COLUMN]):
-        status = batch["status"]
-        good = status == "ok"
+        good = batch["status"] == "ok"
         failed += int((~good).sum())
         d = batch[SCORE_COLUMN][good].astype(np.float64)
         keys = batch["key"][good]
@@ -68,24 +62,15 @@ def overview(scores: ScoreSet, storage: Storage, examples: int) -> ScoreOverview
         if not len(d):
             continue
         lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
-        for i in np.argsort(d)[:examples]:
-            heapq.heappush(best, (-d[i], keys[i]))
-            if len(best) > examples:
-                heapq.heappop(best)
-        for i in np.argsort(-d)[:examples]:
-            heapq.heappush(worst, (d[i], keys[i]))
-            if len(worst) > examples:
-                heapq.heappop(worst)
+        for heap, sign in ((best, -1), (worst, 1)):
+            for i in np.argsort(-sign * d)[:examples]:
+                heapq.heappush(heap, (sign * d[i], keys[i]))
+                if len(heap) > examples:
+                    heapq.heappop(heap)
     if ok < 2:
         raise InvalidRequest(f"{scores.uri}: only {ok} images were scored successfully; selection needs at least 2")
-    return ScoreOverview(
-        ok=ok,
-        failed=failed,
-        lo=lo,
-        hi=hi,
-        best=sorted((-nd, k) for nd, k in best),
-        worst=sorted(worst, reverse=True),
-    )
+    return ScoreOverview(ok=ok, failed=failed, lo=lo, hi=hi, best=sorted((-nd, k) for nd, k in best),
+                         worst=sorted(worst, reverse=True))
 
 
 @dataclass
@@ -156,10 +141,8 @@ def choose_threshold(cfg: SelectConfig, scores: ScoreSet, storage: Storage, ov: 
     mu_x, sigma_x = fp.real.mean_cov()
     upper_bound = float(frechet_distance(*fp.recon.mean_cov(), mu_x, sigma_x))
     distance_to_x = DistanceToReference(mu_x, sigma_x)
-    curve = []
-    for theta, size, total, outer in tqdm(fp.binned.cumulative(), total=len(grid), desc=f"{label}(Y_θ, X)"):
-        dist = distance_to_x(*mean_cov(size, total, outer)) if size >= 2 else None
-        curve.append(CurvePoint(theta, size, dist))
+    curve = [CurvePoint(theta, size, distance_to_x(*mean_cov(size, total, outer)) if size >= 2 else None)
+             for theta, size, total, outer in tqdm(fp.binned.cumulative(), total=len(grid), desc=f"{label}(Y_θ, X)")]
     curve.reverse()  # cumulative() runs from the lowest θ up
     sel = apply_rule(curve, upper_bound, cfg.min_size)
     chosen_distance = sel.distance  # reported with clean-fid itself; the grid's fast form must agree
@@ -168,22 +151,9 @@ def choose_threshold(cfg: SelectConfig, scores: ScoreSet, storage: Storage, ov: 
                     for theta, n, total, outer in fp.binned.cumulative() if theta == sel.theta)
         chosen_distance = float(frechet_distance(*kept, mu_x, sigma_x))
         if not math.isclose(chosen_distance, sel.distance, rel_tol=1e-4):
-            log.warning("clean-fid gives %.6g at θ=%.4f, the grid %.6g",
-                        chosen_distance, sel.theta, sel.distance)
+            log.warning("clean-fid gives %.6g at θ=%.4f, the grid %.6g", chosen_distance, sel.theta, sel.distance)
     log.info("chosen θ=%.4f (stopped by %s): |Y|=%d of |X|=%d", sel.theta, sel.bound, sel.size, ov.ok)
     return Threshold(start, target, sel, upper_bound, chosen_distance), fp
-
-
-def draw_figures(out: FilteredSet, storage: Storage, fp: FeaturePass, th: Threshold, min_size: int, metric: str,
-                 label: str) -> None:
-    """The d(x) histogram with θ, and Fig. 8 (distance of Y_θ to X against θ, with both bounds)."""
-    sel = th.selection
-    storage.write_bytes(out.histogram, figures.score_histogram(
-        fp.hist_edges, fp.hist_counts, sel.theta, th.target, metric))
-    storage.write_bytes(out.bounds_figure, figures.distance_vs_threshold(
-        np.array([p.theta for p in sel.curve]),
-        np.array([np.nan if p.distance is None else p.distance for p in sel.curve]),
-        np.array([p.size for p in sel.curve]), sel.theta, sel.bound, th.upper_bound, min_size, label))
 
 
 def draw_examples(out: FilteredSet, storage: Storage, ov: ScoreOverview, summary: dict, checkpoint: str | None,
@@ -202,8 +172,10 @@ def draw_examples(out: FilteredSet, storage: Storage, ov: ScoreOverview, summary
     if bundle.identity != summary.get("checkpoint_identity", bundle.identity):
         log.warning("%s is not the checkpoint that computed the scores (%s): %s uses it anyway",
                     checkpoint, summary.get("checkpoint_identity"), name)
-    rows = [(row, *reconstruction_examples(items, bundle, storage, pair))
-            for row, items in (("best", ov.best), ("worst", ov.worst))]
+    rows = []  # (row name, scores, originals, G(E(x))) of the readable images
+    for row, items in (("best", ov.best), ("worst", ov.worst)):
+        good, originals, recon = reconstruct_keys([key for _, key in items], bundle, storage, pair)
+        rows.append((row, [d for (d, _), ok in zip(items, good) if ok], originals, recon))
     storage.write_bytes(out.examples_figure, figures.originals_over_reconstructions(rows))
     return bundle, name
 
@@ -227,7 +199,7 @@ def selection_report(cfg: SelectConfig, summary: dict, ov: ScoreOverview, th: Th
         "distance_kept_vs_raw": th.distance,
         "distance_recon_vs_raw": th.upper_bound,
         "metric": summary["metric"],
-        "judge": summary.get("judge", summary["metric"]),  # metric and size; scores before issue 31: metric only
+        "judge": summary.get("judge", summary["metric"]),  # metric and size (older scores: metric only)
         "checkpoint": summary.get("checkpoint"),
         "checkpoint_identity": summary.get("checkpoint_identity"),
         "best": [{"key": k, EXAMPLE_SCORE_KEY: d} for d, k in ov.best],
@@ -235,13 +207,6 @@ def selection_report(cfg: SelectConfig, summary: dict, ov: ScoreOverview, th: Th
         "best_worst": examples_note,
         "curve": [{"theta": p.theta, "size": p.size, "distance": p.distance} for p in sel.curve],
     }
-
-
-def reconstruction_examples(items: list[tuple[float, str]], bundle, storage: Storage,
-                            pair: str = "ema") -> tuple[list[float], np.ndarray, np.ndarray]:
-    """(scores, originals, G(E(x))) as uint8 NHWC for the readable images among ``items`` (score, key)."""
-    good, originals, recon = reconstruct_keys([key for _, key in items], bundle, storage, pair)
-    return [d for (d, _), ok in zip(items, good) if ok], originals, recon
 
 
 def run_selection(config: SDSGConfig) -> dict:
@@ -258,7 +223,13 @@ def run_selection(config: SDSGConfig) -> dict:
     n_kept = write_parquet_stream(kept_batches(scores, storage, sel.theta), KEPT_SCHEMA, out.kept, storage)
     assert n_kept == sel.size, (n_kept, sel.size)
 
-    draw_figures(out, storage, fp, th, cfg.min_size, summary["metric"], label)
+    # the d(x) histogram with θ, and Fig. 8 (distance of Y_θ to X against θ, with both bounds)
+    storage.write_bytes(out.histogram, figures.score_histogram(
+        fp.hist_edges, fp.hist_counts, sel.theta, th.target, summary["metric"]))
+    storage.write_bytes(out.bounds_figure, figures.distance_vs_threshold(
+        np.array([p.theta for p in sel.curve]),
+        np.array([np.nan if p.distance is None else p.distance for p in sel.curve]),
+        np.array([p.size for p in sel.curve]), sel.theta, sel.bound, th.upper_bound, cfg.min_size, label))
     pair = summary.get("pair", "ema")  # scores written before score.pair existed used G_ema (+ E)
     bundle, examples_note = draw_examples(out, storage, ov, summary, cfg.checkpoint or summary["checkpoint"], pair)
     report = selection_report(cfg, summary, ov, th, label, examples_note)

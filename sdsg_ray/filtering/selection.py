@@ -28,12 +28,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-BOUNDS = ("target", "diversity", "size")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sufficient statistics
-
 
 @dataclass
 class Moments:
@@ -65,8 +59,7 @@ def mean_cov(count: int, total: np.ndarray, outer: np.ndarray) -> tuple[np.ndarr
     if count < 2:
         raise ValueError(f"a covariance needs at least 2 feature vectors, got {count}")
     mu = total / count
-    sigma = (outer - count * np.outer(mu, mu)) / (count - 1)
-    return mu, sigma
+    return mu, (outer - count * np.outer(mu, mu)) / (count - 1)
 
 
 def threshold_grid(start: float, target: float, step: float) -> np.ndarray:
@@ -93,8 +86,7 @@ class BinnedMoments:
 
     def bin_index(self, scores: np.ndarray) -> np.ndarray:
         """Index of the lowest grid θ with θ >= score; -1 when the score is above grid[0] (never kept)."""
-        ascending = self.grid[::-1]
-        n_below = np.searchsorted(ascending, scores, side="left")  # grid points < score
+        n_below = np.searchsorted(self.grid[::-1], scores, side="left")  # grid points < score
         return len(self.grid) - n_below - 1
 
     def add(self, scores: np.ndarray, feats: np.ndarray) -> None:
@@ -121,10 +113,6 @@ class BinnedMoments:
             yield float(self.grid[k]), count, total, outer
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The rule
-
-
 @dataclass
 class CurvePoint:
     theta: float
@@ -135,7 +123,7 @@ class CurvePoint:
 @dataclass
 class Selection:
     theta: float
-    bound: str  # which of BOUNDS stopped the lowering
+    bound: str  # which bound stopped the lowering: "target", "diversity" or "size"
     size: int
     distance: float | None
     curve: list[CurvePoint]
@@ -149,8 +137,7 @@ def apply_rule(curve: list[CurvePoint], upper_bound: float, min_size: int) -> Se
         log.warning("the raw set (%d images) is already below min_size=%d: nothing is filtered", curve[0].size, min_size)
         bound = "size"
     else:
-        for k in range(1, len(curve)):
-            point = curve[k]
+        for k, point in enumerate(curve[1:], start=1):
             if point.size < max(min_size, 2):
                 bound = "size"
                 break

@@ -22,16 +22,13 @@ The fetch is safe to point at the Internet:
   holds at most that much memory (a shard task at most threads x max_bytes).
 - No proxy from the environment is used (a proxy would connect on our behalf to any address).
 
-Client: the standard library's ``http.client`` with a connection class that connects to the vetted IP.
-``requests``/``urllib3`` (both in the lock) resolve and connect inside their pools and follow redirects
-and proxies themselves; pinning the address and bounding the whole attempt there means overriding their
-private connection methods, while ``http.client.HTTPConnection.connect`` is the documented place to open
-the socket. TLS verification uses certifi's CA bundle (in the lock, as requests does).
+Client: the standard library's ``http.client``, whose ``HTTPConnection.connect`` is the documented place
+to open the socket to the vetted IP; ``requests``/``urllib3`` resolve, connect, redirect and use proxies
+inside their pools, so pinning the address there means overriding private methods. TLS verification uses
+certifi's CA bundle (in the lock, as requests does).
 
-The tar holds ``<key>.jpg`` + ``<key>.json`` for the successes only (as img2dataset writes it); the
-parquet holds one row per URL with the JPEG bytes (null on failure); ``<shard>_stats.json`` holds the
-counts and every URL's status. The tar (or parquet) is written first and the stats file last, each in one
-atomic put, so a shard is finished exactly when its stats file exists next to its data.
+``<shard>_stats.json`` holds the counts and every URL's status. The data file is written first and the
+stats file last, each in one atomic put, so a shard is finished exactly when its stats file exists.
 """
 
 from __future__ import annotations
@@ -115,10 +112,9 @@ class DownloadError(Exception):
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """HTTP to ``host`` (Host header) over a socket to ``address``, an IP the policy already allowed.
-
-    ``live`` keeps the socket in use (http.client forgets it once a response says it will close) for
-    the deadline's watchdog and the per-read timeouts."""
+    """HTTP to ``host`` (Host header) over a socket to ``address``, an IP the policy already allowed. ``live``
+    keeps the socket in use (http.client forgets it once a response says it will close) for the deadline's
+    watchdog and the per-read timeouts."""
 
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
@@ -254,9 +250,7 @@ def _attempt(url: str, cfg: IngestConfig, policy: AddressPolicy) -> bytes:
                 raise DownloadError(FAILED_DOWNLOAD, f"HTTP {response.status} {response.reason}: not a body")
             return _read_body(response, cfg.max_bytes, deadline, cfg.timeout_s, url, sock)
         except (OSError, http.client.HTTPException) as err:  # timeouts, resets, a socket shut by the watchdog
-            if time.monotonic() >= deadline:
-                raise DownloadError(FAILED_DOWNLOAD, f"deadline of {cfg.timeout_s:g} s passed for {url}",
-                                    retry=True) from None
+            _left(deadline, url, cfg.timeout_s)  # past the deadline: say so, not how the socket ended
             raise DownloadError(FAILED_DOWNLOAD, f"{type(err).__name__}: {err}", retry=True) from None
         finally:
             watchdog.cancel()
@@ -288,10 +282,9 @@ def fetch(url: str, cfg: IngestConfig) -> bytes:
 
 
 def process(data: bytes, box: tuple[int, int, int, int] | None, resolution: int, quality: int) -> tuple[bytes, int, int]:
-    """Crop to the box (y0, y1, x0, x1), RGB, square LANCZOS resize; JPEG bytes and the original size.
-
-    The size is checked against :data:`sdsg_ray.imaging.MAX_IMAGE_PIXELS` from the header, before any
-    pixel is decoded, so a decompression bomb (huge dimensions, small file) costs no memory."""
+    """Crop to the box (y0, y1, x0, x1), RGB, square LANCZOS resize; JPEG bytes and the original size. The
+    size is checked against :data:`sdsg_ray.imaging.MAX_IMAGE_PIXELS` from the header, before any pixel is
+    decoded, so a decompression bomb (huge dimensions, small file) costs no memory."""
     with Image.open(io.BytesIO(data)) as im:
         width, height = im.size
         if width * height > MAX_IMAGE_PIXELS:
@@ -300,8 +293,7 @@ def process(data: bytes, box: tuple[int, int, int, int] | None, resolution: int,
         im.load()
         if im.mode in ("RGBA", "LA", "P"):
             im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
+            im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
         im = im.convert("RGB")
         if box is not None:
             y0, y1, x0, x1 = box

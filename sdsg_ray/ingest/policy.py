@@ -7,10 +7,8 @@ not unspecified, loopback, link-local, private, shared (100.64.0.0/10, carrier-g
 reserved or site-local. An IPv6 address that carries an IPv4 one is judged by what it carries as well:
 IPv4-mapped ``::ffff:a.b.c.d`` (the connection goes to a.b.c.d), 6to4 ``2002:aabb:ccdd::/16``, Teredo
 and NAT64 ``64:ff9b::/96``. ``ingest.allow_networks`` (CIDRs) lets listed networks through as well, for
-an internal mirror or a test server.
-
-:mod:`sdsg_ray.ingest.download` applies this to the very address it then connects to, on every redirect
-hop, before any connection is opened.
+an internal mirror or a test server. :mod:`sdsg_ray.ingest.download` applies this to the very address it
+then connects to, on every redirect hop, before any connection is opened.
 """
 
 from __future__ import annotations

@@ -53,25 +53,19 @@ def _shard_batch(batch: dict[str, np.ndarray], storage: Storage, cfg: IngestConf
     return {k: np.array(v, np.int64) for k, v in out.items()}
 
 
-def _check_source(cfg: IngestConfig, storage: Storage, total: int) -> None:
-    """Refuse to mix shards of another URL list or other settings under one out."""
-    source = {
-        "urls": normalize(cfg.urls), "count": total, "format": cfg.format,
+def run_ingest(config: SDSGConfig) -> dict:
+    storage = get_storage(config.storage)
+    cfg = config.ingest.model_copy(update={"out": normalize(config.ingest.out)})  # Ray workers run in other directories
+    items = read_url_list(cfg.urls, storage)
+    if not items:
+        raise InvalidRequest(f"{cfg.urls}: no URLs")
+    source = {  # never mix shards of another URL list or other settings under one out
+        "urls": normalize(cfg.urls), "count": len(items), "format": cfg.format,
         "resolution": cfg.resolution, "shard_size": cfg.shard_size,
     }
     changed = storage.pin_settings(join(cfg.out, SOURCE_FILE), source)
     if changed:
         raise InvalidRequest(f"{cfg.out} holds shards made with different settings {changed}; use another --out")
-
-
-def run_ingest(config: SDSGConfig) -> dict:
-    cfg = config.ingest
-    storage = get_storage(config.storage)
-    cfg = cfg.model_copy(update={"out": normalize(cfg.out)})  # Ray workers run in other directories
-    items = read_url_list(cfg.urls, storage)
-    if not items:
-        raise InvalidRequest(f"{cfg.urls}: no URLs")
-    _check_source(cfg, storage, len(items))
     count = (len(items) + cfg.shard_size - 1) // cfg.shard_size
     done = finished_shards(cfg, storage, count)
     pending = [i for i in range(count) if i not in done]
@@ -110,11 +104,7 @@ def run_ingest(config: SDSGConfig) -> dict:
         "format": cfg.format,
         "shards": count,
         "shards_resumed": len(done),
-        "successes": totals["successes"],
-        "failed_to_download": totals["failed_to_download"],
-        "failed_to_resize": totals["failed_to_resize"],
-        "refused": totals["refused"],
-        "too_large": totals["too_large"],
+        **{k: totals[k] for k in COUNTS[1:]},  # successes, failed_to_download, ..., too_large
         "downloaded_this_run": this_run["count"],
         "seconds_this_run": round(elapsed, 3),
         "urls_per_s": round(this_run["count"] / elapsed, 2) if this_run["count"] and elapsed > 0 else None,

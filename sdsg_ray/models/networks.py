@@ -82,29 +82,22 @@ REDUCED_MIN_RESOLUTION = 8  # NVIDIA never runs the 4x4 block in reduced precisi
 
 def reduced_precision_from(resolution: int, num_fp16_res: int) -> int | None:
     """Lowest block resolution eligible for reduced precision (NVIDIA's ``fp16_resolution``); None: no block.
-
-    Blocks at this resolution and above are eligible; e.g. 256 px with num_fp16_res=4 -> 32..256.
-    """
+    Blocks at this resolution and above are eligible; e.g. 256 px with num_fp16_res=4 -> 32..256."""
     if num_fp16_res <= 0:
         return None
     return max(2 ** (log2_resolution(resolution) + 1 - num_fp16_res), REDUCED_MIN_RESOLUTION)
 
 
 def set_reduced_precision(module: nn.Module, dtype: torch.dtype | None) -> list[int]:
-    """Make every eligible block under ``module`` compute in ``dtype`` (None: back to float32).
-
-    Eligibility was fixed at construction from ``num_fp16_res``; this only switches it on or off, so the
-    same weights run either way. Returns the resolutions of the blocks now in reduced precision.
-    """
+    """Make every eligible block under ``module`` compute in ``dtype`` (None: back to float32); returns the
+    resolutions of the blocks now in reduced precision. Eligibility was fixed at construction from
+    ``num_fp16_res``; this only switches it, so the same weights run either way."""
     if dtype is not None and dtype not in REDUCED_DTYPES.values():
         raise ValueError(f"reduced precision dtype must be one of {list(REDUCED_DTYPES.values())}, got {dtype}")
-    switched = []
-    for block in module.modules():
-        if isinstance(block, ResolutionBlock) and block.reduced_eligible:
-            block.compute_dtype = dtype if dtype is not None else torch.float32
-            if dtype is not None:
-                switched.append(block.resolution)
-    return switched
+    blocks = [block for block in module.modules() if isinstance(block, ResolutionBlock) and block.reduced_eligible]
+    for block in blocks:
+        block.compute_dtype = dtype if dtype is not None else torch.float32
+    return [block.resolution for block in blocks] if dtype is not None else []
 
 
 def log2_resolution(resolution: int) -> int:
@@ -125,15 +118,8 @@ def fir_filter(taps: Sequence[float] = FIR_TAPS) -> Tensor:
     return f / f.sum()
 
 
-def upfirdn2d(
-    x: Tensor,
-    f: Tensor,
-    up: int = 1,
-    down: int = 1,
-    padding: tuple[int, int] = (0, 0),
-    gain: float = 1.0,
-    impl: Literal["fast", "ref"] = "fast",
-) -> Tensor:
+def upfirdn2d(x: Tensor, f: Tensor, up: int = 1, down: int = 1, padding: tuple[int, int] = (0, 0), gain: float = 1.0,
+              impl: Literal["fast", "ref"] = "fast") -> Tensor:
     """Upsample (zero insertion) -> pad -> FIR filter -> downsample, per channel, on NCHW.
 
     ``f`` is a square [K, K] filter applied as a true convolution; ``padding`` = (before, after),
@@ -182,9 +168,8 @@ def upsample2d(x: Tensor, f: Tensor, up: int = 2) -> Tensor:
 
 
 class FullyConnectedLayer(nn.Module):
-    def __init__(
-        self, in_features: int, out_features: int, lrelu: bool = False, lr_mul: float = 1.0, bias_init: float = 0.0
-    ):
+    def __init__(self, in_features: int, out_features: int, lrelu: bool = False, lr_mul: float = 1.0,
+                 bias_init: float = 0.0):
         super().__init__()
         self.in_features, self.out_features, self.lrelu = in_features, out_features, lrelu
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
@@ -206,10 +191,8 @@ class FullyConnectedLayer(nn.Module):
 class Conv2dLayer(nn.Module):
     """Equalized conv (discriminator/encoder); down=2 blurs with the FIR filter, then strides."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, lrelu: bool = True, bias: bool = True, down: int = 1,
-        conv_clamp: float | None = None,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, lrelu: bool = True, bias: bool = True,
+                 down: int = 1, conv_clamp: float | None = None):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.conv_clamp = conv_clamp
@@ -245,13 +228,12 @@ class Conv2dLayer(nn.Module):
 class MappingNetwork(nn.Module):
     """z -> w: normalise z, then `num_layers` leaky-ReLU FC layers at lr multiplier 0.01.
 
-    Tracks ``w_avg`` (the mean latent used by truncation) only when the caller asks with
-    ``update_w_avg=True``: the training loss passes it in every training call (G phase, D phase, path
-    length), as NVIDIA's ``update_emas``; inference, style mixing's second latent and E's losses never
-    move it. The EMA (decay ``w_avg_beta`` = 0.995, NVIDIA's) is debiased: the n-th update moves w_avg by
-    max(1 - beta, 1/n) of the way to the batch mean, so w_avg is the running mean of every mapped batch
-    until 1/n < 1 - beta, never a shrunk copy of it (a plain EMA from zero holds 1 - 0.995^n of the mean:
-    0.27 after stage 2's 63 demo steps). ``w_avg_count`` (updates so far) travels in the state dict.
+    Tracks ``w_avg`` (the mean latent used by truncation) only when called with ``update_w_avg=True``:
+    every training call of the loss (G phase, D phase, path length), as NVIDIA's ``update_emas``; never
+    inference, style mixing's second latent or E's losses. The EMA (decay ``w_avg_beta`` = 0.995) is
+    debiased: the n-th update moves w_avg by max(1 - beta, 1/n) toward the batch mean, so w_avg is the
+    running mean until 1/n < 1 - beta, never a plain EMA's copy shrunk by 1 - beta^n.
+    ``w_avg_count`` (updates so far) travels in the state dict.
     """
 
     def __init__(self, z_dim: int, w_dim: int, num_layers: int, lr_mul: float = MAPPING_LR_MUL, w_avg_beta: float = W_AVG_BETA):
@@ -289,11 +271,10 @@ class MappingNetwork(nn.Module):
 def truncate(w: Tensor, center: Tensor, psi: float | Tensor) -> Tensor:
     """The truncation trick toward ``center``: w_t = psi * w + (1 - psi) * center.
 
-    The one truncation of the project: the global mean (StyleGAN's trick) and multi-modal truncation
-    (Mokady et al. 2022, Sec. 4: each sample's nearest cluster center) differ only in ``center``.
-    Written as psi * w + (1 - psi) * c, not c + psi * (w - c), so that both ends are exact in floats:
-    psi = 1 gives w and psi = 0 gives c bit for bit. ``w`` [B, w_dim]; ``center`` [w_dim] or
-    [B, w_dim]; ``psi`` a float or a per-sample tensor [B].
+    The global mean (StyleGAN's trick) and multi-modal truncation (Mokady et al. 2022, Sec. 4: each
+    sample's nearest cluster center) differ only in ``center``. Not c + psi * (w - c), so both ends are
+    exact in floats: psi = 1 gives w and psi = 0 gives c bit for bit. ``w`` [B, w_dim]; ``center``
+    [w_dim] or [B, w_dim]; ``psi`` a float or a per-sample tensor [B].
     """
     assert_shape(w, [None, None], "w")
     if isinstance(psi, Tensor) and psi.ndim == 1:
@@ -325,15 +306,8 @@ def conv2d_up2(x: Tensor, weight: Tensor, f: Tensor, groups: int = 1) -> Tensor:
     return upfirdn2d(x, f, padding=pad, gain=up**2)
 
 
-def modulated_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    styles: Tensor,
-    demodulate: bool = True,
-    fused: bool = True,
-    up: int = 1,
-    resample_filter: Tensor | None = None,
-) -> Tensor:
+def modulated_conv2d(x: Tensor, weight: Tensor, styles: Tensor, demodulate: bool = True, fused: bool = True,
+                     up: int = 1, resample_filter: Tensor | None = None) -> Tensor:
     """StyleGAN2's modulated convolution (Eqs. 1-3): w'_oi = s_i w_oi, demodulated by 1/||w'_o||.
 
     fused=True: one grouped conv with per-sample weights (cheap for small batches / inference).
@@ -483,19 +457,15 @@ class SynthesisNetwork(nn.Module):
                  conv_clamp: float | None = None, num_fp16_res: int = 0):
         super().__init__()
         self.w_dim, self.resolution, self.img_channels = w_dim, resolution, img_channels
-        log2 = log2_resolution(resolution)
-        self.block_resolutions = [2**i for i in range(2, log2 + 1)]
-        blocks, self.num_ws = [], 0
+        self.block_resolutions = [2**i for i in range(2, log2_resolution(resolution) + 1)]
         reduced_from = reduced_precision_from(resolution, num_fp16_res)
-        for res in self.block_resolutions:
-            in_ch = channels_at(res // 2, channel_base, channel_max) if res > INIT_RESOLUTION else 0
-            out_ch = channels_at(res, channel_base, channel_max)
-            eligible = reduced_from is not None and res >= reduced_from
-            block = SynthesisBlock(in_ch, out_ch, w_dim, res, img_channels, conv_clamp, eligible)
-            blocks.append(block)
-            self.num_ws += block.num_conv
-        self.num_ws += blocks[-1].num_torgb
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(
+            SynthesisBlock(channels_at(res // 2, channel_base, channel_max) if res > INIT_RESOLUTION else 0,
+                           channels_at(res, channel_base, channel_max), w_dim, res, img_channels, conv_clamp,
+                           reduced_eligible=reduced_from is not None and res >= reduced_from)
+            for res in self.block_resolutions
+        )
+        self.num_ws = sum(block.num_conv for block in self.blocks) + self.blocks[-1].num_torgb
 
     def forward(self, ws: Tensor, noise_mode: NoiseMode = "random", fused_modconv: bool | None = None,
                 max_resolution: int | None = None) -> Tensor:
@@ -597,19 +567,14 @@ class _ResidualTrunk(nn.Module):
     def __init__(self, resolution: int, channel_base: int, channel_max: int, img_channels: int,
                  conv_clamp: float | None = None, num_fp16_res: int = 0):
         super().__init__()
-        log2 = log2_resolution(resolution)
-        self.resolution, self.img_channels = resolution, img_channels
-        block_resolutions = [2**i for i in range(log2, 2, -1)]
         reduced_from = reduced_precision_from(resolution, num_fp16_res)
-        blocks = []
-        for res in block_resolutions:
-            in_ch = channels_at(res, channel_base, channel_max) if res < resolution else 0
-            eligible = reduced_from is not None and res >= reduced_from
-            blocks.append(
-                DiscriminatorBlock(in_ch, channels_at(res, channel_base, channel_max), channels_at(res // 2, channel_base, channel_max), res,
-                                   img_channels, conv_clamp, eligible)
-            )
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(
+            DiscriminatorBlock(channels_at(res, channel_base, channel_max) if res < resolution else 0,
+                               channels_at(res, channel_base, channel_max),
+                               channels_at(res // 2, channel_base, channel_max), res, img_channels, conv_clamp,
+                               reduced_eligible=reduced_from is not None and res >= reduced_from)
+            for res in (2**i for i in range(log2_resolution(resolution), 2, -1))
+        )
         self.out_channels = channels_at(INIT_RESOLUTION, channel_base, channel_max)
 
     def forward(self, img: Tensor) -> Tensor:
@@ -643,12 +608,9 @@ class Encoder(nn.Module):
     """E: image -> w, with D's residual architecture and an FC head into W (or W+).
 
     No minibatch-std layer: E(x) must depend on x alone, so a reconstruction score d(x) does not
-    change with whichever images share x's batch.
-
-    Output = ``w_avg + head(features)``. ``w_avg`` is a buffer (zeros at init) that the training loop
-    keeps equal to G.mapping.w_avg (``E.w_avg.copy_(G.mapping.w_avg)``): E then starts near the mean
-    latent rather than near 0 (a point G never trains on, since w lives where the mapping sends z),
-    and learns offsets from it. It is saved in the state dict, so an exported E is self-contained.
+    change with whichever images share x's batch. Output = ``w_avg + head(features)``: ``w_avg`` is a
+    saved buffer (zeros at init) that the training loop keeps equal to G.mapping.w_avg, so E starts near
+    the mean latent rather than near 0 (a point G never trains on) and learns offsets from it.
     """
 
     def __init__(self, resolution: int, channel_base: int, channel_max: int, w_dim: int, num_ws: int, w_plus: bool = False,
@@ -688,8 +650,7 @@ def reconstruct(synthesis: nn.Module, encoder: nn.Module, images: Tensor,
     """x -> (E(x), G(E(x))), G the synthesis network alone (the paper's G(w) skips the mapping).
 
     The training loss, the scorer's d(x), the reconstruction grids and the selection's examples all
-    call this, so the filtering score is the quantity stage 1 trained. Gradients flow when the caller
-    allows them (training); wrap in ``torch.no_grad()`` for inference.
+    call this, so the filtering score is the quantity stage 1 trained.
     """
     w = encoder(images)
     image = synthesis(w, noise_mode=noise_mode)

@@ -5,11 +5,10 @@ permutation of the dataset per epoch (permutation e seeded by (seed, e)); rank r
 contiguous slice of B/W. So every rank sees a disjoint part of the same global batch, and a run resumed
 at step k reads exactly the batches an uninterrupted run would, whatever happened before.
 
-Images are URIs or sample addresses inside webdataset/parquet shards (sdsg_ray.shards), e.g. the
-kept.parquet of a selection over shards. Small sets are decoded once into memory (the demo's 2000 images at 32 px are 6 MB); larger ones are
-read through Storage in DataLoader worker processes. Unreadable images never stop training: cached, they
-are dropped at load time; streamed, the next readable index stands in (deterministic) and the skip is
-counted in the batch.
+Images are URIs or sample addresses inside webdataset/parquet shards (sdsg_ray.shards). Small sets are
+decoded once into memory (the demo's 2000 images at 32 px are 6 MB); larger ones are read through Storage
+in DataLoader worker processes. Unreadable images never stop training: cached, they are dropped at load
+time; streamed, the next readable index stands in (deterministic) and the skip is counted in the batch.
 """
 
 from __future__ import annotations
@@ -45,9 +44,8 @@ def seed_for(*parts: int) -> int:
 class ImageDataset(Dataset):
     """uint8 HWC images at ``resolution`` from a list of URIs; item = (image tensor, images skipped).
 
-    ``cache=True`` decodes everything up front and keeps only the readable images (their count is
-    ``len(self)``; the unreadable ones are in ``self.failed``). ``cache=False`` reads on demand: a
-    failing index i is replaced by i+1, i+2, ... (wrapping), so the substitute is deterministic.
+    ``cache=True`` decodes everything up front and keeps only the readable images (the others are in
+    ``self.failed``). ``cache=False`` reads on demand: a failing index i is replaced by i+1, i+2, ...
     """
 
     def __init__(self, uris: list[str], resolution: int, storage: Storage, cache: bool, threads: int = 8, progress: bool = False):
@@ -70,8 +68,7 @@ class ImageDataset(Dataset):
                 ok = batch["status"] == "ok"
                 kept_images.append(batch["image"][ok])
                 kept_uris.extend(batch["key"][ok].tolist())
-                for key, error in zip(batch["key"][~ok], batch["error"][~ok]):
-                    self.failed[key] = error
+                self.failed.update(zip(batch["key"][~ok], batch["error"][~ok]))
                 bar.update(len(ok))
         if self.failed:
             shown = "; ".join(f"{k}: {e}" for k, e in list(self.failed.items())[:FAILURES_LOGGED])
@@ -121,11 +118,7 @@ class StepBatchSampler(Sampler[list[int]]):
     def indices(self, step: int) -> list[int]:
         """Rank-local indices of global batch ``step``."""
         first = step * self.global_batch + self.rank * self.local_batch
-        out = []
-        for pos in range(first, first + self.local_batch):
-            epoch, offset = divmod(pos, self.n)
-            out.append(int(self._permutation(epoch)[offset]))
-        return out
+        return [int(self._permutation(pos // self.n)[pos % self.n]) for pos in range(first, first + self.local_batch)]
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
@@ -139,18 +132,11 @@ class StepBatchSampler(Sampler[list[int]]):
         return self.num_steps
 
 
-def make_loader(
-    dataset: ImageDataset, sampler: StepBatchSampler, num_workers: int, pin_memory: bool = False
-) -> DataLoader:
+def make_loader(dataset: ImageDataset, sampler: StepBatchSampler, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
     """Batches of (uint8 [b, R, R, 3], skipped [b]); worker processes only when reading lazily."""
     workers = 0 if dataset.cached is not None else num_workers
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
 
 
 def cache_fits(num_images: int, resolution: int, cache_max_mb: float) -> bool:

@@ -4,10 +4,8 @@
 iteration. Three stages share it: 'joint' (stage 1: G, D and E), 'generator' (stage 2: G and D) and
 'encoder' (E alone against the frozen G_ema of ``train.checkpoint``, for a generator trained elsewhere).
 ``train.resume_from`` starts 'joint'/'generator' from another run's or an import's G, G_ema and D (NVIDIA's
-``--resume``: transfer learning, kimg from 0). ``run_loop`` feeds it batches, logs, and at every
-checkpoint writes the sample grid, the reconstruction grid, ``metrics.jsonl``, ``inference.pt`` and
-``discriminator.pt`` (rank 0) and hands the training state to a ``report`` callback (Ray Train's
-``report`` in ``sdsg_ray.distributed.train``; nothing outside tests otherwise).
+``--resume``: transfer learning, kimg from 0). ``run_loop`` feeds it batches, logs, writes the checkpoint
+artifacts (rank 0) and hands the training state to a ``report`` callback (Ray Train's, or a test's).
 
 Reproducibility: the global torch RNG is re-seeded from (seed, step, rank) before every step and data
 order is a function of (seed, step, rank), so step k is a pure function of (seed, k, state) and a
@@ -128,21 +126,13 @@ class TrainingRun:
     and never updated. Its config's model section must be the checkpoint's (:func:`with_checkpoint_model`).
     """
 
-    def __init__(
-        self,
-        config: SDSGConfig,
-        device: torch.device | str = "cpu",
-        wrap: Wrap = _identity,
-        world_size: int = 1,
-        metric: nn.Module | None = None,
-        reduced_precision: bool | None = None,
-    ):
+    def __init__(self, config: SDSGConfig, device: torch.device | str = "cpu", wrap: Wrap = _identity,
+                 world_size: int = 1, metric: nn.Module | None = None, reduced_precision: bool | None = None):
         """``reduced_precision``: run the model section's precision policy (None: on CUDA when
         ``train.mixed_precision``; True also on CPU, where bf16 works: tests and ``gpu_check --tiny``)."""
         tc, model = config.train, config.model
         self.config = config
         self.device = torch.device(device)
-        self.world_size = world_size
         if tc.batch_size % world_size:
             raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.workers={world_size}")
         self.local_batch = tc.batch_size // world_size
@@ -191,12 +181,8 @@ class TrainingRun:
                     frozen.synthesis.to(memory_format=torch.channels_last)
             wrapped = Wrapped(mapping=frozen.mapping, synthesis=frozen.synthesis, D=None, E=wrap(self.E))
         else:
-            wrapped = Wrapped(
-                mapping=wrap(self.G.mapping),
-                synthesis=wrap(self.G.synthesis),
-                D=wrap(self.D),
-                E=wrap(self.E) if self.E is not None else None,
-            )
+            wrapped = Wrapped(mapping=wrap(self.G.mapping), synthesis=wrap(self.G.synthesis), D=wrap(self.D),
+                              E=wrap(self.E) if self.E is not None else None)
         for module in (self.G, self.D, self.E):
             if module is not None:
                 module.requires_grad_(False)  # each phase enables only what it trains
@@ -220,17 +206,9 @@ class TrainingRun:
                 self.phases.append(Phase("Dreg", [self.D], [self.opt_D], d_interval))
 
         self.metric = metric
-        self.loss = SDSGLoss(
-            wrapped,
-            self.G_ema.num_ws,
-            metric=metric if self.E is not None else None,
-            r1_gamma=tc.r1_gamma,
-            pl_weight=tc.pl_weight,
-            style_mixing_prob=tc.style_mixing_prob,
-            lambda_w=tc.lambda_w,
-            lambda_l1=tc.lambda_l1,
-            lambda_lpips=tc.lambda_lpips,
-        )
+        self.loss = SDSGLoss(wrapped, self.G_ema.num_ws, metric=metric if self.E is not None else None,
+                             r1_gamma=tc.r1_gamma, pl_weight=tc.pl_weight, style_mixing_prob=tc.style_mixing_prob,
+                             lambda_w=tc.lambda_w, lambda_l1=tc.lambda_l1, lambda_lpips=tc.lambda_lpips)
         self.loss.pl_mean.to(self.device)
         self.step_count = 0
         self.nimg = 0
@@ -337,21 +315,11 @@ class TrainingRun:
         cpu = lambda module: {k: v.detach().cpu() for k, v in module.state_dict().items()} if module is not None else None  # noqa: E731
         state = lambda opt: opt.state_dict() if opt is not None else None  # noqa: E731
         return {
-            "format": STATE_FORMAT,
-            "config": self.config.model_dump(mode="json"),
-            "start": self.start_meta(),
-            "step": self.step_count,
-            "nimg": self.nimg,
-            "G": cpu(self.G),
-            "G_ema": cpu(self.G_ema),
-            "D": cpu(self.D),
-            "E": cpu(self.E),
-            "E_ema": cpu(self.E_ema),
-            "opt_G": state(self.opt_G),
-            "opt_D": state(self.opt_D),
-            "opt_E": state(self.opt_E),
-            "pl_mean": self.loss.pl_mean.value.detach().cpu(),
-            "rng": _rng_state(),
+            "format": STATE_FORMAT, "config": self.config.model_dump(mode="json"), "start": self.start_meta(),
+            "step": self.step_count, "nimg": self.nimg,
+            **{name: cpu(getattr(self, name)) for name in ("G", "G_ema", "D", "E", "E_ema")},
+            **{name: state(getattr(self, name)) for name in ("opt_G", "opt_D", "opt_E")},
+            "pl_mean": self.loss.pl_mean.value.detach().cpu(), "rng": _rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -361,11 +329,9 @@ class TrainingRun:
         mine = self.config.model_dump(mode="json")
         saved_model = ModelConfig.model_validate(saved["model"]).model_dump(mode="json")  # fields added since: defaults
         if saved_model != mine["model"] or saved["train"]["stage"] != mine["train"]["stage"]:
-            raise ValueError(
-                "the checkpoint under train.out was trained with another model or stage: "
-                f"saved model={saved['model']} stage={saved['train']['stage']}, "
-                f"now model={mine['model']} stage={mine['train']['stage']}; use a fresh --out"
-            )
+            raise ValueError("the checkpoint under train.out was trained with another model or stage: "
+                             f"saved model={saved['model']} stage={saved['train']['stage']}, "
+                             f"now model={mine['model']} stage={mine['train']['stage']}; use a fresh --out")
         if state.get("start", {}) != self.start_meta():
             raise ValueError(f"the checkpoint under train.out started from {state.get('start')}, this run from "
                              f"{self.start_meta()}; use a fresh --out")
@@ -420,15 +386,8 @@ class TrainingRun:
     @torch.no_grad()
     def recon_lpips(self, real: Tensor, batch: int = 32) -> float:
         assert self.metric is not None
-        total = 0.0
-        for start in range(0, real.shape[0], batch):
-            x = real[start : start + batch]
-            total += float(self.metric(x, self.reconstruct(x)).sum())
+        total = sum(float(self.metric(x, self.reconstruct(x)).sum()) for x in real.split(batch))
         return total / real.shape[0]
-
-    @torch.no_grad()
-    def samples(self, z: Tensor) -> Tensor:
-        return self.G_ema(z, noise_mode="const")
 
     def param_checksum(self) -> float:
         """Sum over every trained parameter (float64): identical on all DDP replicas after a step."""
@@ -455,19 +414,6 @@ class _Window:
 
     def means(self) -> dict[str, float]:
         return {k: float(torch.stack(v).float().mean()) for k, v in self.terms.items()}
-
-
-def _step_schedule(config: SDSGConfig) -> tuple[int, int]:
-    """(total steps, steps between checkpoints) from the kimg budgets."""
-    tc = config.train
-    total = max(1, math.ceil(tc.kimg * 1000 / tc.batch_size))
-    every = max(1, round(tc.checkpoint_every_kimg * 1000 / tc.batch_size))
-    return total, every
-
-
-def artifact_name(kimg: float) -> str:
-    """``kimg-000000.500.png``: zero-padded so names sort by training time (fractional kimg at tiny scale)."""
-    return f"kimg-{kimg:010.3f}.png"
 
 
 def load_dataset(config: SDSGConfig, storage: Storage, progress: bool) -> ImageDataset:
@@ -521,11 +467,12 @@ class _Artifacts:
             return {}
         return {"eval/recon_lpips": self.run.recon_lpips(self.run.to_images(self.real))}
 
-    def write(self, metrics: dict[str, Any]) -> str:
+    def write(self) -> None:
         run, storage, out = self.run, self.storage, self.out
-        name = artifact_name(run.kimg)
+        name = f"kimg-{run.kimg:010.3f}.png"  # zero-padded: names sort by training time (fractional kimg at tiny scale)
         if run.G is not None:  # stage 'encoder': G is frozen, its samples never change
-            grid = image_grid(to_uint8(run.samples(self.z)), ncols=SAMPLE_GRID[1])
+            with torch.no_grad():
+                grid = image_grid(to_uint8(run.G_ema(self.z, noise_mode="const")), ncols=SAMPLE_GRID[1])
             storage.write_bytes(join(out, "samples", name), encode_png(grid))
         if run.E is not None:
             real = run.to_images(self.real[:RECON_GRID_COLUMNS])
@@ -534,10 +481,8 @@ class _Artifacts:
         self._flush_metrics()
         meta = {"stage": run.config.train.stage, "step": run.step_count, "kimg": run.kimg, "metric": self.metric_name,
                 "seed": run.config.train.seed}  # the untrained-network control rebuilds the initialisation from it
-        uri = ModelDir(out).inference
-        run.export_inference(meta, uri, storage)
+        run.export_inference(meta, ModelDir(out).inference, storage)
         run.export_discriminator(out, storage)
-        return uri
 
     def _flush_metrics(self) -> None:
         """Append the pending lines. Lines at or after the first pending step are dropped first: they
@@ -560,20 +505,12 @@ class _Artifacts:
 def _format_log(metrics: dict[str, Any]) -> str:
     losses = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items() if k.startswith("loss/"))
     extra = f" eval_recon_lpips={metrics['eval/recon_lpips']:.4f}" if "eval/recon_lpips" in metrics else ""
-    return (
-        f"step {metrics['step']} kimg {metrics['kimg']:.3f} | {losses}{extra} | "
-        f"{metrics.get('images_per_s_per_worker', 0.0):.1f} img/s/worker"
-    )
+    return (f"step {metrics['step']} kimg {metrics['kimg']:.3f} | {losses}{extra} | "
+            f"{metrics.get('images_per_s_per_worker', 0.0):.1f} img/s/worker")
 
 
-def run_loop(
-    config: SDSGConfig,
-    *,
-    device: torch.device | str = "cpu",
-    wrap: Wrap = _identity,
-    resume: dict[str, Any] | None = None,
-    report: Report | None = None,
-) -> dict[str, Any]:
+def run_loop(config: SDSGConfig, *, device: torch.device | str = "cpu", wrap: Wrap = _identity,
+             resume: dict[str, Any] | None = None, report: Report | None = None) -> dict[str, Any]:
     """Train until ``train.kimg``; returns a summary (step, kimg, out, inference URI, last metrics).
 
     ``report(metrics, make_state)`` is called on every rank at every log point (``make_state`` is
@@ -594,7 +531,8 @@ def run_loop(
     artifacts = _Artifacts(run, dataset, storage, tc.out, getattr(metric, "name", None)) if rank == 0 else None
     report = report or (lambda metrics, make_state: None)
 
-    total_steps, checkpoint_every = _step_schedule(config)
+    total_steps = max(1, math.ceil(tc.kimg * 1000 / tc.batch_size))
+    checkpoint_every = max(1, round(tc.checkpoint_every_kimg * 1000 / tc.batch_size))
     inference_uri = ModelDir(tc.out).inference
     last: dict[str, Any] = {}
     if run.step_count == 0:  # the starting point, for before/after comparisons
@@ -622,7 +560,7 @@ def run_loop(
             "kimg_per_s": window.steps * tc.batch_size / 1000.0 / elapsed,
             "images_per_s_per_worker": window.steps * run.local_batch / elapsed,
             "data/skipped_images": window.skipped,
-            **{f"{k}": v for k, v in window.means().items()},
+            **window.means(),
         }
         if world_size > 1:
             checksums = [None] * world_size
@@ -634,7 +572,7 @@ def run_loop(
             artifacts.pending.append(metrics)
             log.info(_format_log(metrics))
             if checkpoint:
-                artifacts.write(metrics)
+                artifacts.write()
         report(metrics, run.state_dict if checkpoint else None)
         last, window = metrics, _Window()
     log.info("finished at step %d (kimg %.3f); inference bundle: %s", run.step_count, run.kimg, inference_uri)

@@ -18,10 +18,8 @@ Which network each term updates (the phase that computes it decides, see ``SDSGL
   cycle consistency; training G on it would reward images that are easy to encode, not realistic ones.
 
 Stage 'encoder' (a generator trained elsewhere) runs the same encoder terms in a phase of their own,
-``Emain``, against a frozen G: there they update E alone.
-
-No Ray here: distributed execution is only the DDP wrappers handed in and an optional
-``torch.distributed`` mean for the path-length EMA.
+``Emain``, against a frozen G: there they update E alone. No Ray here: only the DDP wrappers handed in
+and an optional ``torch.distributed`` mean for the path-length EMA.
 """
 
 from __future__ import annotations
@@ -54,10 +52,8 @@ def discriminator_logistic(logits: Tensor, real: bool) -> Tensor:
 
 
 def r1_penalty(real_img: Tensor, real_logits: Tensor) -> Tensor:
-    """||grad_x D(x)||^2 per sample (Mescheder et al. 2018); ``real_img`` must require grad.
-
-    ``create_graph`` so the penalty itself can be differentiated w.r.t. D's weights.
-    """
+    """||grad_x D(x)||^2 per sample (Mescheder et al. 2018); ``real_img`` must require grad. ``create_graph``
+    so the penalty itself can be differentiated w.r.t. D's weights."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real_img, create_graph=True)
     return grad.square().flatten(1).sum(dim=1)
 
@@ -110,9 +106,8 @@ def ema_beta(global_batch: int, ema_kimg: float, cur_nimg: int, ema_rampup: floa
     """Per-step EMA decay of G_ema (and E_ema), as NVIDIA's stylegan2-ada-pytorch training_loop.
 
     The half-life is ``ema_kimg`` thousand images, capped at ``cur_nimg * ema_rampup`` images while
-    training is young, so that G_ema forgets the random initialisation at any length (without the cap, a
-    2 kimg run with a 0.5 kimg half-life keeps 6 % of it). ``cur_nimg`` counts the images shown before
-    this step; at 0 with a ramp-up the EMA copies G. ``ema_rampup=None``: fixed half-life.
+    training is young, so that G_ema forgets the random initialisation at any length. ``cur_nimg`` counts
+    the images shown before this step; at 0 with a ramp-up the EMA copies G. ``ema_rampup=None``: fixed half-life.
     """
     ema_nimg = ema_kimg * 1000.0
     if ema_rampup is not None:
@@ -126,11 +121,9 @@ def l1(x: Tensor, y: Tensor) -> Tensor:
 
 
 class PathLengthMean(nn.Module):
-    """The running target a of the path-length penalty (ell - a)^2, an EMA with decay ``decay``.
-
-    The batch mean is averaged over ranks before the update when torch.distributed is initialised, so
-    every replica holds the same a (a checkpoint from rank 0 then restores every rank exactly).
-    """
+    """The running target a of the path-length penalty (ell - a)^2, an EMA with decay ``decay``. The batch
+    mean is averaged over ranks first when torch.distributed is initialised, so every replica holds the
+    same a (a checkpoint from rank 0 then restores every rank exactly)."""
 
     def __init__(self, decay: float = 0.01):
         super().__init__()
@@ -152,12 +145,9 @@ class PathLengthMean(nn.Module):
 
 @dataclass
 class Wrapped:
-    """The modules the loss calls: DDP wrappers (or the plain modules on one process).
-
-    ``mapping``/``synthesis``/``D``/``E`` share their parameters with the plain networks the loop keeps
-    for EMA, checkpoints and exports. ``E`` is None for stage ``generator``; for stage ``encoder``, ``D`` is
-    None and ``mapping``/``synthesis`` are the frozen G's plain modules.
-    """
+    """The modules the loss calls: DDP wrappers (or the plain modules on one process) sharing their parameters
+    with the plain networks the loop keeps. ``E`` is None for stage ``generator``; for stage ``encoder``, ``D``
+    is None and ``mapping``/``synthesis`` are the frozen G's plain modules."""
 
     mapping: nn.Module
     synthesis: nn.Module
@@ -183,21 +173,10 @@ class SDSGLoss:
     contribution matches an every-step regulariser.
     """
 
-    def __init__(
-        self,
-        nets: Wrapped,
-        num_ws: int,
-        *,
-        metric: Callable[[Tensor, Tensor], Tensor] | None,
-        r1_gamma: float,
-        pl_weight: float,
-        pl_batch_shrink: int = 2,
-        pl_decay: float = 0.01,
-        style_mixing_prob: float = 0.9,
-        lambda_w: float = 0.1,
-        lambda_l1: float = 0.1,
-        lambda_lpips: float = 0.1,
-    ):
+    def __init__(self, nets: Wrapped, num_ws: int, *, metric: Callable[[Tensor, Tensor], Tensor] | None,
+                 r1_gamma: float, pl_weight: float, pl_batch_shrink: int = 2, pl_decay: float = 0.01,
+                 style_mixing_prob: float = 0.9, lambda_w: float = 0.1, lambda_l1: float = 0.1,
+                 lambda_lpips: float = 0.1):
         if nets.E is not None and metric is None:
             raise ValueError("stage 'joint' needs a perceptual metric for L_rec,LPIPS")
         self.nets, self.num_ws, self.metric = nets, num_ws, metric
@@ -230,17 +209,11 @@ class SDSGLoss:
 
         No autocast: the networks' blocks pick their own dtype (``models.networks.set_reduced_precision``),
         and every tensor reaching a loss or regulariser here (images, logits, w) is float32."""
-        if phase == "Gmain":
-            return self._g_main(real_img, gen_z, gain)
-        if phase == "Greg":
-            return self._g_reg(gen_z, gain)
-        if phase == "Dmain":
-            return self._d_main(real_img, gen_z, gain)
-        if phase == "Dreg":
-            return self._d_reg(real_img, gain)
-        if phase == "Emain":
-            return self._e_main(real_img, gen_z, gain)
-        raise ValueError(f"unknown phase {phase!r}")
+        phases = {"Gmain": self._g_main, "Greg": self._g_reg, "Dmain": self._d_main, "Dreg": self._d_reg,
+                  "Emain": self._e_main}
+        if phase not in phases:
+            raise ValueError(f"unknown phase {phase!r}")
+        return phases[phase](real_img, gen_z, gain)
 
     def _g_main(self, real_img: Tensor, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
         gen_img, _ = self.run_G(gen_z, sync=True, update_w_avg=True)
@@ -282,21 +255,14 @@ class SDSGLoss:
         lpips_each = self.metric(targets, rec).float().flatten()
         l1_real, l1_sample = l1_each[:batch].mean(), l1_each[batch:].mean()
         lpips_real, lpips_sample = lpips_each[:batch].mean(), lpips_each[batch:].mean()
-        loss = (
-            self.lambda_w * loss_w
-            + self.lambda_l1 * (l1_real + l1_sample)
-            + self.lambda_lpips * (lpips_real + lpips_sample)
-        )
-        logs = {
-            "loss/E_w": loss_w.detach(),
-            "loss/rec_l1": (l1_real + l1_sample).detach(),
-            "loss/rec_lpips": (lpips_real + lpips_sample).detach(),
-            "rec_lpips_real": lpips_real.detach(),
-            "rec_l1_real": l1_real.detach(),
-        }
+        loss = (self.lambda_w * loss_w + self.lambda_l1 * (l1_real + l1_sample)
+                + self.lambda_lpips * (lpips_real + lpips_sample))
+        logs = {"loss/E_w": loss_w.detach(), "loss/rec_l1": (l1_real + l1_sample).detach(),
+                "loss/rec_lpips": (lpips_real + lpips_sample).detach(), "rec_lpips_real": lpips_real.detach(),
+                "rec_l1_real": l1_real.detach()}
         return loss, logs
 
-    def _g_reg(self, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
+    def _g_reg(self, real_img: Tensor, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
         batch = max(1, gen_z.shape[0] // self.pl_batch_shrink)
         gen_img, gen_ws = self.run_G(gen_z[:batch], sync=True, update_w_avg=True)
         lengths = path_lengths(gen_img.float(), gen_ws)
@@ -315,13 +281,10 @@ class SDSGLoss:
         real_logits = self.run_D(real_img.detach(), sync=True).float()
         loss_real = discriminator_logistic(real_logits, real=True).mean()
         (loss_fake + loss_real).mul(gain).backward()
-        return {
-            "loss/D_fake": loss_fake.detach(),
-            "loss/D_real": loss_real.detach(),
-            "D_real_sign": real_logits.sign().mean().detach(),
-        }
+        return {"loss/D_fake": loss_fake.detach(), "loss/D_real": loss_real.detach(),
+                "D_real_sign": real_logits.sign().mean().detach()}
 
-    def _d_reg(self, real_img: Tensor, gain: float) -> dict[str, Tensor]:
+    def _d_reg(self, real_img: Tensor, gen_z: Tensor, gain: float) -> dict[str, Tensor]:
         real = real_img.detach().requires_grad_(True)
         real_logits = self.run_D(real, sync=True).float()
         penalty = r1_penalty(real, real_logits)

@@ -21,10 +21,7 @@ NOISE_MODE = "const"  # the same w must always give the same image, for samples 
 class LatentAssigner:
     """Nearest center by Euclidean distance in W (the ablation)."""
 
-    by: AssignBy = "w"
-
     def __init__(self, centers: torch.Tensor) -> None:
-        assert centers.ndim == 2, f"centers must be [K, w_dim], got {tuple(centers.shape)}"
         self.centers = centers
 
     @torch.no_grad()
@@ -88,11 +85,8 @@ class PerceptualAssigner:
     saving on a large generator. Samples and centers are always compared at the same resolution.
     """
 
-    by: AssignBy = "lpips"
-
     def __init__(self, synthesis: torch.nn.Module, centers: torch.Tensor, metric, rows: PassRows,
                  resolution: int | None = None) -> None:
-        assert centers.ndim == 2, f"centers must be [K, w_dim], got {tuple(centers.shape)}"
         self.synthesis = synthesis
         self.metric = metric
         self.centers = centers
@@ -135,13 +129,9 @@ class LearnedAssigner:
     """The LPIPS choice predicted from w alone by the classifier `sdsg cluster` fitted (truncation/learned.py):
     no render, no feature pass. Passes are padded like the generator's, so a choice never depends on the batch."""
 
-    by: AssignBy = "learned"
-
     def __init__(self, classifier, centers: torch.Tensor, rows: PassRows) -> None:
-        assert centers.ndim == 2, f"centers must be [K, w_dim], got {tuple(centers.shape)}"
-        self.classifier = classifier
+        self.classifier = classifier.to(centers.device)
         self.centers = centers
-        self.classifier.to(centers.device)
         probe = centers.repeat(math.ceil(rows.max_rows / len(centers)), 1)[:rows.max_rows]
         self.rows = rows.verified(self.classifier.logits, probe)
 

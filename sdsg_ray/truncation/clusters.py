@@ -33,9 +33,7 @@ def map_latents(mapping: torch.nn.Module, z_dim: int, n: int, seed: int, batch_s
     for start in tqdm(range(0, n, batch_size), desc="mapping z -> w", unit="batch"):
         z = torch.randn(min(batch_size, n - start), z_dim, generator=gen)
         chunks.append(mapping(z.to(device)).float().cpu())
-    w = torch.cat(chunks)
-    assert w.shape[0] == n, (w.shape, n)
-    return w
+    return torch.cat(chunks)
 
 
 def fit_centers(w: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,20 +43,6 @@ def fit_centers(w: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor
     centers = torch.from_numpy(kmeans.cluster_centers_).float()
     sizes = torch.from_numpy(np.bincount(labels, minlength=clusters)).long()
     return centers, sizes
-
-
-def _learned_assignment(cfg, bundle, w: torch.Tensor, centers: torch.Tensor, metric: str, device: str):
-    """Label the first ``classifier_latents`` mapped w with the LPIPS rule and fit w -> center on them."""
-    n = min(cfg.classifier_latents, len(w))
-    log.info("learned assignment: labelling %d latents with their LPIPS-nearest center", n)
-    full = int(bundle.G_ema.resolution)
-    coarse = tuple(r for r in (full // 2, full // 4) if r in bundle.G_ema.synthesis.block_resolutions)
-    classifier, report = fit_learned_assignment(
-        bundle.G_ema.synthesis, centers.to(device), w[:n].to(device),
-        build_metric(metric, device=device, judge_resolution=cfg.judge_resolution),
-        cfg.classifier_held_out, cfg.classifier_hidden, cfg.classifier_steps, cfg.seed, coarse_resolutions=coarse,
-        temperature=cfg.classifier_temperature)
-    return classifier.state(), report
 
 
 def run_clustering(config: SDSGConfig) -> str:
@@ -72,12 +56,19 @@ def run_clustering(config: SDSGConfig) -> str:
     w = map_latents(bundle.G_ema.mapping, bundle.G_ema.z_dim, cfg.n_latents, cfg.seed)
     log.info("KMeans: %d clusters on %s", cfg.clusters, tuple(w.shape))
     centers, sizes = fit_centers(w, cfg.clusters, cfg.seed)
-    result = ClusterSet(
-        centers=centers, sizes=sizes, seed=cfg.seed, metric=metric, checkpoint=bundle.identity,
-        config=cfg.model_dump(mode="json"), w_mean=w.mean(dim=0), judge_resolution=cfg.judge_resolution,
-    )
-    if cfg.classifier_latents > 0:
-        result.classifier, result.assignment_quality = _learned_assignment(cfg, bundle, w, centers, metric, device)
+    result = ClusterSet(centers=centers, sizes=sizes, seed=cfg.seed, metric=metric, checkpoint=bundle.identity,
+                        config=cfg.model_dump(mode="json"), w_mean=w.mean(dim=0), judge_resolution=cfg.judge_resolution)
+    if cfg.classifier_latents > 0:  # label the first classifier_latents w with the LPIPS rule, fit w -> center
+        n = min(cfg.classifier_latents, len(w))
+        log.info("learned assignment: labelling %d latents with their LPIPS-nearest center", n)
+        full = int(bundle.G_ema.resolution)
+        coarse = tuple(r for r in (full // 2, full // 4) if r in bundle.G_ema.synthesis.block_resolutions)
+        classifier, result.assignment_quality = fit_learned_assignment(
+            bundle.G_ema.synthesis, centers.to(device), w[:n].to(device),
+            build_metric(metric, device=device, judge_resolution=cfg.judge_resolution),
+            cfg.classifier_held_out, cfg.classifier_hidden, cfg.classifier_steps, cfg.seed, coarse_resolutions=coarse,
+            temperature=cfg.classifier_temperature)
+        result.classifier = classifier.state()
     target = ClusterFile(cfg.out).write(result, storage)
     log.info("wrote %s (identity %s); cluster sizes min %d max %d", target, result.identity,
              int(sizes.min()), int(sizes.max()))

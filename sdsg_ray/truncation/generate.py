@@ -52,14 +52,10 @@ def run_generate(config: SDSGConfig) -> dict:
     sampler = load_sampler(cfg.checkpoint, cfg.clusters, storage, assign_by=cfg.assign_by, batch_size=cfg.batch_size)
     specs = [SampleSpec(seed, cfg.psi, cfg.truncation) for seed in seeds]
     images = sampler.render_specs(specs)
-    paths = []
     for seed, image in zip(seeds, images):
-        path = out.image(seed)
-        storage.write_bytes(path, encode_png(image))
-        paths.append(path)
-    grid = out.grid
-    storage.write_bytes(grid, encode_png(square_grid(images)))
-    log.info("wrote %d images and %s (psi %.2f, truncation %s)", len(paths), grid, cfg.psi, cfg.truncation)
-    return {"grid": grid, "images": len(paths), "psi": cfg.psi, "truncation": cfg.truncation,
+        storage.write_bytes(out.image(seed), encode_png(image))
+    storage.write_bytes(out.grid, encode_png(square_grid(images)))
+    log.info("wrote %d images and %s (psi %.2f, truncation %s)", len(seeds), out.grid, cfg.psi, cfg.truncation)
+    return {"grid": out.grid, "images": len(seeds), "psi": cfg.psi, "truncation": cfg.truncation,
             "assignment": sampler.assign_by if mode.uses_clusters else None,
             "checkpoint": sampler.bundle.identity}

@@ -1,10 +1,9 @@
 """Learned multi-modal assignment: predict the paper's LPIPS-nearest center from w alone.
 
-The paper assigns a new w to argmin_k LPIPS(G(w), G(c_k)); that needs G(w) drawn before G(w_t), a second
-synthesis pass plus a feature pass per sample (+142 % latency at 32 px on a CPU, docs/benchmarks.md).
-The centers never change, so `sdsg cluster` labels a set of mapped latents once with that rule (batched,
-center features cached: assign.PerceptualAssigner) and fits a small classifier w -> k. Serving then costs
-one tiny MLP pass instead of a render and a feature pass.
+The paper assigns a new w to argmin_k LPIPS(G(w), G(c_k)): G(w) drawn before G(w_t), a second synthesis
+pass plus a feature pass per sample (docs/benchmarks.md has the cost). The centers never change, so
+`sdsg cluster` labels mapped latents once with that rule (assign.PerceptualAssigner) and fits a small
+classifier w -> k; serving then costs one tiny MLP pass instead of a render and a feature pass.
 
 Why a torch MLP rather than scikit-learn: its weights are plain tensors saved inside clusters.pt
 (weights_only-loadable, no pickled estimator), it runs on the sampler's device in the same padded passes
@@ -45,9 +44,6 @@ class CenterClassifier:
         self.weights = [t.to(device) for t in self.weights]
         self.biases = [t.to(device) for t in self.biases]
         return self
-
-    def parameters(self) -> list[torch.Tensor]:
-        return self.weights + self.biases
 
     def logits(self, w: torch.Tensor) -> torch.Tensor:
         h = (w.float() - self.mean) / self.std
@@ -91,7 +87,7 @@ def fit_classifier(w: torch.Tensor, distances: torch.Tensor, hidden: int, steps:
     w2 = (torch.randn(k, hidden, generator=gen) / math.sqrt(hidden)).requires_grad_()
     b2 = torch.zeros(k, requires_grad=True)
     model = CenterClassifier(mean, std, [w1, w2], [b1, b2])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW([w1, w2, b1, b2], lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)

@@ -8,12 +8,10 @@ target, and everything about it lives in its entry here:
               lpips (the paper: LPIPS between G(w) and G(c)), learned (a w -> center classifier fitted
               to the lpips rule by `sdsg cluster`, no extra synthesis pass) or w (Euclidean in W)
 
-An entry says which requests it accepts (:meth:`TruncationMode.check`), the target of a batch of its
-samples (:meth:`TruncationMode.targets`), and how the paper's figures draw it (Fig. 7 curves, the Fig. 4
-row label). The Sampler, the HTTP schema and page, ``sdsg generate``'s config, evaluation, the report and
-the figures all iterate :data:`TRUNCATION_MODES`, so a new mode is one subclass and one ``register`` call
-in this file. The module imports no torch (config.py validates against it): a mode's maths works on the
-tensors the Sampler hands it.
+The Sampler, the HTTP schema and page, ``sdsg generate``'s config, evaluation, the report and the figures
+all iterate :data:`TRUNCATION_MODES`, so a new mode is one :class:`TruncationMode` subclass and one
+``register`` call in this file. No torch import (config.py validates against this module): a mode's maths
+works on the tensors the Sampler hands it.
 """
 
 from __future__ import annotations

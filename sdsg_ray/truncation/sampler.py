@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from sdsg_ray.artifacts.checkpoint import load_inference
-from sdsg_ray.artifacts.clusters import ClusterSet, load_clusters
+from sdsg_ray.artifacts.clusters import ClusterFile, ClusterSet
 from sdsg_ray.errors import InvalidRequest
 from sdsg_ray.imaging import encode_png, square_grid, to_uint8
 from sdsg_ray.models import truncate
 from sdsg_ray.pretrained import build_metric
+from sdsg_ray.storage import get_storage
 from sdsg_ray.truncation.assign import PassRows, build_assigner, render
 from sdsg_ray.truncation.learned import CenterClassifier
 from sdsg_ray.truncation.modes import (
@@ -193,7 +194,7 @@ def load_sampler(checkpoint: str, clusters: str | None = None, storage=None,
     whenever there are clusters, so the paper's LPIPS rule stays available per sample)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bundle = load_inference(checkpoint, storage, device=device)
-    cluster_set = load_clusters(clusters, storage) if clusters else None
+    cluster_set = ClusterFile(clusters).read(storage or get_storage()) if clusters else None
     metric = None
     if cluster_set is not None:
         metric = build_metric(cluster_set.metric, device=device, judge_resolution=cluster_set.judge_resolution)
