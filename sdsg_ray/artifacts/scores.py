@@ -148,9 +148,8 @@ class ShardAssembler:
             if name.startswith("feat_"):
                 values = [None if v is None else np.asarray(v, np.float32) for v in values]
             columns[name] = pa.array(values, SCORE_SCHEMA.field(name).type, from_pandas=True)
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.table(columns, schema=SCORE_SCHEMA), sink)
-        self.storage.write_bytes(self.scores.shard(shard_id), sink.getvalue().to_pybytes())
+        with self.storage.open_write(self.scores.shard(shard_id)) as f:  # atomic: a shard is whole or absent
+            pq.write_table(pa.table(columns, schema=SCORE_SCHEMA), f)
 
     @property
     def incomplete(self) -> dict[int, int]:
