@@ -106,12 +106,21 @@ def runs(s3_data):
 
     bucket, data = s3_data
     reference_out, recovered_out = join(bucket, "reference"), join(bucket, "recovered")
+    sigint_before = signal.getsignal(signal.SIGINT)
     first_leg = run_training(_config(data, reference_out, steps=STEPS - 1))
+    sigint_after = signal.getsignal(signal.SIGINT)
     reference = run_training(_config(data, reference_out))  # re-submitted: resumes at step 3
     recovered, killed_after = _run_killing_a_worker_after_checkpoint(
         _config(data, recovered_out), "checkpoint-000000002")
     return {"reference": (reference, reference_out), "recovered": (recovered, recovered_out),
-            "first_leg": first_leg, "killed_after": killed_after}
+            "first_leg": first_leg, "killed_after": killed_after, "sigint": (sigint_before, sigint_after)}
+
+
+def test_ctrl_c_is_the_callers_again_after_training(runs):
+    """Ray Train's fit() installs its own SIGINT handler and leaves it installed; the demo trains in the
+    process that then serves the sampler, where Ctrl-C must stop the server, not "abort" a finished run."""
+    before, after = runs["sigint"]
+    assert after is before, (before, after)
 
 
 def test_ddp_replicas_hold_identical_parameters(runs):

@@ -10,7 +10,9 @@ and ``run_training`` again with the same ``--out`` resumes the run (same ``RunCo
 from __future__ import annotations
 
 import logging
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,7 +118,14 @@ def run_training(config: SDSGConfig) -> dict[str, Any]:
     tc = config.train
     log.info("training stage=%s on %s -> %s: %d worker(s), %.1f kimg, batch %d",
              tc.stage, tc.data, tc.out, tc.workers, tc.kimg, tc.batch_size)
-    result = build_trainer(config).fit()
+    # fit() installs Ray Train's SIGINT handler (Ctrl-C aborts the run) and leaves it installed: a later Ctrl-C
+    # in this process, such as the demo's sampler, would only "abort" the finished run. The caller's comes back.
+    caller_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        result = build_trainer(config).fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            signal.signal(signal.SIGINT, caller_sigint)
     if result.error is not None:
         raise result.error
     summary = dict(result.return_value or {})
